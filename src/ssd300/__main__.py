@@ -1,0 +1,3 @@
+from ssd300.cli import main
+
+raise SystemExit(main())
