@@ -1,0 +1,170 @@
+"""Draw labelled detection boxes on images (torchvision's drawing utilities).
+
+Used by ``ssd300 detect`` for annotated images and by the demo to show results. Images may be
+PIL images, HWC uint8 numpy arrays or CHW tensors (uint8, or float in [0, 1]); the result is
+always a CHW uint8 tensor that :func:`save_image` writes as PNG/JPEG.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import functools
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.utils import draw_bounding_boxes
+
+ImageLike = Union[Image.Image, np.ndarray, torch.Tensor]
+
+# 0.618... (golden ratio conjugate) spreads consecutive labels' hues far apart, so neighbouring
+# class ids get clearly different colours and the same class always gets the same colour.
+_GOLDEN = 0.618033988749895
+
+
+def class_color(label: int) -> tuple[int, int, int]:
+    """A fixed, saturated RGB colour for a class label."""
+    hue = (int(label) * _GOLDEN) % 1.0
+    r, g, b = colorsys.hsv_to_rgb(hue, 0.85, 0.95)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def to_uint8_chw(image: ImageLike) -> torch.Tensor:
+    """Convert a PIL image, an HWC numpy array or a CHW tensor to a 3xHxW uint8 tensor."""
+    if isinstance(image, Image.Image):
+        array = np.asarray(image.convert("RGB"))
+        return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+    if isinstance(image, np.ndarray):
+        array = image
+        if array.ndim == 2:
+            array = array[:, :, None]
+        if array.ndim != 3:
+            raise ValueError(f"expected an HxW or HxWxC array, got shape {image.shape}")
+        tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+    elif isinstance(image, torch.Tensor):
+        tensor = image.detach().cpu()
+        if tensor.dim() == 2:
+            tensor = tensor[None]
+        if tensor.dim() != 3:
+            raise ValueError(f"expected a CxHxW tensor, got shape {tuple(image.shape)}")
+    else:
+        raise TypeError(f"cannot draw on a {type(image).__name__}")
+    if tensor.is_floating_point():
+        tensor = (tensor.clamp(0, 1) * 255).round().to(torch.uint8)
+    elif tensor.dtype != torch.uint8:
+        raise ValueError(f"integer images must be uint8, got {tensor.dtype}")
+    if tensor.shape[0] == 1:
+        tensor = tensor.expand(3, -1, -1)
+    elif tensor.shape[0] == 4:
+        tensor = tensor[:3]
+    elif tensor.shape[0] != 3:
+        raise ValueError(f"expected 1, 3 or 4 channels, got {tensor.shape[0]}")
+    return tensor.contiguous()
+
+
+@functools.lru_cache(maxsize=1)
+def _truetype_font() -> str | None:
+    """A TrueType font file so labels can be scaled; matplotlib (a dependency) ships DejaVu Sans."""
+    try:
+        import matplotlib
+
+        path = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+    except Exception:  # matplotlib missing or broken: fall back to PIL's small bitmap font
+        return None
+    return str(path) if path.is_file() else None
+
+
+ClassNames = Union[Sequence[str], Mapping[int, str]]
+
+
+def _label_text(label: int, score: float | None, class_names: ClassNames | None) -> str:
+    if isinstance(class_names, Mapping):
+        name = class_names.get(label, str(label))
+    elif class_names is not None and 0 <= label < len(class_names):
+        name = class_names[label]
+    else:
+        name = str(label)
+    return name if score is None else f"{name} {score:.2f}"
+
+
+def draw_detections(
+    image: ImageLike,
+    boxes: torch.Tensor | np.ndarray | Sequence[Sequence[float]],
+    labels: torch.Tensor | np.ndarray | Sequence[int],
+    scores: torch.Tensor | np.ndarray | Sequence[float] | None = None,
+    class_names: ClassNames | None = None,
+    score_threshold: float = 0.0,
+    line_width: int | None = None,
+    font_size: int | None = None,
+) -> torch.Tensor:
+    """Draw boxes (ltrb, in pixels of ``image``) with "<class name> <score>" captions.
+
+    ``class_names[label]`` names a label (a sequence such as ``LabelMap.names``, or a mapping);
+    without it the label id is shown. Boxes scoring below ``score_threshold`` are not drawn. Line width and font size scale
+    with the image unless given. Returns a new 3xHxW uint8 tensor.
+    """
+    canvas = to_uint8_chw(image)
+    height, width = canvas.shape[1:]
+    boxes_t = torch.as_tensor(np.asarray(boxes, dtype=np.float32) if not isinstance(boxes, torch.Tensor) else boxes)
+    boxes_t = boxes_t.detach().float().cpu().reshape(-1, 4)
+    labels_t = torch.as_tensor(labels).detach().cpu().long().reshape(-1)
+    scores_t = None if scores is None else torch.as_tensor(scores).detach().float().cpu().reshape(-1)
+    if labels_t.numel() != boxes_t.shape[0] or (scores_t is not None and scores_t.numel() != boxes_t.shape[0]):
+        raise ValueError("boxes, labels and scores must have one entry per detection")
+    if scores_t is not None and score_threshold > 0:
+        keep = scores_t >= score_threshold
+        boxes_t, labels_t, scores_t = boxes_t[keep], labels_t[keep], scores_t[keep]
+    if boxes_t.shape[0] == 0:
+        return canvas.clone()
+    # Clip to the canvas and keep x1 <= x2, y1 <= y2 (draw_bounding_boxes rejects inverted boxes).
+    boxes_t[:, 0::2] = boxes_t[:, 0::2].clamp(0, width - 1)
+    boxes_t[:, 1::2] = boxes_t[:, 1::2].clamp(0, height - 1)
+    boxes_t[:, 2:] = torch.maximum(boxes_t[:, 2:], boxes_t[:, :2])
+    short_side = min(height, width)
+    line_width = line_width or max(1, round(short_side / 250))
+    font = _truetype_font()
+    font_size = font_size or max(10, round(short_side / 40))
+    texts = [
+        _label_text(int(label), None if scores_t is None else float(score), class_names)
+        for label, score in zip(labels_t.tolist(), scores_t.tolist() if scores_t is not None else [None] * len(labels_t))
+    ]
+    return draw_bounding_boxes(
+        canvas,
+        boxes_t,
+        labels=texts,
+        colors=[class_color(int(label)) for label in labels_t.tolist()],
+        width=line_width,
+        font=font,
+        font_size=font_size if font is not None else None,
+        fill_labels=True,
+        label_colors="black",
+    )
+
+
+def draw_detection_result(image: ImageLike, detections: Any, class_names: ClassNames | None = None,
+                          score_threshold: float = 0.0) -> torch.Tensor:
+    """Draw an object with ``boxes`` (pixels), ``labels`` and ``scores`` attributes.
+
+    Accepts :class:`ssd300.inference.ImageDetections`, whose per-detection ``class_names`` are
+    used for the captions, or anything shaped like it.
+    """
+    names = class_names
+    if names is None and getattr(detections, "class_names", None) is not None:
+        names = dict(zip(torch.as_tensor(detections.labels).reshape(-1).tolist(), detections.class_names))
+    return draw_detections(image, detections.boxes, detections.labels, detections.scores,
+                           class_names=names, score_threshold=score_threshold)
+
+
+def save_image(image: torch.Tensor, path: str | os.PathLike[str], quality: int = 90) -> None:
+    """Write a 3xHxW uint8 tensor; the format follows the file extension (PNG, JPEG, ...)."""
+    array = to_uint8_chw(image).permute(1, 2, 0).numpy()
+    pil = Image.fromarray(array)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() in (".jpg", ".jpeg"):
+        pil.save(path, quality=quality)
+    else:
+        pil.save(path)
