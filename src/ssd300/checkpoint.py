@@ -1,0 +1,300 @@
+"""Checkpoints: atomic save, safe load, reference-compatible keys, architecture inference.
+
+A checkpoint is a dict holding only tensors and plain Python containers/scalars, with the
+reference's keys (``model``, ``epoch``, ``iteration``, ``optimizer``, ``scheduler``,
+``label_map``) plus ours (``category_ids``, ``backbone``, ``num_classes``, ...). Files are
+untrusted input: they are read with ``torch.load(weights_only=True)``, so a file carrying arbitrary
+pickled objects is refused and never executed.
+
+Accepted files: our checkpoints, the reference's (keys possibly prefixed ``module.`` by
+DataParallel/DDP), and bare SSD300 state dicts.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import pickle
+import re
+import tempfile
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Iterator, Union
+
+import torch
+from torch import nn
+
+from .backbone import check_backbone_name
+from .errors import UserInputError
+from .labels import LabelMap
+from .model import NUM_DEFAULTS, SSD300
+
+PathLike = Union[str, "os.PathLike[str]"]
+MapLocation = Union[str, torch.device, None]
+
+_TRUNK = "feature_extractor.feature_extractor."
+_LAYER3 = _TRUNK + "6."
+# (bottleneck blocks?, number of blocks in layer3) -> backbone.
+_ARCH_BY_LAYER3: dict[tuple[bool, int], str] = {
+    (False, 2): "resnet18",
+    (False, 6): "resnet34",
+    (True, 6): "resnet50",
+    (True, 23): "resnet101",
+    (True, 36): "resnet152",
+}
+
+
+def save_checkpoint(path: PathLike, obj: Mapping[str, Any]) -> None:
+    """Write ``obj`` to ``path`` atomically: a temp file in the same folder, fsync, ``os.replace``.
+
+    A crash mid-write leaves any previous file at ``path`` intact and no temp file behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(dict(obj), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable on POSIX; not possible (nor needed) everywhere.
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def _counter_allowed() -> Iterator[None]:
+    # MultiStepLR.state_dict() keeps its milestones in a collections.Counter; the reference's
+    # checkpoints carry it. Recent torch allows it by default, older ones need the allow-list.
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
+    if safe_globals is None:
+        yield
+    else:
+        with safe_globals([collections.Counter]):
+            yield
+
+
+def read_torch_file(path: PathLike, what: str = "checkpoint", map_location: MapLocation = "cpu") -> Any:
+    """``torch.load(weights_only=True)`` with every failure turned into a one-line UserInputError.
+
+    ``what`` names the file's role in messages ("checkpoint", "backbone weights").
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"{what} not found: {path}")
+    try:
+        with _counter_allowed(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the error says it all
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only" in str(exc).lower():
+            raise UserInputError(
+                f"{what} {path}: refused: it holds pickled Python objects other than tensors and plain "
+                f"data{_refused_detail(exc)}, which could run code when loaded, so it was not loaded; "
+                "use only files from sources you trust, saved as plain state dicts"
+            ) from None
+        raise UserInputError(f"{what} {path}: not a PyTorch file, or corrupted ({_one_line(exc)})") from None
+    except Exception as exc:  # noqa: BLE001 - zip/EOF/key errors all mean an unreadable file
+        raise UserInputError(f"{what} {path}: not a PyTorch file, or truncated/corrupted ({_one_line(exc)})") from None
+
+
+def load_checkpoint(path: PathLike, map_location: MapLocation = "cpu") -> dict[str, Any]:
+    """Read a checkpoint file safely (``weights_only=True``); returns the dict as stored.
+
+    A bare state dict is returned as it is; use :func:`model_state_dict` to get the weights from
+    either form. Every problem with the file is a one-line :class:`UserInputError`.
+    """
+    obj = read_torch_file(path, "checkpoint", map_location)
+    if not isinstance(obj, dict):
+        raise UserInputError(f"checkpoint {path}: expected a dict, found {type(obj).__name__}")
+    model_state_dict(obj, source=f"checkpoint {path}")  # fail now, naming the file, if there are no weights
+    return obj
+
+
+def _refused_detail(exc: BaseException) -> str:
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    return f" ({found.group(1)})" if found else ""
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return (
+        isinstance(obj, Mapping)
+        and len(obj) > 0
+        and all(isinstance(k, str) for k in obj)
+        and any(isinstance(v, torch.Tensor) for v in obj.values())
+        and any(k.endswith((".weight", ".bias")) for k in obj)
+    )
+
+
+def model_state_dict(checkpoint: Mapping[str, Any], source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The model weights of a checkpoint (``model`` entry, or a bare state dict), ``module.`` stripped."""
+    state = checkpoint.get("model", checkpoint.get("state_dict"))
+    if state is None and _is_state_dict(checkpoint):
+        state = checkpoint
+    if not _is_state_dict(state):
+        raise UserInputError(
+            f"{source}: no model weights (expected a 'model' entry holding a state dict, or a bare state dict)"
+        )
+    return {_strip_module(k): v for k, v in state.items()}
+
+
+def _strip_module(key: str) -> str:
+    while key.startswith("module."):
+        key = key[len("module."):]
+    return key
+
+
+def infer_architecture(state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> tuple[str, int]:
+    """(backbone name, num_classes) from an SSD300 state dict's shapes and block counts."""
+    state = {_strip_module(k): v for k, v in state_dict.items()}
+    blocks = {int(k[len(_LAYER3):].split(".", 1)[0]) for k in state if k.startswith(_LAYER3)}
+    bottleneck = (_LAYER3 + "0.conv3.weight") in state
+    backbone = _ARCH_BY_LAYER3.get((bottleneck, len(blocks)))
+    conf0 = state.get("conf.0.weight")
+    if backbone is None or conf0 is None:
+        raise UserInputError(
+            f"{source}: not an SSD300 state dict (layer3 has {len(blocks)} "
+            f"{'bottleneck' if bottleneck else 'basic'} blocks"
+            f"{'' if conf0 is not None else ', no conf.0.weight'})"
+        )
+    return backbone, int(conf0.shape[0]) // NUM_DEFAULTS[0]
+
+
+def _architecture_of(checkpoint: Mapping[str, Any], state: Mapping[str, torch.Tensor], source: str) -> tuple[str, int]:
+    """Stored ``backbone``/``num_classes`` when present (ours), else inferred from the weights."""
+    inferred = infer_architecture(state, source)
+    backbone = checkpoint.get("backbone", inferred[0])
+    num_classes = checkpoint.get("num_classes", inferred[1])
+    if not isinstance(backbone, str) or not isinstance(num_classes, int):
+        raise UserInputError(f"{source}: malformed 'backbone'/'num_classes' entries")
+    return backbone, num_classes
+
+
+def _check_match(source: str, stored: tuple[str, int], backbone: str | None, num_classes: int | None) -> None:
+    if backbone is not None and backbone != stored[0]:
+        raise UserInputError(f"{source}: backbone is {stored[0]} but {backbone} was requested")
+    if num_classes is not None and num_classes != stored[1]:
+        raise UserInputError(
+            f"{source}: has {stored[1]} classes (incl. background) but {num_classes} were requested"
+        )
+
+
+def _load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong_shape = [k for k in state if k in expected and tuple(state[k].shape) != tuple(expected[k].shape)]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+    if wrong_shape:
+        k = wrong_shape[0]
+        problems.append(
+            f"{len(wrong_shape)} tensors of another shape (e.g. {k}: {tuple(state[k].shape)} vs "
+            f"{tuple(expected[k].shape)})"
+        )
+    if problems:
+        raise UserInputError(f"{source}: weights do not fit the model: {'; '.join(problems)}")
+    model.load_state_dict(state, strict=True)
+
+
+def _device_of(map_location: MapLocation) -> torch.device:
+    return torch.device("cpu") if map_location is None else torch.device(map_location)
+
+
+def load_model(
+    path: PathLike,
+    map_location: MapLocation = "cpu",
+    backbone: str | None = None,
+    num_classes: int | None = None,
+) -> tuple[SSD300, LabelMap, dict[str, Any]]:
+    """Build an SSD300 from a checkpoint file (ours, the reference's, or a bare state dict).
+
+    Returns ``(model in eval mode on map_location, label map, checkpoint dict)``. ``backbone`` and
+    ``num_classes``, when given, must agree with the checkpoint.
+    """
+    source = f"checkpoint {path}"
+    checkpoint = load_checkpoint(path, map_location=map_location)
+    state = model_state_dict(checkpoint, source)
+    stored = _architecture_of(checkpoint, state, source)
+    if backbone is not None:
+        check_backbone_name(backbone)
+    _check_match(source, stored, backbone, num_classes)
+    model = SSD300(stored[0], stored[1])
+    _load_strict(model, state, source)
+    try:
+        label_map = LabelMap.from_checkpoint(checkpoint, num_classes=stored[1])
+    except ValueError as exc:
+        raise UserInputError(f"{source}: {exc}") from None
+    return model.to(_device_of(map_location)).eval(), label_map, checkpoint
+
+
+def load_model_weights(
+    model: nn.Module, checkpoint: Mapping[str, Any] | PathLike, map_location: MapLocation = "cpu"
+) -> dict[str, Any]:
+    """Load a checkpoint (dict or file) into an existing SSD300, strictly; returns the checkpoint dict.
+
+    The model may be wrapped (DDP, ``torch.compile``): the weights go into the inner SSD300.
+    """
+    if isinstance(checkpoint, Mapping):
+        source = "checkpoint"
+        checkpoint = dict(checkpoint)
+    else:
+        source = f"checkpoint {checkpoint}"
+        checkpoint = load_checkpoint(checkpoint, map_location=map_location)
+    target = _unwrap(model)
+    state = model_state_dict(checkpoint, source)
+    stored = _architecture_of(checkpoint, state, source)
+    _check_match(source, stored, getattr(target, "backbone_name", None), getattr(target, "num_classes", None))
+    _load_strict(target, state, source)
+    return checkpoint
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    # DataParallel/DDP keep the model in .module, torch.compile in ._orig_mod.
+    while True:
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def model_checkpoint(model: nn.Module, label_map: LabelMap, **extra: Any) -> dict[str, Any]:
+    """The checkpoint dict for ``model``: reference keys (``model``, ``label_map``) plus
+    ``category_ids``, ``backbone``, ``num_classes``; ``extra`` (epoch, optimizer, ...) is added."""
+    inner = _unwrap(model)
+    num_classes = int(getattr(inner, "num_classes"))
+    if label_map.num_classes != num_classes:
+        raise ValueError(f"label map has {label_map.num_classes} classes but the model has {num_classes}")
+    return {
+        "model": inner.state_dict(),
+        **label_map.to_checkpoint(),
+        "backbone": str(getattr(inner, "backbone_name")),
+        "num_classes": num_classes,
+        **extra,
+    }
