@@ -1,0 +1,67 @@
+"""Opening image files as RGB, whatever their mode, with optional reduced-size JPEG decoding.
+
+COCO boxes refer to the stored pixel grid, so EXIF orientation is deliberately *not* applied.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image
+
+PathLike = Union[str, Path]
+
+# Errors PIL raises for unreadable, truncated or hostile files.
+DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError,
+)
+
+
+def open_image(path: PathLike) -> Image.Image:
+    """Open lazily (header only): pixels are decoded on first access, so a draft can still be set."""
+    with warnings.catch_warnings():
+        # Palette images with transparency warn on convert; that is expected and harmless here.
+        warnings.simplefilter("ignore", UserWarning)
+        return Image.open(path)
+
+
+def draft_for_crop(image: Image.Image, crop_size: tuple[float, float], out_size: int) -> None:
+    """Ask the JPEG decoder for the smallest DCT scale (1/2, 1/4, 1/8) that still leaves the crop
+    at least ``out_size`` pixels in each direction, so small crops of big photos decode cheaply.
+
+    ``crop_size`` is the crop's (width, height) as fractions of the image. No-op for non-JPEGs.
+    """
+    if image.format != "JPEG" or getattr(image, "decoderconfig", None):
+        return
+    cw, ch = crop_size
+    want = (max(1, math.ceil(out_size / max(cw, 1e-6))), max(1, math.ceil(out_size / max(ch, 1e-6))))
+    image.draft(None, want)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Decode and convert any PIL mode (L, LA, P, PA, RGBA, CMYK, I;16, I, F, 1, YCbCr) to RGB."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        mode = image.mode
+        if mode == "RGB":
+            image.load()
+            return image
+        if mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+            # High-bit-depth grayscale: rescale to 8 bits instead of clipping at 255.
+            array = np.asarray(image, dtype=np.float32)
+            top = float(array.max()) if array.size else 0.0
+            scale = 255.0 / top if top > 255.0 else 1.0
+            gray = np.clip(array * scale, 0, 255).astype(np.uint8)
+            return Image.fromarray(gray, "L").convert("RGB")
+        if mode == "P" and "transparency" in image.info:
+            image = image.convert("RGBA")
+        return image.convert("RGB")
+
+
+def load_image(path: PathLike) -> Image.Image:
+    """Read a whole image file as an RGB PIL image (raises one of DECODE_ERRORS on a bad file)."""
+    return to_rgb(open_image(path))
