@@ -151,6 +151,7 @@ class CropDecision:
 
     crop: np.ndarray          # (4,) float64 ltrb in [0, 1]
     keep: np.ndarray          # (M,) bool
+    min_iou: Optional[float] = None  # the constraint it met; None for the whole image
 
 
 def sample_iou_crop(boxes: np.ndarray, rng: np.random.Generator, max_attempts: int = 100) -> CropDecision:
@@ -179,7 +180,7 @@ def sample_iou_crop(boxes: np.ndarray, rng: np.random.Generator, max_attempts: i
         centres = (boxes[:, :2] + boxes[:, 2:]) / 2
         keep = np.all((centres > crop[:2]) & (centres < crop[2:]), axis=1)
         if keep.any():
-            return CropDecision(crop, keep)
+            return CropDecision(crop, keep, min_iou)
     return whole
 
 
