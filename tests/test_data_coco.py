@@ -1,0 +1,206 @@
+"""COCO-format datasets: layout, validation messages, counted skips, image modes, real photos."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ssd300.data.coco import CocoDetection, read_annotation_file, resolve_split
+from ssd300.data.images import load_image
+from ssd300.errors import UserInputError
+
+
+def _write_dataset(root: Path, images: list[tuple[str, np.ndarray]], annotations: list[dict],
+                   categories=((1, "a"), (2, "b")), split_dir="train", ann_name="instances_train.json") -> Path:
+    (root / split_dir).mkdir(parents=True, exist_ok=True)
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    entries = []
+    for i, (name, array) in enumerate(images):
+        Image.fromarray(array).save(root / split_dir / name)
+        entries.append({"id": i + 1, "file_name": name, "width": array.shape[1], "height": array.shape[0]})
+    data = {"images": entries, "annotations": annotations,
+            "categories": [{"id": cid, "name": n} for cid, n in categories]}
+    path = root / "annotations" / ann_name
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _ann(i, image_id, category_id, bbox, **extra):
+    return {"id": i, "image_id": image_id, "category_id": category_id, "bbox": bbox, **extra}
+
+
+def _grey(h=40, w=60):
+    return np.full((h, w, 3), 100, dtype=np.uint8)
+
+
+def test_resolve_split_supports_coco2017_and_synthetic_layouts(tmp_path):
+    coco = tmp_path / "coco"
+    _write_dataset(coco, [("1.jpg", _grey())], [], split_dir="val2017", ann_name="instances_val2017.json")
+    assert resolve_split(coco, "val") == (coco / "val2017", coco / "annotations" / "instances_val2017.json")
+    synth = tmp_path / "synth"
+    _write_dataset(synth, [("1.jpg", _grey())], [])
+    assert resolve_split(synth, "train") == (synth / "train", synth / "annotations" / "instances_train.json")
+
+
+def test_resolve_split_errors_name_the_problem(tmp_path):
+    with pytest.raises(UserInputError, match="does not exist"):
+        resolve_split(tmp_path / "nope", "train")
+    with pytest.raises(UserInputError, match="instances_train2017.json or annotations/instances_train.json"):
+        resolve_split(tmp_path, "train")
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "instances_train.json").write_text("{}")
+    with pytest.raises(UserInputError, match="no image folder"):
+        resolve_split(tmp_path, "train")
+    (tmp_path / "train").mkdir()
+    with pytest.raises(UserInputError, match="has no images"):
+        resolve_split(tmp_path, "train")
+
+
+GOOD = {"images": [{"id": 1, "file_name": "1.jpg", "width": 10, "height": 10}],
+        "annotations": [{"id": 5, "image_id": 1, "category_id": 3, "bbox": [1, 1, 2, 2]}],
+        "categories": [{"id": 3, "name": "x"}]}
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda d: d.pop("categories"), "missing top-level key 'categories'"),
+    (lambda d: d["images"][0].pop("file_name"), r"images\[0\] \(id 1\): missing key 'file_name'"),
+    (lambda d: d["images"][0].update(width=-3), r"images\[0\] \(id 1\): 'width' must be a positive number"),
+    (lambda d: d["annotations"][0].update(image_id=99), r"annotations\[0\] \(id 5\): refers to unknown image_id 99"),
+    (lambda d: d["annotations"][0].update(category_id=7), r"annotations\[0\] \(id 5\): refers to unknown category_id 7"),
+    (lambda d: d["annotations"][0].update(bbox=[1, 1, -2, 2]), "negative width or height"),
+    (lambda d: d["annotations"][0].update(bbox=[1, 1, 2]), "'bbox' must be 4 finite numbers"),
+    (lambda d: d["annotations"][0].pop("bbox"), r"annotations\[0\] \(id 5\): missing key 'bbox'"),
+    (lambda d: d["categories"].append({"id": 3, "name": "y"}), "duplicate category id 3"),
+])
+def test_malformed_annotations_fail_with_file_and_first_offending_entry(tmp_path, mutate, message):
+    data = json.loads(json.dumps(GOOD))
+    data["annotations"].append({"id": 6, "image_id": 42, "category_id": 3, "bbox": [0, 0, 1, 1]})  # also bad, later
+    data["images"].append({"id": 42, "file_name": "2.jpg", "width": 5, "height": 5})
+    mutate(data)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(UserInputError, match=message) as info:
+        read_annotation_file(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_unreadable_annotation_file(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text("{not json")
+    with pytest.raises(UserInputError, match="broken.json: not a readable JSON file"):
+        read_annotation_file(path)
+    with pytest.raises(UserInputError, match="does not exist"):
+        read_annotation_file(tmp_path / "missing.json")
+
+
+def test_boxes_labels_skips_and_counts(tmp_path):
+    annotations = [
+        _ann(1, 1, 42, [10, 5, 20, 10]),              # -> label 1 (first category in the json)
+        _ann(2, 1, 7, [0, 0, 60, 40]),                # -> label 2
+        _ann(3, 1, 7, [5, 5, 30, 30], iscrowd=1),     # crowd: excluded
+        _ann(4, 2, 42, [3, 3, 0.5, 10]),              # under 1 px wide: dropped -> image 2 empty
+        _ann(5, 3, 7, [50, 30, 40, 40]),              # partly outside: clipped to the image
+    ]
+    path = _write_dataset(tmp_path, [("1.png", _grey()), ("2.png", _grey()), ("3.png", _grey())], annotations,
+                          categories=((42, "cat"), (7, "dog")))
+    train = CocoDetection(tmp_path / "train", path, train=True)
+    assert train.label_map.names == ("background", "cat", "dog")
+    assert train.label_map.category_ids == (0, 42, 7)
+    assert (train.stats.crowd_boxes, train.stats.small_boxes, train.stats.images_without_boxes) == (1, 1, 1)
+    assert train.image_ids == [1, 3]
+    np.testing.assert_allclose(train.records[0].boxes, [[10, 5, 30, 15], [0, 0, 60, 40]])
+    np.testing.assert_array_equal(train.records[0].labels, [1, 2])
+    np.testing.assert_allclose(train.records[1].boxes, [[50, 30, 60, 40]])
+    evaluation = CocoDetection(tmp_path / "train", path, train=False)
+    assert evaluation.image_ids == [1, 2, 3]
+    sample = evaluation[0]
+    assert sample.image.shape == (3, 300, 300) and sample.image.dtype == torch.uint8
+    torch.testing.assert_close(sample.boxes, torch.tensor([[10 / 60, 5 / 40, 30 / 60, 15 / 40], [0, 0, 1, 1]]))
+    assert sample.image_size == (60, 40) and sample.image_id == 1
+    assert len(evaluation[1].boxes) == 0
+
+
+def test_empty_dataset_is_a_clear_error(tmp_path):
+    path = _write_dataset(tmp_path, [("1.png", _grey())], [])
+    with pytest.raises(UserInputError, match="no images with usable boxes"):
+        CocoDetection(tmp_path / "train", path, train=True)
+    with pytest.raises(UserInputError, match="image folder does not exist"):
+        CocoDetection(tmp_path / "elsewhere", path, train=False)
+
+
+def test_missing_and_corrupt_images_are_skipped_and_reported_or_fatal_in_strict_mode(tmp_path):
+    annotations = [_ann(i, i, 1, [2, 2, 20, 20]) for i in (1, 2, 3)]
+    path = _write_dataset(tmp_path, [("1.jpg", _grey()), ("2.jpg", _grey()), ("3.jpg", _grey())], annotations)
+    (tmp_path / "train" / "1.jpg").unlink()
+    data = (tmp_path / "train" / "2.jpg").read_bytes()
+    (tmp_path / "train" / "2.jpg").write_bytes(data[: len(data) // 3])  # truncated JPEG
+    train = CocoDetection(tmp_path / "train", path, train=True)
+    sample = train[0]   # 1 missing, 2 truncated -> 3 takes their place
+    assert sample.image_id == 3
+    assert len(sample.skipped) == 2
+    assert "1.jpg" in sample.skipped[0] and "2.jpg" in sample.skipped[1]
+    evaluation = CocoDetection(tmp_path / "train", path, train=False)
+    from ssd300.data.loaders import collate
+    batch = collate([evaluation[0], evaluation[1], evaluation[2]])
+    assert batch.image_ids.tolist() == [3] and len(batch.skipped) == 2
+    strict = CocoDetection(tmp_path / "train", path, train=True, strict=True)
+    with pytest.raises(UserInputError, match="1.jpg"):
+        strict[0]
+
+
+def _modes(tmp_path: Path) -> dict[str, Path]:
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    paths = {}
+    Image.fromarray(rgb[:, :, 0], "L").save(paths.setdefault("gray", tmp_path / "gray.jpg"))
+    Image.fromarray(np.dstack([rgb, np.full((30, 40), 128, np.uint8)]), "RGBA").save(paths.setdefault("rgba", tmp_path / "rgba.png"))
+    Image.fromarray(rgb).convert("CMYK").save(paths.setdefault("cmyk", tmp_path / "cmyk.jpg"))
+    palette = Image.fromarray(rgb).convert("P", palette=Image.ADAPTIVE, colors=16)
+    palette.info["transparency"] = 0
+    palette.save(paths.setdefault("palette", tmp_path / "palette.png"), transparency=0)
+    Image.fromarray((rgb[:, :, 0].astype(np.uint16) * 257)).save(paths.setdefault("gray16", tmp_path / "gray16.png"))
+    Image.fromarray(rgb[:, :, 0] > 128).save(paths.setdefault("bilevel", tmp_path / "bilevel.png"))
+    return paths
+
+
+def test_every_image_mode_becomes_rgb(tmp_path):
+    for name, path in _modes(tmp_path).items():
+        image = load_image(path)
+        assert image.mode == "RGB" and image.size == (40, 30), name
+    gray16 = np.asarray(load_image(tmp_path / "gray16.png"))
+    gray8 = np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)[:, :, 0]
+    assert np.abs(gray16[:, :, 0].astype(int) - gray8).max() <= 1  # rescaled, not clipped at 255
+
+
+def test_dataset_reads_real_photographs_in_several_formats(tmp_path):
+    skimage_data = pytest.importorskip("skimage.data")
+    photos = {"astronaut.jpg": skimage_data.astronaut(), "coffee.png": skimage_data.coffee(),
+              "chelsea.jpg": skimage_data.chelsea(), "camera.png": skimage_data.camera(),
+              "logo.png": skimage_data.logo(), "retina.jpg": skimage_data.retina()}
+    (tmp_path / "train").mkdir()
+    images, annotations = [], []
+    for i, (name, array) in enumerate(photos.items()):
+        Image.fromarray(array).save(tmp_path / "train" / name)
+        h, w = array.shape[:2]
+        images.append({"id": i + 1, "file_name": name, "width": w, "height": h})
+        annotations.append(_ann(i + 1, i + 1, 1, [w * 0.25, h * 0.2, w * 0.5, h * 0.6]))
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "instances_train.json").write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "thing"}]}))
+    train = CocoDetection.from_root(tmp_path, "train", seed=3)
+    evaluation = CocoDetection.from_root(tmp_path, "train", train=False)
+    for index in range(len(train)):
+        sample = train[(index, 0)]
+        assert sample.image.shape == (3, 300, 300) and sample.image.dtype == torch.uint8
+        assert len(sample.boxes) == 1 and 0 <= float(sample.boxes.min()) and float(sample.boxes.max()) <= 1
+        assert float(sample.image.float().std()) > 5  # real content, not a blank
+        reference = np.asarray(Image.open(tmp_path / "train" / train.records[index].file_name).convert("RGB")
+                               .resize((300, 300), Image.BILINEAR))
+        got = evaluation[index].image.permute(1, 2, 0).numpy()
+        np.testing.assert_array_equal(got, reference)
+        assert evaluation[index].image_size == (images[index]["width"], images[index]["height"])
