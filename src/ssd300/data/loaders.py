@@ -7,7 +7,7 @@ Workers ship uint8 300x300 images (4x less inter-process traffic than float32) a
 Reproducibility: the sampler hands the dataset ``(index, epoch, is_padding)`` keys, and each
 sample's randomness is derived from ``(seed, epoch, index)``: the same seed gives the same
 samples with any number of workers, every epoch and every image draw their own stream, and the
-shuffle is the same on every rank (seeded by ``seed + epoch``) so rank shards are disjoint.
+shuffle is the same on every rank (seeded by ``(seed, epoch)``) so rank shards are disjoint.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def collate(samples: Sequence[Optional[Sample]]) -> Batch:
 class EpochSampler(Sampler):
     """Yields ``(index, epoch, is_padding)`` keys for this rank's shard of the dataset.
 
-    Like ``DistributedSampler``: with ``shuffle`` a permutation seeded by ``seed + epoch`` (the same
+    Like ``DistributedSampler``: with ``shuffle`` a permutation seeded by ``(seed, epoch)`` (the same
     on every rank), padded by repeating its start to a multiple of ``world_size`` (those repeats are
     flagged ``is_padding``), then every ``world_size``-th element from ``rank``. ``drop_uneven``
     drops the tail instead of padding (training).
@@ -142,7 +142,8 @@ class EpochSampler(Sampler):
 
     def __iter__(self) -> Iterator[tuple[int, int, bool]]:
         if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            # (seed, epoch) -> one generator seed without the seed=0/epoch=1 == seed=1/epoch=0 clash
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
             order = torch.randperm(self.length, generator=generator).tolist()
         else:
             order = list(range(self.length))
