@@ -151,15 +151,19 @@ class BoxCoder:
         gwh = (1.0 / dboxes.scale_wh) * (boxes_xywh[..., 2:] / d_wh).log()
         return torch.cat((gxy, gwh), dim=-1).transpose(1, 2).contiguous()
 
-    def decode_xywh(self, locs: torch.Tensor) -> torch.Tensor:
-        """(N, 4, A) offsets -> (N, A, 4) boxes in xywh (SPEC §5)."""
-        dboxes = self.default_boxes.to(locs.device)
-        locs = locs.float().transpose(1, 2)
-        d_xy, d_wh = dboxes.xywh[:, :2], dboxes.xywh[:, 2:]
-        xy = (dboxes.scale_xy * locs[..., :2]) * d_wh + d_xy
-        wh = (dboxes.scale_wh * locs[..., 2:]).exp() * d_wh
-        return torch.cat((xy, wh), dim=-1)
-
     def decode(self, locs: torch.Tensor) -> torch.Tensor:
         """(N, 4, A) offsets -> (N, A, 4) boxes in normalised ltrb (SPEC §5)."""
-        return xywh_to_ltrb(self.decode_xywh(locs))
+        dboxes = self.default_boxes.to(locs.device)
+        return decode_boxes(locs, dboxes.xywh, dboxes.scale_xy, dboxes.scale_wh)
+
+
+def decode_boxes(locs: torch.Tensor, dboxes_xywh: torch.Tensor, scale_xy: float, scale_wh: float) -> torch.Tensor:
+    """(N, 4, A) offsets -> (N, A, 4) ltrb boxes (SPEC §5).
+
+    xy = scale_xy * loc_xy * d_wh + d_xy, wh = exp(scale_wh * loc_wh) * d_wh, then to ltrb.
+    """
+    locs = locs.float().transpose(1, 2)
+    d_xy, d_wh = dboxes_xywh[:, :2], dboxes_xywh[:, 2:]
+    xy = (scale_xy * locs[..., :2]) * d_wh + d_xy
+    wh = (scale_wh * locs[..., 2:]).exp() * d_wh
+    return xywh_to_ltrb(torch.cat((xy, wh), dim=-1))

@@ -1,0 +1,140 @@
+"""Post-processing of a batch of 8: per-image per-class loops vs the batched PostProcessor.
+
+Two kinds of scores: "realistic" (a few objects per image, ~300 anchors over the 0.05 score
+threshold) and "untrained" (random normal logits, ~20,000 candidates per image).
+
+Baselines, run in the same process:
+* reference style: per image, softmax + decode; per class: threshold, sort, top 200, greedy NMS
+  written as a Python while-loop (one IoU computation per kept box), as SSD reference code does;
+* per-class torchvision: the same loops but with torchvision.ops.nms per (image, class).
+
+Usage: .venv/bin/python benchmarks/bench_postprocess.py [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torchvision
+
+from ssd300.box_coder import BoxCoder
+from ssd300.default_boxes import default_boxes_300
+from ssd300.postprocess import PostProcessor
+
+BATCH, CLASSES, ANCHORS = 8, 81, 8732
+
+
+def realistic_outputs(seed: int = 0, objects: int = 5, anchors_per_object: int = 60):
+    """Background dominates except around a few objects, whose nearby anchors are confident."""
+    g = torch.Generator().manual_seed(seed)
+    dboxes = default_boxes_300()
+    logits = torch.randn(BATCH, CLASSES, ANCHORS, generator=g)
+    logits[:, 0] += 9.0
+    locs = torch.randn(BATCH, 4, ANCHORS, generator=g) * 0.5
+    for i in range(BATCH):
+        for _ in range(objects):
+            xy = torch.rand(2, generator=g) * 0.6
+            wh = torch.rand(2, generator=g) * 0.35 + 0.05
+            box = torch.cat((xy, xy + wh))[None]
+            near = torchvision.ops.box_iou(box, dboxes.ltrb)[0].topk(anchors_per_object).indices
+            cls = int(torch.randint(1, CLASSES, (1,), generator=g))
+            logits[i, cls, near] = 11.0 + torch.randn(anchors_per_object, generator=g)
+            other = int(torch.randint(1, CLASSES, (1,), generator=g))  # a confusable class
+            logits[i, other, near[::3]] = 10.0 + torch.randn(len(near[::3]), generator=g)
+    return locs, logits
+
+
+def untrained_outputs(seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(BATCH, 4, ANCHORS, generator=g), torch.randn(BATCH, CLASSES, ANCHORS, generator=g)
+
+
+def _iou_one_to_many(box: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    lt = torch.max(box[:2], boxes[:, :2])
+    rb = torch.min(box[2:], boxes[:, 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[:, 0] * wh[:, 1]
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    return inter / (area + areas - inter)
+
+
+def reference_style(locs, logits, coder, threshold=0.05, iou=0.45, topk=200, max_out=200, torchvision_nms=False):
+    results = []
+    for i in range(locs.shape[0]):
+        boxes = coder.decode(locs[i : i + 1])[0]
+        scores = torch.softmax(logits[i], dim=0)
+        out_boxes, out_scores, out_labels = [], [], []
+        for cls in range(1, scores.shape[0]):
+            class_scores = scores[cls]
+            mask = class_scores > threshold
+            cand_boxes, cand_scores = boxes[mask], class_scores[mask]
+            if cand_scores.numel() == 0:
+                continue
+            order = cand_scores.sort(descending=True, stable=True).indices[:topk]
+            cand_boxes, cand_scores = cand_boxes[order], cand_scores[order]
+            if torchvision_nms:
+                kept = torchvision.ops.nms(cand_boxes, cand_scores, iou)
+            else:
+                remaining, kept_list = torch.arange(len(order)), []
+                while remaining.numel() > 0:
+                    best = remaining[0]
+                    kept_list.append(int(best))
+                    overlaps = _iou_one_to_many(cand_boxes[best], cand_boxes[remaining])
+                    remaining = remaining[overlaps <= iou]
+                kept = torch.tensor(kept_list, dtype=torch.long)
+            out_boxes.append(cand_boxes[kept])
+            out_scores.append(cand_scores[kept])
+            out_labels.append(torch.full((len(kept),), cls, dtype=torch.long))
+        if not out_scores:
+            results.append((torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.long)))
+            continue
+        b, s, l = torch.cat(out_boxes), torch.cat(out_scores), torch.cat(out_labels)
+        best = s.sort(descending=True, stable=True).indices[:max_out]
+        results.append((b[best], s[best], l[best]))
+    return results
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--baseline-repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dboxes = default_boxes_300()
+    coder = BoxCoder(dboxes)
+    print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, threads {torch.get_num_threads()}, batch {BATCH}\n")
+    print("| scores | candidates/image | reference style (s) | per-class torchvision (s) | ours: per_group (s) "
+          "| ours: matrix (s) | ours: offsets (s) | speed-up vs reference style | vs per-class torchvision |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, (locs, logits) in (("realistic", realistic_outputs()), ("untrained", untrained_outputs())):
+        candidates = (torch.softmax(logits, 1)[:, 1:] > 0.05).sum().item() / BATCH
+        reference = median_seconds(lambda: reference_style(locs, logits, coder), args.baseline_repeats)
+        per_class = median_seconds(lambda: reference_style(locs, logits, coder, torchvision_nms=True), args.repeats)
+        ours = {}
+        for strategy in ("per_group", "matrix", "offsets"):
+            post = PostProcessor(dboxes, nms=strategy)
+            with torch.no_grad():
+                ours[strategy] = median_seconds(lambda: post(locs, logits), args.repeats)
+        best = ours["per_group"]  # the CPU default ("auto")
+        print(f"| {name} | {candidates:,.0f} | {reference:.3f} | {per_class:.4f} | {ours['per_group']:.4f} | "
+              f"{ours['matrix']:.4f} | {ours['offsets']:.4f} | {reference / best:.1f}x | {per_class / best:.1f}x |")
+
+
+if __name__ == "__main__":
+    main()

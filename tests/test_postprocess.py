@@ -1,0 +1,142 @@
+"""PostProcessor against a plain per-image, per-class loop (the oracle), SPEC §5."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+
+from ssd300.box_coder import BoxCoder
+from ssd300.default_boxes import default_boxes_300
+from ssd300.postprocess import Detections, PostProcessor, postprocess_flat
+
+A = 8732
+
+
+def oracle(locs, logits, threshold=0.05, iou=0.45, topk=200, max_out=200):
+    """Reference style: per image, per class > 0: threshold, top-k, torchvision NMS; then top max_out."""
+    coder = BoxCoder(default_boxes_300())
+    results = []
+    for i in range(locs.shape[0]):
+        boxes = coder.decode(locs[i : i + 1])[0]
+        scores = torch.softmax(logits[i], dim=0)
+        out_boxes, out_scores, out_labels = [], [], []
+        for cls in range(1, scores.shape[0]):
+            mask = scores[cls] > threshold
+            cand_boxes, cand_scores = boxes[mask], scores[cls][mask]
+            order = cand_scores.sort(descending=True, stable=True).indices[:topk]
+            kept = torchvision.ops.nms(cand_boxes[order], cand_scores[order], iou)
+            out_boxes.append(cand_boxes[order][kept])
+            out_scores.append(cand_scores[order][kept])
+            out_labels.append(torch.full((len(kept),), cls, dtype=torch.long))
+        b, s, l = torch.cat(out_boxes), torch.cat(out_scores), torch.cat(out_labels)
+        best = s.sort(descending=True, stable=True).indices[:max_out]
+        results.append((b[best], s[best], l[best]))
+    return results
+
+
+def untrained(seed: int, n: int = 2, classes: int = 81):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 4, A, generator=g), torch.randn(n, classes, A, generator=g)
+
+
+def confident(seed: int, n: int = 3, classes: int = 11):
+    """Background wins almost everywhere; clusters of overlapping anchors are confident."""
+    g = torch.Generator().manual_seed(seed)
+    dboxes = default_boxes_300()
+    locs = torch.randn(n, 4, A, generator=g) * 0.3
+    logits = torch.randn(n, classes, A, generator=g)
+    logits[:, 0] += 8
+    for i in range(n):
+        for _ in range(4):
+            xy = torch.rand(2, generator=g) * 0.6
+            box = torch.cat((xy, xy + 0.1 + torch.rand(2, generator=g) * 0.3))[None]
+            near = torchvision.ops.box_iou(box, dboxes.ltrb)[0].topk(80).indices
+            cls = int(torch.randint(1, classes, (1,), generator=g))
+            logits[i, cls, near] = 10 + torch.randn(80, generator=g)
+    logits[n - 1, 1:] -= 30  # last image: nothing above the threshold
+    return locs, logits
+
+
+def assert_same(got: list[Detections], want) -> None:
+    assert len(got) == len(want)
+    for i, (det, (boxes, scores, labels)) in enumerate(zip(got, want)):
+        assert torch.equal(det.labels, labels), f"image {i}"
+        assert torch.equal(det.scores, scores), f"image {i}"
+        assert torch.equal(det.boxes, boxes), f"image {i}"
+
+
+@pytest.mark.parametrize("nms", ["per_group", "matrix"])
+@pytest.mark.parametrize("make, seed", [(untrained, 0), (confident, 1), (confident, 2)])
+def test_equals_oracle(make, seed: int, nms: str) -> None:
+    locs, logits = make(seed)
+    got = PostProcessor(default_boxes_300(), nms=nms)(locs, logits)
+    assert_same(got, oracle(locs, logits))
+    if make is untrained:
+        assert all(len(d) == 200 for d in got)  # capped by max_detections
+    for det in got:
+        assert det.labels.dtype == torch.long and det.boxes_pixels is None
+        assert (det.labels > 0).all()
+        assert torch.all(det.scores[:-1] >= det.scores[1:])  # best first
+
+
+def test_configurable_thresholds_equal_oracle() -> None:
+    locs, logits = untrained(3, n=2, classes=21)
+    settings = dict(score_threshold=0.08, iou_threshold=0.3, topk_per_class=50, max_detections=70)
+    got = PostProcessor(default_boxes_300(), **settings)(locs, logits)
+    want = oracle(locs, logits, threshold=0.08, iou=0.3, topk=50, max_out=70)
+    assert_same(got, want)
+    assert [len(d) for d in got] == [70, 70]
+
+
+def test_ties_broken_like_the_oracle() -> None:
+    # Equal logits across classes and anchors: every score ties; order must still match.
+    locs, logits = untrained(4, n=2, classes=6)
+    logits = logits.round()  # many exactly equal scores
+    for settings in (dict(), dict(topk_per_class=7, max_detections=13)):
+        got = PostProcessor(default_boxes_300(), **settings)(locs, logits)
+        mapped = {"topk_per_class": "topk", "max_detections": "max_out"}
+        assert_same(got, oracle(locs, logits, **{mapped[k]: v for k, v in settings.items()}))
+
+
+def test_pixels_and_flat_api() -> None:
+    locs, logits = confident(5)
+    sizes = torch.tensor([[640, 480], [300, 300], [1000, 20]])
+    post = PostProcessor(default_boxes_300())
+    got = post(locs, logits, image_sizes=sizes)
+    assert len(got[2]) == 0 and got[2].boxes.shape == (0, 4) and got[2].boxes_pixels.shape == (0, 4)
+    for det, (w, h) in zip(got, sizes.tolist()):
+        torch.testing.assert_close(det.boxes_pixels, det.boxes * torch.tensor([w, h, w, h]))
+    dboxes = default_boxes_300()
+    boxes, scores, labels, image_index = postprocess_flat(locs, logits, dboxes.xywh)
+    assert torch.equal(image_index, torch.repeat_interleave(torch.tensor([len(d) for d in got])))
+    assert torch.equal(boxes, torch.cat([d.boxes for d in got]))
+    assert torch.equal(scores, torch.cat([d.scores for d in got]))
+    assert torch.equal(labels, torch.cat([d.labels for d in got]))
+
+
+def test_offsets_strategy_close_to_exact() -> None:
+    # torchvision's batched_nms shifts boxes per group: same result here (few groups, small offsets).
+    locs, logits = confident(6)
+    exact = PostProcessor(default_boxes_300())(locs, logits)
+    shifted = PostProcessor(default_boxes_300(), nms="offsets")(locs, logits)
+    assert_same(shifted, [(d.boxes, d.scores, d.labels) for d in exact])
+
+
+def test_bad_shapes_raise() -> None:
+    post = PostProcessor(default_boxes_300())
+    with pytest.raises(ValueError, match="expected locs"):
+        post(torch.zeros(1, 4, A), torch.zeros(2, 81, A))
+    with pytest.raises(ValueError, match="image_sizes"):
+        post(torch.zeros(1, 4, A), torch.zeros(1, 81, A), image_sizes=torch.tensor([640, 480]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu() -> None:
+    locs, logits = confident(7)
+    cpu = PostProcessor(default_boxes_300())(locs, logits)
+    gpu = PostProcessor(default_boxes_300())(locs.cuda(), logits.cuda())
+    for a, b in zip(cpu, gpu):
+        assert torch.equal(a.labels, b.labels.cpu())
+        torch.testing.assert_close(a.scores, b.scores.cpu())
+        torch.testing.assert_close(a.boxes, b.boxes.cpu())
