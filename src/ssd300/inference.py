@@ -1,0 +1,363 @@
+"""The Python inference API: images in, per-image detections in pixels with class names out.
+
+>>> detector = Detector.from_checkpoint("runs/demo/checkpoints/last.pt", device="cpu")
+>>> result = detector("photo.jpg")                     # one image -> one ImageDetections
+>>> results = detector([pil_image, "b.png", array])    # a list -> a list, run in batches
+>>> result.boxes, result.scores, result.class_names   # ltrb pixels of the original image
+
+Inputs may be paths, PIL images, HWC uint8 numpy arrays (RGB) or CHW tensors (uint8, or float in
+[0, 1]). Preprocessing is :class:`ssd300.data.transforms.EvalTransform` (the one shared with
+evaluation): resize to 300x300 on uint8, then normalise batched. Post-processing is
+:class:`ssd300.postprocess.PostProcessor` (SPEC §5), run once per batch.
+
+Speed (CPU): BatchNorm is folded into the convolutions, the model runs channels-last, big JPEGs
+are decoded at a reduced DCT scale that still leaves >= 300 pixels (``draft=True``), and while a
+batch runs through the network the next one is decoded on a background thread. ``bf16=True`` runs
+the network in bfloat16 channels-last on the CPU (fast on CPUs with AVX-512 BF16 / AMX);
+``amp=True`` runs float16 autocast on CUDA (bfloat16 on the CPU).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ContextManager, Iterable, Iterator, Optional, Sequence, Union, overload
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ssd300.data.images import DECODE_ERRORS, draft_for_crop, open_image, to_rgb
+from ssd300.data.transforms import EvalTransform
+from ssd300.default_boxes import default_boxes_300
+from ssd300.errors import UserInputError
+from ssd300.labels import LabelMap
+from ssd300.postprocess import PostProcessor
+
+log = logging.getLogger(__name__)
+
+PathLike = Union[str, "os.PathLike[str]"]
+ImageInput = Union[PathLike, Image.Image, np.ndarray, torch.Tensor]
+
+
+@dataclass
+class ImageDetections:
+    """Detections of one image, best first. Boxes are ltrb in the original image's pixels."""
+
+    boxes: torch.Tensor  # (K, 4) float32, ltrb pixels, clipped to the image
+    scores: torch.Tensor  # (K,) float32
+    labels: torch.Tensor  # (K,) int64, contiguous labels 1..C-1 (0 is background)
+    class_names: list[str]  # (K,) name of each detection's class
+    category_ids: torch.Tensor  # (K,) int64, dataset category ids (COCO ids for COCO models)
+    image_size: tuple[int, int]  # (width, height) of the original image
+    source: Optional[str] = None  # the path, when the image came from a file
+    boxes_normalized: Optional[torch.Tensor] = field(default=None, repr=False)  # (K, 4) ltrb in [0, 1]
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+    def filter(self, min_score: float) -> "ImageDetections":
+        """The detections scoring at least ``min_score``."""
+        keep = self.scores >= min_score
+        index = keep.nonzero().flatten().tolist()
+        return ImageDetections(
+            self.boxes[keep], self.scores[keep], self.labels[keep], [self.class_names[i] for i in index],
+            self.category_ids[keep], self.image_size, self.source,
+            None if self.boxes_normalized is None else self.boxes_normalized[keep],
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready form: one entry per detection with box (ltrb pixels), ids, name, score."""
+        return {
+            "image": self.source,
+            "width": self.image_size[0],
+            "height": self.image_size[1],
+            "detections": [
+                {"box": [round(v, 2) for v in box], "label": label, "category_id": cid, "class_name": name,
+                 "score": round(score, 5)}
+                for box, label, cid, name, score in zip(
+                    self.boxes.tolist(), self.labels.tolist(), self.category_ids.tolist(), self.class_names,
+                    self.scores.tolist())
+            ],
+        }
+
+    def to_coco(self, image_id: int) -> list[dict[str, Any]]:
+        """COCO results entries (``bbox`` = [x, y, width, height] in pixels)."""
+        return [
+            {"image_id": int(image_id), "category_id": cid,
+             "bbox": [round(l, 2), round(t, 2), round(r - l, 2), round(b - t, 2)], "score": round(score, 5)}
+            for (l, t, r, b), cid, score in zip(self.boxes.tolist(), self.category_ids.tolist(), self.scores.tolist())
+        ]
+
+
+def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
+    """``None``/"auto" -> CUDA when available, else CPU; anything else must be a valid device."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise UserInputError(f"--device {device!r}: not a device ({exc})") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise UserInputError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return resolved
+
+
+def bf16_supported_on_cpu() -> bool:
+    """Whether this CPU has native bfloat16 matrix instructions (else bf16 is emulated and slow)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def load_rgb(path: PathLike, draft: bool = True) -> Image.Image:
+    """Decode an image file to RGB; with ``draft`` big JPEGs decode at a reduced scale (>= 300 px).
+
+    Returns the decoded image and keeps the file's full size in ``image.info["original_size"]``,
+    so boxes are reported in the original pixel grid. Raises one of ``DECODE_ERRORS``.
+    """
+    image = open_image(path)
+    original_size = image.size
+    if draft:
+        draft_for_crop(image, (1.0, 1.0), EvalTransform.size)
+    image = to_rgb(image)
+    image.info["original_size"] = original_size
+    return image
+
+
+def _as_uint8_image(image: Union[Image.Image, np.ndarray, torch.Tensor]) -> tuple[Any, tuple[int, int]]:
+    """Normalise an in-memory image to what EvalTransform takes, plus its (width, height)."""
+    if isinstance(image, Image.Image):
+        size = image.info.get("original_size", image.size)
+        return image, (int(size[0]), int(size[1]))
+    if isinstance(image, np.ndarray):
+        if image.ndim not in (2, 3):
+            raise ValueError(f"expected an HxW or HxWxC image array, got shape {image.shape}")
+        if image.dtype != np.uint8:
+            if not np.issubdtype(image.dtype, np.floating):
+                raise ValueError(f"image arrays must be uint8 or float in [0, 1], got {image.dtype}")
+            image = (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        return image, (int(image.shape[1]), int(image.shape[0]))
+    if isinstance(image, torch.Tensor):
+        if image.dim() == 2:
+            image = image.unsqueeze(0)
+        if image.dim() != 3:
+            raise ValueError(f"expected a CxHxW image tensor, got shape {tuple(image.shape)}")
+        if image.dtype != torch.uint8:
+            if not image.is_floating_point():
+                raise ValueError(f"image tensors must be uint8 or float in [0, 1], got {image.dtype}")
+            image = (image.detach().float().clamp(0, 1) * 255.0 + 0.5).to(torch.uint8)
+        if image.shape[0] == 4:
+            image = image[:3]
+        return image, (int(image.shape[2]), int(image.shape[1]))
+    raise TypeError(f"cannot run detection on a {type(image).__name__}; pass a path, PIL image, array or tensor")
+
+
+@dataclass
+class _Prepared:
+    """One image resized for the network, with what is needed to report its detections."""
+
+    pixels: torch.Tensor  # uint8 (3, 300, 300)
+    size: tuple[int, int]  # original (width, height)
+    source: Optional[str]
+
+
+class Detector:
+    """SSD300 + shared preprocessing + batched post-processing. See the module docstring."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        label_map: Optional[LabelMap] = None,
+        *,
+        device: Union[str, torch.device, None] = None,
+        score_threshold: float = 0.05,
+        iou_threshold: float = 0.45,
+        topk_per_class: int = 200,
+        max_detections: int = 200,
+        batch_size: int = 8,
+        amp: bool = False,
+        bf16: bool = False,
+        channels_last: Optional[bool] = None,
+        fuse: bool = True,
+        draft: bool = True,
+    ) -> None:
+        if not 0.0 <= score_threshold <= 1.0:
+            raise UserInputError(f"--score-threshold must be in [0, 1], got {score_threshold}")
+        if not 0.0 < iou_threshold <= 1.0:
+            raise UserInputError(f"--iou-threshold must be in (0, 1], got {iou_threshold}")
+        if max_detections < 1 or topk_per_class < 1:
+            raise UserInputError(f"--max-detections must be >= 1, got {max_detections}")
+        if batch_size < 1:
+            raise UserInputError(f"--batch-size must be >= 1, got {batch_size}")
+        self.device = resolve_device(device)
+        num_classes = int(getattr(model, "num_classes"))
+        self.label_map = label_map or LabelMap.generic(num_classes)
+        if self.label_map.num_classes != num_classes:
+            raise UserInputError(f"label map has {self.label_map.num_classes} classes, the model {num_classes}")
+        self.batch_size = batch_size
+        self.draft = draft
+        self.transform = EvalTransform()
+        self.postprocessor = PostProcessor(default_boxes_300(), score_threshold=score_threshold,
+                                           iou_threshold=iou_threshold, topk_per_class=topk_per_class,
+                                           max_detections=max_detections)
+        self.amp = amp
+        self.bf16 = bf16 or (amp and self.device.type == "cpu")
+        if self.bf16 and self.device.type != "cpu":
+            raise UserInputError("bf16 is the CPU fast path; on CUDA use amp=True (--amp)")
+        self.channels_last = (self.device.type == "cpu") if channels_last is None else channels_last
+        model = model.eval()
+        if fuse and hasattr(model, "fuse"):
+            model = model.fuse()  # BatchNorm folded into the convolutions: same outputs, fewer kernels
+        model = model.to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if self.bf16:
+            if not bf16_supported_on_cpu():
+                log.warning("this CPU has no native bfloat16 support: bf16 inference will be slow")
+            model = model.to(torch.bfloat16)
+        self.model = model
+        self._names = list(self.label_map.names)
+        self._category_ids = torch.tensor(self.label_map.category_ids, dtype=torch.int64)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_checkpoint(cls, path: PathLike, device: Union[str, torch.device, None] = None,
+                        **options: Any) -> "Detector":
+        """Load our checkpoint or the reference's (``model`` key, ``module.`` prefixes, ``label_map``).
+
+        ``options`` are the keyword arguments of :class:`Detector` (thresholds, batch size, amp...).
+        A file that is not an SSD300 checkpoint raises :class:`UserInputError` naming it.
+        """
+        from ssd300.checkpoint import load_model
+
+        model, label_map, _ = load_model(path, map_location="cpu")
+        return cls(model, label_map, device=device, **options)
+
+    # ------------------------------------------------------------------ calling
+
+    @overload
+    def __call__(self, images: Sequence[ImageInput]) -> list[ImageDetections]: ...
+
+    @overload
+    def __call__(self, images: ImageInput) -> ImageDetections: ...
+
+    def __call__(self, images: Any) -> Any:
+        """Detect objects in one image (returns one result) or a list of images (returns a list).
+
+        A 4-D array/tensor is taken as a batch of images. Unreadable files raise
+        :class:`UserInputError`; use :meth:`detect_files` to skip them instead.
+        """
+        single = not isinstance(images, (list, tuple)) and not (
+            isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4)
+        items = [images] if single else list(images)
+        results = [result for _, result in self._run(items, on_error="raise")]
+        return results[0] if single else results
+
+    def detect_files(self, paths: Iterable[PathLike],
+                     on_error: str = "skip") -> Iterator[tuple[str, Union[ImageDetections, Exception]]]:
+        """Yield ``(path, detections)`` in order; with ``on_error="skip"`` an unreadable file yields
+        ``(path, error)`` instead and the run goes on (``"raise"``: UserInputError)."""
+        for source, result in self._run([os.fspath(p) for p in paths], on_error=on_error):
+            yield source, result
+
+    def predict_tensor(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The network alone on a normalised (N, 3, 300, 300) batch -> (locs, logits) float32."""
+        images = images.to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        if self.bf16:
+            images = images.to(torch.bfloat16)
+        with torch.inference_mode(), self._autocast():
+            locs, logits = self.model(images)
+        return locs.float(), logits.float()
+
+    # ------------------------------------------------------------------ internals
+
+    def _autocast(self) -> ContextManager[Any]:
+        if self.amp and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.float16)
+        return nullcontext()
+
+    def _prepare(self, item: Any) -> _Prepared:
+        """Decode (if a path) and resize one input to uint8 (3, 300, 300)."""
+        source = None
+        if isinstance(item, (str, Path)) or hasattr(item, "__fspath__"):
+            source = os.fspath(item)
+            item = load_rgb(source, draft=self.draft)
+        image, size = _as_uint8_image(item)
+        return _Prepared(self.transform.resize_uint8(image), size, source)
+
+    def _prepare_batch(self, items: Sequence[Any], on_error: str) -> list[Union[_Prepared, tuple[str, Exception]]]:
+        prepared: list[Union[_Prepared, tuple[str, Exception]]] = []
+        for item in items:
+            try:
+                prepared.append(self._prepare(item))
+            except (*DECODE_ERRORS, Image.UnidentifiedImageError) as exc:
+                path = os.fspath(item) if isinstance(item, (str, Path)) else repr(type(item))
+                error = UserInputError(f"{path}: not a readable image ({_one_line(exc)})")
+                if on_error == "raise":
+                    raise error from None
+                prepared.append((path, error))
+        return prepared
+
+    def _run(self, items: Sequence[Any], on_error: str) -> Iterator[tuple[Optional[str], Any]]:
+        """Batches through the network; the next batch is decoded on a thread meanwhile."""
+        batches = [items[i:i + self.batch_size] for i in range(0, len(items), self.batch_size)]
+        if not batches:
+            return
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ssd300-decode") as pool:
+            pending = pool.submit(self._prepare_batch, batches[0], on_error)
+            for index in range(len(batches)):
+                prepared = pending.result()
+                if index + 1 < len(batches):
+                    pending = pool.submit(self._prepare_batch, batches[index + 1], on_error)
+                good = [p for p in prepared if isinstance(p, _Prepared)]
+                results = iter(self._detect_prepared(good)) if good else iter(())
+                for p in prepared:
+                    if isinstance(p, _Prepared):
+                        yield p.source, next(results)
+                    else:
+                        yield p[0], p[1]
+
+    def _detect_prepared(self, prepared: Sequence[_Prepared]) -> list[ImageDetections]:
+        pixels = torch.stack([p.pixels for p in prepared]).to(self.device, non_blocking=True)
+        sizes = torch.tensor([p.size for p in prepared], dtype=torch.float32)
+        locs, logits = self.predict_tensor(self.transform.normalize(pixels))
+        return self.detections_from_outputs(locs, logits, sizes, [p.source for p in prepared])
+
+    def detections_from_outputs(self, locs: torch.Tensor, logits: torch.Tensor, image_sizes: torch.Tensor,
+                                sources: Optional[Sequence[Optional[str]]] = None) -> list[ImageDetections]:
+        """Post-process raw outputs of a batch into per-image pixel detections."""
+        per_image = self.postprocessor(locs, logits)
+        sizes = image_sizes.to(torch.float32).cpu()
+        results = []
+        for i, det in enumerate(per_image):
+            width, height = float(sizes[i, 0]), float(sizes[i, 1])
+            normalized = det.boxes.float().cpu()
+            scale = torch.tensor([width, height, width, height])
+            pixels = normalized * scale
+            pixels[:, 0::2] = pixels[:, 0::2].clamp(0, width)
+            pixels[:, 1::2] = pixels[:, 1::2].clamp(0, height)
+            labels = det.labels.cpu()
+            results.append(ImageDetections(
+                boxes=pixels, scores=det.scores.float().cpu(), labels=labels,
+                class_names=[self._names[i] for i in labels.tolist()],
+                category_ids=self._category_ids[labels], image_size=(int(width), int(height)),
+                source=None if sources is None else sources[i], boxes_normalized=normalized,
+            ))
+        return results
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+__all__ = ["Detector", "ImageDetections", "ImageInput", "bf16_supported_on_cpu", "load_rgb", "resolve_device"]
