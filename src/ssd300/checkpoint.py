@@ -102,13 +102,13 @@ def read_torch_file(path: PathLike, what: str = "checkpoint", map_location: MapL
             warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the error says it all
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights only" in str(exc).lower():
+        if "weights only" in str(exc).lower() and _looks_like_pickle(path):
             raise UserInputError(
                 f"{what} {path}: refused: it holds pickled Python objects other than tensors and plain "
                 f"data{_refused_detail(exc)}, which could run code when loaded, so it was not loaded; "
                 "use only files from sources you trust, saved as plain state dicts"
             ) from None
-        raise UserInputError(f"{what} {path}: not a PyTorch file, or corrupted ({_one_line(exc)})") from None
+        raise UserInputError(f"{what} {path}: not a PyTorch file, or corrupted") from None
     except Exception as exc:  # noqa: BLE001 - zip/EOF/key errors all mean an unreadable file
         raise UserInputError(f"{what} {path}: not a PyTorch file, or truncated/corrupted ({_one_line(exc)})") from None
 
@@ -124,6 +124,13 @@ def load_checkpoint(path: PathLike, map_location: MapLocation = "cpu") -> dict[s
         raise UserInputError(f"checkpoint {path}: expected a dict, found {type(obj).__name__}")
     model_state_dict(obj, source=f"checkpoint {path}")  # fail now, naming the file, if there are no weights
     return obj
+
+
+def _looks_like_pickle(path: Path) -> bool:
+    # torch's zip format, or a raw/legacy pickle (PROTO opcode); anything else is just not ours.
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
 def _refused_detail(exc: BaseException) -> str:
