@@ -202,5 +202,5 @@ def test_dataset_reads_real_photographs_in_several_formats(tmp_path):
         reference = np.asarray(Image.open(tmp_path / "train" / train.records[index].file_name).convert("RGB")
                                .resize((300, 300), Image.BILINEAR))
         got = evaluation[index].image.permute(1, 2, 0).numpy()
-        np.testing.assert_array_equal(got, reference)
+        assert np.abs(got.astype(int) - reference.astype(int)).max() <= 1  # PIL's bilinear, within rounding
         assert evaluation[index].image_size == (images[index]["width"], images[index]["height"])

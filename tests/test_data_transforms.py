@@ -180,29 +180,58 @@ def test_train_transform_is_deterministic_for_a_generator_state():
     assert not torch.equal(outputs[0][0], other[0])
 
 
-@pytest.mark.parametrize("factor", [0.5, 0.9, 1.3])
-def test_brightness_contrast_saturation_match_torchvision(factor):
-    array = np.random.default_rng(6).integers(0, 256, (40, 50, 3), dtype=np.uint8)
-    pil = Image.fromarray(array)
+def _torchvision_sequential(array: np.ndarray, params: T.ColorJitterParams) -> np.ndarray:
     tensor = torch.from_numpy(array).permute(2, 0, 1)
-    for ours, theirs in ((T.adjust_brightness, TF.adjust_brightness),
-                         (T.adjust_contrast, TF.adjust_contrast),
-                         (T.adjust_saturation, TF.adjust_saturation)):
-        got = torch.from_numpy(np.array(ours(pil, factor))).permute(2, 0, 1).int()
-        want = theirs(tensor, factor).int()
-        assert (got - want).abs().max() <= 2, ours.__name__
+    ops = {"brightness": lambda x: TF.adjust_brightness(x, params.brightness),
+           "contrast": lambda x: TF.adjust_contrast(x, params.contrast),
+           "saturation": lambda x: TF.adjust_saturation(x, params.saturation),
+           "hue": lambda x: TF.adjust_hue(x, params.hue)}
+    for name in params.order:
+        tensor = ops[name](tensor.float() / 255.0) * 255.0  # float: no rounding between steps
+    return tensor.round().clamp(0, 255).permute(1, 2, 0).numpy()
 
 
-def test_hue_shift_matches_torchvision_on_saturated_colours():
-    hues = np.linspace(0, 1, 24, endpoint=False)
+@pytest.mark.parametrize("seed", range(6))
+def test_fused_colour_jitter_equals_torchvision_applied_one_by_one(seed):
+    """Without a hue shift the fused affine map equals torchvision's sequential ops (values kept
+    inside [0, 255] so that the one-time clipping cannot differ)."""
+    rng = np.random.default_rng(seed)
+    array = rng.integers(90, 166, (24, 32, 3), dtype=np.uint8)
+    params = T.ColorJitterParams.sample(rng)
+    params = T.ColorJitterParams(params.brightness, params.contrast, params.saturation, 0.0, params.order)
+    got = T.apply_color_affine(array, *T.color_affine(params, array.reshape(-1, 3).mean(axis=0)))
+    want = _torchvision_sequential(array, params)
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+
+
+def test_hue_rotation_shifts_hsv_hue_by_the_requested_amount_and_keeps_grey():
+    """The YIQ rotation (DALI's hue) moves the HSV hue of coloured pixels by about the shift."""
     import colorsys
-    colors = np.array([[int(c * 255) for c in colorsys.hsv_to_rgb(h, 1.0, 1.0)] for h in hues], dtype=np.uint8)
-    array = np.repeat(colors[None], 4, axis=0)
-    got = np.asarray(T.adjust_hue(Image.fromarray(array), 0.05)).astype(int)
-    want = TF.adjust_hue(torch.from_numpy(array).permute(2, 0, 1), 0.05).permute(1, 2, 0).numpy().astype(int)
-    assert np.abs(got - want).max() <= 8
-    assert np.abs(got - array.astype(int)).max() > 40  # it did shift
-    np.testing.assert_array_equal(np.asarray(T.adjust_hue(Image.fromarray(array), 0.0)), array)
+
+    rng = np.random.default_rng(7)
+    hsv = np.stack([rng.uniform(0, 1, 200), rng.uniform(0.4, 0.9, 200), rng.uniform(0.4, 0.8, 200)], axis=1)
+    rgb = np.array([[round(c * 255) for c in colorsys.hsv_to_rgb(*x)] for x in hsv], dtype=np.uint8)[None]
+    hue_before = np.array([colorsys.rgb_to_hsv(*(c / 255))[0] for c in rgb[0]])
+    for shift in (-0.05, 0.02, 0.05):
+        params = T.ColorJitterParams(1.0, 1.0, 1.0, shift, ("hue", "brightness", "contrast", "saturation"))
+        out = T.apply_color_affine(rgb, *T.color_affine(params, rgb.reshape(-1, 3).mean(axis=0)))[0]
+        hue_after = np.array([colorsys.rgb_to_hsv(*(c / 255))[0] for c in out])
+        delta = (hue_after - hue_before + 0.5) % 1.0 - 0.5
+        assert abs(float(np.median(delta)) - shift) < 0.01
+        assert (np.sign(delta) == np.sign(shift)).all()
+    grey = np.full((4, 4, 3), 120, dtype=np.uint8)
+    params = T.ColorJitterParams(1.0, 1.0, 1.0, 0.05, ("hue", "brightness", "contrast", "saturation"))
+    np.testing.assert_array_equal(T.apply_color_affine(grey, *T.color_affine(params, np.full(3, 120.0))), grey)
+    np.testing.assert_allclose(T.hue_rotation(0.0), np.eye(3), atol=1e-9)
+
+
+def test_color_affine_brightness_and_contrast_formulas():
+    mean = np.array([100.0, 50.0, 150.0])
+    params = T.ColorJitterParams(1.1, 0.6, 1.0, 0.0, ("brightness", "contrast", "saturation", "hue"))
+    matrix, offset = T.color_affine(params, mean)
+    grey_after_brightness = float(T.GREY @ (1.1 * mean))
+    np.testing.assert_allclose(matrix, 1.1 * 0.6 * np.eye(3), atol=1e-12)
+    np.testing.assert_allclose(offset, np.full(3, 0.4 * grey_after_brightness), atol=1e-9)
 
 
 def test_normalize_matches_plain_formula_and_is_inverted_by_denormalize():

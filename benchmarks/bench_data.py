@@ -1,0 +1,198 @@
+"""Training-data throughput: 640x480 JPEG -> augmented 300x300 samples (SPEC §6 augmentation).
+
+Compares in one run: our pipeline (one process, and a DataLoader with 2 workers), a plain
+per-sample PIL + torchvision-transforms implementation of the same augmentation (the baseline,
+also one process and 2 workers), and DALI's CPU pipeline (2 threads). Images/s are medians over
+repeats after a warm-up. Box encoding is *excluded* from every figure (it runs batched on the
+training device in our design); its cost on the CPU is printed separately.
+
+    .venv/bin/python benchmarks/bench_data.py [--images 256] [--repeats 3] [--batch-size 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ssd300.data.coco import CocoDetection
+from ssd300.data.loaders import build_train_loader
+from ssd300.data.transforms import MEAN, STD, sample_iou_crop, crop_boxes, flip_boxes
+
+
+def make_dataset(root: Path, count: int, seed: int = 0) -> Path:
+    """640x480 JPEGs cut from scikit-image's photographs (real JPEG statistics), 2-6 boxes each."""
+    import skimage.data as data
+
+    photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket(), data.hubble_deep_field(),
+              data.immunohistochemistry(), data.retina()]
+    rng = np.random.default_rng(seed)
+    (root / "train").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    images, annotations = [], []
+    for i in range(count):
+        photo = Image.fromarray(photos[i % len(photos)])
+        scale = rng.uniform(1.3, 2.0) * max(640 / photo.width, 480 / photo.height)
+        big = photo.resize((int(photo.width * scale) + 1, int(photo.height * scale) + 1), Image.BILINEAR)
+        x, y = int(rng.integers(0, big.width - 640 + 1)), int(rng.integers(0, big.height - 480 + 1))
+        image = big.crop((x, y, x + 640, y + 480))
+        name = f"{i:06d}.jpg"
+        image.save(root / "train" / name, quality=90)
+        images.append({"id": i + 1, "file_name": name, "width": 640, "height": 480})
+        for _ in range(int(rng.integers(2, 7))):
+            w, h = rng.uniform(40, 400), rng.uniform(40, 300)
+            bx, by = rng.uniform(0, 640 - w), rng.uniform(0, 480 - h)
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": 1,
+                                "bbox": [bx, by, w, h], "area": w * h, "iscrowd": 0})
+    (root / "annotations" / "instances_train.json").write_text(json.dumps(
+        {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "thing"}]}))
+    return root
+
+
+class BaselineDataset(torch.utils.data.Dataset):
+    """The plain way: full-resolution PIL decode, crop, torchvision Resize/ColorJitter/ToTensor/
+    Normalize per sample (the reference's PyTorch data path), same crop sampler and parameters."""
+
+    def __init__(self, dataset: CocoDetection, seed: int = 0) -> None:
+        import torchvision.transforms as T
+
+        self.dataset = dataset
+        self.seed = seed
+        self.resize = T.Resize((300, 300))
+        self.jitter = T.ColorJitter(brightness=0.125, contrast=0.5, saturation=0.5, hue=0.05)
+        self.to_tensor = T.Compose([T.ToTensor(), T.Normalize(MEAN, STD)])
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        record = self.dataset.records[index]
+        rng = np.random.default_rng((self.seed, index))
+        image = Image.open(self.dataset.path_of(index)).convert("RGB")
+        boxes = record.boxes / np.array([record.width, record.height] * 2, dtype=np.float32)
+        decision = sample_iou_crop(boxes.astype(np.float64), rng)
+        l, t, r, b = decision.crop
+        image = image.crop((l * image.width, t * image.height, r * image.width, b * image.height))
+        boxes = crop_boxes(boxes[decision.keep], decision.crop)
+        image = self.resize(image)
+        image = self.jitter(image)
+        if rng.random() < 0.5:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+            boxes = flip_boxes(boxes)
+        return self.to_tensor(image), torch.from_numpy(boxes.astype(np.float32)), torch.from_numpy(record.labels[decision.keep])
+
+
+def baseline_collate(samples):
+    return torch.stack([s[0] for s in samples]), [s[1] for s in samples], [s[2] for s in samples]
+
+
+def time_single(getter, count: int) -> float:
+    start = time.perf_counter()
+    for i in range(count):
+        getter(i)
+    return count / (time.perf_counter() - start)
+
+
+def time_loader(loader, finish) -> float:
+    start = time.perf_counter()
+    n = 0
+    for batch in loader:
+        finish(batch)
+        n += batch[0].shape[0] if isinstance(batch, tuple) else len(batch)
+    return n / (time.perf_counter() - start)
+
+
+def median_rate(fn, repeats: int) -> float:
+    return statistics.median(fn() for _ in range(repeats))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--no-dali", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    rows: list[tuple[str, float, float | None]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = make_dataset(Path(tmp), args.images)
+        ours = CocoDetection.from_root(root, "train", seed=0)
+        baseline = BaselineDataset(ours)
+        n = len(ours)
+
+        base_single = median_rate(lambda: time_single(baseline.__getitem__, n), args.repeats)
+        ours_single = median_rate(lambda: time_single(lambda i: ours[(i, 0)], n), args.repeats)
+
+        base_loader = torch.utils.data.DataLoader(baseline, batch_size=args.batch_size, shuffle=True,
+                                                  num_workers=args.workers, collate_fn=baseline_collate,
+                                                  persistent_workers=True, drop_last=True)
+        time_loader(base_loader, lambda b: None)  # warm-up: start workers
+        base_workers = median_rate(lambda: time_loader(base_loader, lambda b: None), args.repeats)
+        del base_loader
+
+        loader = build_train_loader(ours, args.batch_size, num_workers=args.workers, seed=0, persistent_workers=True)
+        epoch = iter(range(1000))
+        def ours_epoch() -> float:
+            loader.set_epoch(next(epoch))
+            return time_loader(loader, lambda b: b.to("cpu"))  # includes normalising to float32
+        ours_epoch()
+        ours_workers = median_rate(ours_epoch, args.repeats)
+        del loader
+
+        rows += [(f"baseline PIL + torchvision, 1 process", base_single, None),
+                 (f"ours, 1 process", ours_single, ours_single / base_single),
+                 (f"baseline PIL + torchvision, DataLoader {args.workers} workers", base_workers, None),
+                 (f"ours, DataLoader {args.workers} workers", ours_workers, ours_workers / base_workers)]
+
+        if not args.no_dali:
+            from ssd300.data.dali import build_dali_train_loader, dali_available
+            if dali_available():
+                dali_loader = build_dali_train_loader(ours, args.batch_size, num_threads=args.workers, seed=0)
+                dali_epoch = iter(range(1000))
+                def dali_run() -> float:
+                    dali_loader.set_epoch(next(dali_epoch))
+                    return time_loader(dali_loader, lambda b: b.to("cpu"))
+                dali_run()
+                dali_rate = median_rate(dali_run, args.repeats)
+                rows.append((f"DALI CPU pipeline, {args.workers} threads", dali_rate, dali_rate / base_workers))
+            else:
+                rows.append(("DALI CPU pipeline (not importable here)", float("nan"), None))
+
+        encode_ms = None
+        try:
+            from ssd300.box_coder import BoxCoder
+            from ssd300.default_boxes import default_boxes_300
+            coder = BoxCoder(default_boxes_300())
+            batch = next(iter(build_train_loader(ours, args.batch_size, num_workers=0, seed=0)))
+            coder.encode(batch.boxes, batch.labels, batch.num_boxes)
+            times = []
+            for _ in range(5):
+                start = time.perf_counter()
+                coder.encode(batch.boxes, batch.labels, batch.num_boxes)
+                times.append(time.perf_counter() - start)
+            encode_ms = statistics.median(times) * 1000
+        except ImportError:
+            pass
+
+    print(f"\n{args.images} JPEGs 640x480 -> 300x300 training samples (crop, flip, colour, resize, "
+          f"normalise; encoding excluded), batch {args.batch_size}, median of {args.repeats}\n")
+    print("| pipeline | images/s | vs baseline (same mode) |")
+    print("|---|---:|---:|")
+    for name, rate, ratio in rows:
+        print(f"| {name} | {rate:.0f} | {'' if ratio is None else f'{ratio:.2f}x'} |")
+    if encode_ms is not None:
+        print(f"\nBoxCoder.encode of one {args.batch_size}-image batch on the CPU (1 thread): {encode_ms:.1f} ms "
+              f"({args.batch_size / encode_ms * 1000:.0f} images/s if it were done on the CPU)")
+
+
+if __name__ == "__main__":
+    main()
