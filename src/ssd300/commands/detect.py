@@ -1,0 +1,190 @@
+"""``ssd300 detect``: run a checkpoint on image files, folders or globs.
+
+Writes into ``--out``:
+
+* ``detections/<name>.json``: one file per image: its path, width, height and the detections
+  (``box`` = [left, top, right, bottom] in pixels, ``label``, ``category_id``, ``class_name``,
+  ``score``), best first;
+* ``annotated/<name>.jpg`` (``.png`` for PNG inputs): the image with labelled boxes scoring at least
+  ``--draw-threshold`` (skip with ``--no-images``);
+* ``coco_results.json``: all detections of the run in the COCO results format
+  (``image_id``, ``category_id`` from the checkpoint's label map, ``bbox`` = [x, y, w, h], ``score``);
+* ``images.json``: the run's COCO-style ``images`` (``id``, ``file_name``, ``width``,
+  ``height``), ``categories`` and ``skipped`` files.
+
+Image ids are 1, 2, 3, ... in input order: the INPUTS as given, a folder's images and a glob's
+matches sorted by path, duplicates dropped. A skipped file keeps its id (so ids do not shift when
+a file cannot be read). ``<name>`` is the file's stem, suffixed with ``_<id>`` when two inputs share
+a stem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ssd300.errors import UserInputError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+_GLOB_CHARS = set("*?[")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="image files, folders (their images, not recursive) or glob patterns (quote them; ** recurses)")
+    parser.add_argument("--checkpoint", required=True, help="an SSD300 checkpoint (ours or NVIDIA's reference)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--score-threshold", type=float, default=0.05,
+                        help="keep detections scoring above this (default 0.05, as COCO evaluation)")
+    parser.add_argument("--draw-threshold", type=float, default=0.3,
+                        help="draw only detections scoring at least this on the annotated images (default 0.3)")
+    parser.add_argument("--iou-threshold", type=float, default=0.45, help="NMS IoU threshold (default 0.45)")
+    parser.add_argument("--max-detections", type=int, default=200, help="detections kept per image (default 200)")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+    parser.add_argument("--amp", action="store_true",
+                        help="mixed precision: float16 autocast on CUDA, bfloat16 channels-last on the CPU")
+    parser.add_argument("--strict", action="store_true",
+                        help="stop at the first unreadable or non-image file instead of skipping it")
+    parser.add_argument("--no-images", action="store_true", help="do not write annotated images")
+    parser.add_argument("--full-decode", action="store_true",
+                        help="decode big JPEGs at full size (default: reduced DCT scale that still gives >= 300 px)")
+
+
+def _is_image_name(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def expand_inputs(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """INPUTS -> (image paths in run order, [(input, problem)] for inputs that name nothing)."""
+    paths: list[str] = []
+    missing: list[tuple[str, str]] = []
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            found = sorted(str(p) for p in path.iterdir() if p.is_file() and _is_image_name(p))
+            if not found:
+                missing.append((item, "folder holds no image files"))
+            paths.extend(found)
+        elif path.is_file():
+            paths.append(str(path))
+        elif _GLOB_CHARS & set(item):
+            found = sorted(p for p in glob.glob(os.path.expanduser(item), recursive=True)
+                           if Path(p).is_file() and _is_image_name(Path(p)))
+            if not found:
+                missing.append((item, "pattern matches no image files"))
+            paths.extend(found)
+        else:
+            missing.append((item, "no such file or folder"))
+    unique: dict[str, None] = {}
+    for p in paths:
+        unique.setdefault(os.path.normpath(p), None)
+    return list(unique), missing
+
+
+def output_names(paths: list[str]) -> list[str]:
+    """File stems, made unique with ``_<image id>`` where two inputs share one."""
+    stems = [Path(p).stem for p in paths]
+    counts: dict[str, int] = {}
+    for stem in stems:
+        counts[stem] = counts.get(stem, 0) + 1
+    return [stem if counts[stem] == 1 else f"{stem}_{i + 1}" for i, stem in enumerate(stems)]
+
+
+def _format_json(obj: Any) -> str:
+    """Readable and compact: top-level keys one per line, each list element on its own line."""
+    if isinstance(obj, list):
+        return "[\n" + ",\n".join(json.dumps(item) for item in obj) + "\n]" if obj else "[]"
+    if isinstance(obj, dict):
+        lines = [f"{json.dumps(key)}: {_format_json(value) if isinstance(value, list) else json.dumps(value)}"
+                 for key, value in obj.items()]
+        return "{\n" + ",\n".join(lines) + "\n}"
+    return json.dumps(obj)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(_format_json(obj) + "\n")
+    os.replace(tmp, path)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if not 0.0 <= args.score_threshold <= 1.0:
+        raise UserInputError(f"--score-threshold must be in [0, 1], got {args.score_threshold}")
+    if not 0.0 <= args.draw_threshold <= 1.0:
+        raise UserInputError(f"--draw-threshold must be in [0, 1], got {args.draw_threshold}")
+    if not 0.0 < args.iou_threshold <= 1.0:
+        raise UserInputError(f"--iou-threshold must be in (0, 1], got {args.iou_threshold}")
+    if args.max_detections < 1:
+        raise UserInputError(f"--max-detections must be >= 1, got {args.max_detections}")
+    if args.batch_size < 1:
+        raise UserInputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserInputError(f"--out {out}: exists and is not a folder")
+
+
+def run(args: argparse.Namespace) -> int:
+    _check_args(args)
+    paths, missing = expand_inputs(args.inputs)
+    for item, problem in missing:
+        if args.strict:
+            raise UserInputError(f"{item}: {problem}")
+        print(f"ssd300 detect: skipping {item}: {problem}", file=sys.stderr)
+    if not paths:
+        raise UserInputError("no images to process in " + " ".join(args.inputs))
+
+    from ssd300.inference import Detector
+    from ssd300.visualize import draw_detection_result, save_image
+
+    detector = Detector.from_checkpoint(
+        args.checkpoint, device=args.device, score_threshold=args.score_threshold,
+        iou_threshold=args.iou_threshold, max_detections=args.max_detections, batch_size=args.batch_size,
+        amp=args.amp, draft=not args.full_decode)
+    label_map = detector.label_map
+    out = Path(args.out)
+    names = output_names(paths)
+    image_ids = {path: i + 1 for i, path in enumerate(paths)}
+    name_of = dict(zip(paths, names))
+
+    images: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = []
+    skipped: list[dict[str, str]] = [{"file_name": item, "error": problem} for item, problem in missing]
+    start = time.perf_counter()
+    on_error = "raise" if args.strict else "skip"
+    for path, result in detector.detect_files(paths, on_error=on_error):
+        if isinstance(result, Exception):
+            print(f"ssd300 detect: skipping {result}", file=sys.stderr)
+            skipped.append({"file_name": path, "error": str(result)})
+            continue
+        image_id = image_ids[path]
+        width, height = result.image_size
+        images.append({"id": image_id, "file_name": path, "width": width, "height": height})
+        results.extend(result.to_coco(image_id))
+        record = {"image_id": image_id, **result.to_dict()}
+        _write_json(out / "detections" / f"{name_of[path]}.json", record)
+        if not args.no_images:
+            from ssd300.inference import load_rgb
+
+            suffix = ".png" if Path(path).suffix.lower() == ".png" else ".jpg"
+            picture = load_rgb(path, draft=False)
+            drawn = draw_detection_result(picture, result, score_threshold=args.draw_threshold)
+            save_image(drawn, out / "annotated" / f"{name_of[path]}{suffix}")
+    elapsed = time.perf_counter() - start
+
+    categories = [{"id": cid, "name": name}
+                  for cid, name in zip(label_map.category_ids[1:], label_map.names[1:])]
+    _write_json(out / "coco_results.json", results)
+    _write_json(out / "images.json", {"images": images, "categories": categories, "skipped": skipped})
+    shown = sum(1 for r in results if r["score"] >= args.draw_threshold)
+    print(f"ssd300 detect: {len(images)} images in {elapsed:.1f} s ({len(images) / max(elapsed, 1e-9):.1f} images/s), "
+          f"{len(results)} detections ({shown} scoring >= {args.draw_threshold}), {len(skipped)} skipped; "
+          f"results in {out}")
+    return 0

@@ -1,0 +1,105 @@
+"""``ssd300 export``: write a checkpoint as ONNX or TorchScript (see :mod:`ssd300.export`).
+
+The file holds the whole detector (network, box decoding, per-class NMS) with a dynamic batch
+size and fixed-size outputs per image: ``boxes (N, K, 4)`` ltrb normalised, ``scores (N, K)``,
+``labels (N, K)``, ``num_detections (N,)``; or, with ``--raw``, the network alone
+(``locs (N, 4, 8732)``, ``logits (N, C, 8732)``). Input: ``images`` float32 (N, 3, 300, 300),
+preprocessed like the model's input. After writing, the file is run once and compared with
+PyTorch (skip with ``--no-check``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ssd300.errors import UserInputError
+from ssd300.export import DEFAULT_OPSET, FORMATS, build_export_module, export_model, format_from_suffix
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="an SSD300 checkpoint (ours or NVIDIA's reference)")
+    parser.add_argument("--out", required=True, help="output file, e.g. ssd300.onnx or ssd300.pt")
+    parser.add_argument("--format", choices=FORMATS, default=None,
+                        help="onnx or torchscript (default: from the --out suffix: .onnx, or .pt/.ts)")
+    parser.add_argument("--raw", action="store_true", help="export the network alone (locs, logits), no NMS")
+    parser.add_argument("--score-threshold", type=float, default=0.05, help="baked-in score threshold (default 0.05)")
+    parser.add_argument("--iou-threshold", type=float, default=0.45, help="baked-in NMS IoU threshold (default 0.45)")
+    parser.add_argument("--max-detections", type=int, default=200, help="K, detections per image (default 200)")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    parser.add_argument("--no-check", action="store_true", help="do not run the exported file against PyTorch")
+
+
+def check_export(module: torch.nn.Module, path: Path, fmt: str, batch: int = 2) -> tuple[float, bool]:
+    """Run the exported file and PyTorch on the same random batch.
+
+    Returns (largest float difference, whether integer outputs agree). Raises UserInputError when
+    the output shapes differ (a broken export). Integer outputs may legitimately differ in rare
+    cases (an IoU within float rounding of the NMS threshold), so that is reported, not fatal.
+    """
+    images = torch.rand(batch, 3, 300, 300, generator=torch.Generator().manual_seed(1)) * 4 - 2
+    with torch.no_grad():
+        expected = [t.detach().cpu() for t in module(images)]
+    if fmt == "onnx":
+        try:
+            import onnxruntime
+        except ImportError:
+            print("ssd300 export: onnxruntime is not installed; skipping the check (pip install onnxruntime)")
+            return float("nan"), True
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = [torch.from_numpy(a) for a in session.run(None, {"images": images.numpy()})]
+    else:
+        with torch.no_grad():
+            got = [t.detach().cpu() for t in torch.jit.load(str(path))(images)]
+    if len(expected) == 4:  # full detector: compare per image, tie-order independent
+        expected, got = _canonical_rows(expected), _canonical_rows(got)
+    worst, same_ints = 0.0, True
+    for want, have in zip(expected, got):
+        if want.shape != have.shape:
+            raise UserInputError(f"{path}: exported outputs have shape {tuple(have.shape)}, expected {tuple(want.shape)}")
+        if want.is_floating_point():
+            worst = max(worst, float((want - have).abs().max()) if want.numel() else 0.0)
+        else:
+            same_ints = same_ints and torch.equal(want, have.to(want.dtype))
+    return worst, same_ints
+
+
+def _canonical_rows(outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Sort each image's rows by (score, label, box) so that equal scores in another order compare equal."""
+    boxes, scores, labels, counts = outputs
+    rows = torch.cat((scores.unsqueeze(-1), labels.unsqueeze(-1).to(scores.dtype), boxes), dim=-1).numpy()
+    ordered = np.stack([row[np.lexsort(row.T[::-1])] for row in rows])
+    ordered = torch.from_numpy(ordered)
+    return [ordered[..., 2:], ordered[..., 0], ordered[..., 1].round().long(), counts.long()]
+
+
+def run(args: argparse.Namespace) -> int:
+    fmt = args.format or format_from_suffix(args.out)
+    if fmt is None:
+        raise UserInputError(f"--out {args.out}: cannot tell the format from the suffix; pass --format onnx|torchscript")
+    if fmt == "onnx":
+        try:
+            import onnx  # noqa: F401  (the exporter needs it)
+        except ImportError:
+            raise UserInputError("--format onnx needs the onnx package: pip install 'ssd300[onnx]'") from None
+    from ssd300.checkpoint import load_model
+
+    model, label_map, _ = load_model(args.checkpoint, map_location="cpu")
+    settings = dict(score_threshold=args.score_threshold, iou_threshold=args.iou_threshold,
+                    max_detections=args.max_detections)
+    start = time.perf_counter()
+    path = export_model(model, label_map, args.out, fmt, raw=args.raw, opset=args.opset,
+                        **({} if args.raw else settings))
+    print(f"ssd300 export: wrote {path} ({fmt}, {'raw outputs' if args.raw else 'with NMS'}, dynamic batch) "
+          f"in {time.perf_counter() - start:.1f} s")
+    if not args.no_check:
+        module = build_export_module(model, raw=args.raw, **({} if args.raw else settings))
+        worst, same_ints = check_export(module, Path(path), fmt)
+        verdict = "labels and counts equal" if same_ints else "WARNING: labels or counts differ"
+        print(f"ssd300 export: checked against PyTorch on a random batch of 2: "
+              f"max float difference {worst:.2e}, {verdict}")
+    return 0
