@@ -32,22 +32,29 @@ from ssd300.default_boxes import DefaultBoxes, ltrb_to_xywh, xywh_to_ltrb
 # IoU given to padded ground-truth rows: below any real IoU (>= 0), so they never win.
 _PADDING_IOU = -1.0
 _FORCED_IOU = 2.0
+# IoU entries per chunk on CPU: about 1 MiB of float32, so the temporaries stay in cache.
+_CPU_CHUNK_ELEMENTS = 1 << 18
+
+
+def _iou(left, top, right, bottom, o_left, o_top, o_right, o_bottom) -> torch.Tensor:
+    """IoU from broadcastable coordinate tensors, with ``torchvision.ops.box_iou``'s arithmetic."""
+    area = (right - left) * (bottom - top)
+    other_area = (o_right - o_left) * (o_bottom - o_top)
+    inter = (torch.minimum(right, o_right) - torch.maximum(left, o_left)).clamp_(min=0)
+    inter *= (torch.minimum(bottom, o_bottom) - torch.maximum(top, o_top)).clamp_(min=0)
+    union = (area + other_area) - inter
+    return inter.div_(union)
 
 
 def batched_box_iou(boxes: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
     """IoU of (N, M, 4) ltrb boxes with (A, 4) ltrb boxes -> (N, M, A).
 
-    Same arithmetic, in the same order, as ``torchvision.ops.box_iou``, so the values are
-    bit-identical to it.
+    Same arithmetic, in the same order, as ``torchvision.ops.box_iou`` (so the values are
+    bit-identical to it), but computed coordinate by coordinate on contiguous (A,) rows, which
+    avoids the slow strided broadcasting of (..., 2) slices.
     """
-    area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
-    other_area = (others[:, 2] - others[:, 0]) * (others[:, 3] - others[:, 1])
-    lt = torch.max(boxes[..., None, :2], others[:, :2])
-    rb = torch.min(boxes[..., None, 2:], others[:, 2:])
-    wh = (rb - lt).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
-    union = area[..., None] + other_area - inter
-    return inter / union
+    gt = (c[..., None] for c in boxes.unbind(-1))  # (N, M, 1) each
+    return _iou(*gt, *(c.contiguous() for c in others.unbind(-1)))
 
 
 def _valid_rows(
@@ -66,6 +73,69 @@ def _valid_rows(
         raise ValueError(f"num_boxes must have shape {(n,)}, got {tuple(num_boxes.shape)}")
     rows = torch.arange(m, device=gt_boxes.device)
     return rows < num_boxes.to(gt_boxes.device)[:, None]
+
+
+def _best_matches(
+    gt_boxes: torch.Tensor, valid: torch.Tensor, anchors_ltrb: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """IoU maxima both ways -> (best IoU of each default box (N, A), best default box of each gt (N, M)).
+
+    ``anchors_ltrb`` is coordinate-major, (4, A).
+
+    On ties the first default box wins, like ``argmax``. The (N, M, A) IoU is computed in chunks
+    of default boxes small enough to stay in the CPU cache (one chunk on GPUs), and reduced with
+    ``amax`` (PyTorch's max-with-index reductions are many times slower on CPU); the chunk
+    results are combined exactly.
+    """
+    n, m = valid.shape
+    num_anchors = anchors_ltrb.shape[1]
+    if gt_boxes.device.type == "cpu":
+        chunk = max(256, _CPU_CHUNK_ELEMENTS // max(1, n * m))
+    else:
+        chunk = num_anchors
+    gt = [c[..., None] for c in gt_boxes.unbind(-1)]  # (N, M, 1) each
+    anchors = anchors_ltrb.unbind(0)  # (A,) contiguous rows
+    invalid = ~valid[..., None]
+    best_ious = []
+    best_anchor_iou = best_anchor = None
+    for start in range(0, num_anchors, chunk):
+        stop = min(start + chunk, num_anchors)
+        iou = _iou(*gt, *(c[start:stop] for c in anchors)).masked_fill_(invalid, _PADDING_IOU)
+        best_ious.append(iou.amax(dim=1))
+        chunk_iou = iou.amax(dim=2)  # (N, M)
+        # First index of the maximum: the largest "distance from the end" among the maxima.
+        from_end = torch.arange(stop - start, 0, -1, device=iou.device, dtype=iou.dtype)
+        is_max = (iou == chunk_iou[..., None]).to(iou.dtype)
+        chunk_anchor = (stop - is_max.mul_(from_end).amax(dim=2)).long()
+        if best_anchor_iou is None:
+            best_anchor_iou, best_anchor = chunk_iou, chunk_anchor
+        else:
+            better = chunk_iou > best_anchor_iou  # strict: an earlier chunk keeps ties
+            best_anchor_iou = torch.where(better, chunk_iou, best_anchor_iou)
+            best_anchor = torch.where(better, chunk_anchor, best_anchor)
+    return torch.cat(best_ious, dim=1), best_anchor
+
+
+def _best_gt_of(
+    gt_boxes: torch.Tensor, valid: torch.Tensor, anchors_ltrb: torch.Tensor, images: torch.Tensor, anchors: torch.Tensor
+) -> torch.Tensor:
+    """Best ground-truth row (first on ties) of the given (image, default box) pairs -> (P,)."""
+    gt = gt_boxes[images].unbind(-1)  # (P, M) each
+    anchor = [c[:, None] for c in anchors_ltrb[anchors].unbind(-1)]  # (P, 1) each
+    iou = _iou(*gt, *anchor).masked_fill_(~valid[images], _PADDING_IOU)
+    return iou.argmax(dim=1)
+
+
+def _offsets(boxes_xywh: torch.Tensor, anchors_xywh: torch.Tensor, dboxes: DefaultBoxes) -> torch.Tensor:
+    """(..., 4) xywh boxes relative to (..., 4) default boxes -> (..., 4) offsets.
+
+    gxy = (g_xy - d_xy) / (scale_xy * d_wh), gwh = log(g_wh / d_wh) / scale_wh, computed as the
+    reference does (multiplying by the inverse variances).
+    """
+    d_xy, d_wh = anchors_xywh[..., :2], anchors_xywh[..., 2:]
+    gxy = (1.0 / dboxes.scale_xy) * (boxes_xywh[..., :2] - d_xy) / d_wh
+    gwh = (1.0 / dboxes.scale_wh) * (boxes_xywh[..., 2:] / d_wh).log()
+    return torch.cat((gxy, gwh), dim=-1)
 
 
 class BoxCoder:
@@ -88,6 +158,46 @@ class BoxCoder:
         ``gt_boxes`` (N, M, 4) ltrb in [0, 1]; ``gt_labels`` (N, M) int64; ``num_boxes`` (N,)
         real rows per image, or ``mask`` (N, M) bool (all rows are real when neither is given).
         """
+        gt_boxes, images, anchors, matched_gt, labels = self._match_sparse(gt_boxes, gt_labels, num_boxes, mask)
+        dboxes = self.default_boxes.to(gt_boxes.device)
+        boxes = dboxes.xywh.expand(gt_boxes.shape[0], -1, -1).clone()
+        boxes[images, anchors] = ltrb_to_xywh(gt_boxes[images, matched_gt])
+        return boxes, labels
+
+    def encode(
+        self,
+        gt_boxes: torch.Tensor,
+        gt_labels: torch.Tensor,
+        num_boxes: torch.Tensor | None = None,
+        *,
+        mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Match and convert to regression targets -> (loc_targets (N, 4, A), labels (N, A)).
+
+        ``loc_targets`` is coordinate-major like the model's ``locs``; negatives' targets are 0
+        (their box is their own default box). Only the positives' offsets are computed.
+        """
+        gt_boxes, images, anchors, matched_gt, labels = self._match_sparse(gt_boxes, gt_labels, num_boxes, mask)
+        n, num_anchors = labels.shape
+        dboxes = self.default_boxes.to(gt_boxes.device)
+        offsets = _offsets(ltrb_to_xywh(gt_boxes[images, matched_gt]), dboxes.xywh[anchors], dboxes)
+        loc_targets = gt_boxes.new_zeros((n, 4, num_anchors))
+        loc_targets[images, :, anchors] = offsets
+        return loc_targets, labels
+
+    def offsets(self, boxes_xywh: torch.Tensor) -> torch.Tensor:
+        """(N, A, 4) xywh boxes -> (N, 4, A) offsets relative to the default boxes (SPEC §3)."""
+        dboxes = self.default_boxes.to(boxes_xywh.device)
+        return _offsets(boxes_xywh, dboxes.xywh, dboxes).transpose(1, 2).contiguous()
+
+    def _match_sparse(
+        self,
+        gt_boxes: torch.Tensor,
+        gt_labels: torch.Tensor,
+        num_boxes: torch.Tensor | None,
+        mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Matching -> (float gt boxes, positives' image, anchor and gt row indices, labels (N, A))."""
         if gt_boxes.dim() != 3 or gt_boxes.shape[-1] != 4:
             raise ValueError(f"gt_boxes must be (N, M, 4), got {tuple(gt_boxes.shape)}")
         if gt_labels.shape != gt_boxes.shape[:2]:
@@ -101,55 +211,27 @@ class BoxCoder:
             gt_labels = gt_labels.new_zeros((gt_labels.shape[0], 1))
             valid = valid.new_zeros((valid.shape[0], 1))
         n, m = gt_labels.shape
-        num_anchors = dboxes.num_boxes
 
-        iou = batched_box_iou(gt_boxes, dboxes.ltrb)  # (N, M, A)
-        iou = iou.masked_fill_(~valid[..., None], _PADDING_IOU)
+        best_gt_iou, best_anchor = _best_matches(gt_boxes, valid, dboxes.ltrb_columns())
 
-        # Each default box's best ground truth, and each ground truth's best default box.
-        best_gt_iou, best_gt = iou.max(dim=1)  # (N, A)
-        best_anchor = iou.argmax(dim=2)  # (N, M)
-
-        # Claims: the highest valid row index claiming an anchor wins (order-independent).
+        # Claims: the highest valid row index claiming a default box wins (order-independent).
         rows = torch.arange(m, device=device).expand(n, m)
-        claimant = torch.full((n, num_anchors), -1, dtype=torch.long, device=device)
+        claimant = torch.full(best_gt_iou.shape, -1, dtype=torch.long, device=device)
         claimant.scatter_reduce_(1, best_anchor, torch.where(valid, rows, -1), reduce="amax")
         claimed = claimant >= 0
-        best_gt = torch.where(claimed, claimant, best_gt)
-        best_gt_iou = best_gt_iou.masked_fill(claimed, _FORCED_IOU)
+        # A claimed pair's IoU is forced to 2.0, which passes any threshold below 2.
+        positive = (best_gt_iou > self.iou_threshold) | (claimed & (_FORCED_IOU > self.iou_threshold))
 
-        positive = best_gt_iou > self.iou_threshold
-        labels = torch.where(positive, gt_labels.long().gather(1, best_gt), 0)
-        matched_ltrb = gt_boxes.gather(1, best_gt[..., None].expand(n, num_anchors, 4))
-        boxes = torch.where(positive[..., None], ltrb_to_xywh(matched_ltrb), dboxes.xywh)
-        return boxes, labels
-
-    def encode(
-        self,
-        gt_boxes: torch.Tensor,
-        gt_labels: torch.Tensor,
-        num_boxes: torch.Tensor | None = None,
-        *,
-        mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Match and convert to regression targets -> (loc_targets (N, 4, A), labels (N, A)).
-
-        ``loc_targets`` is coordinate-major like the model's ``locs``.
-        """
-        boxes, labels = self.match(gt_boxes, gt_labels, num_boxes, mask=mask)
-        return self.offsets(boxes), labels
-
-    def offsets(self, boxes_xywh: torch.Tensor) -> torch.Tensor:
-        """(N, A, 4) xywh boxes -> (N, 4, A) offsets relative to the default boxes.
-
-        gxy = (g_xy - d_xy) / (scale_xy * d_wh), gwh = log(g_wh / d_wh) / scale_wh, computed as
-        the reference does (multiplying by the inverse variances).
-        """
-        dboxes = self.default_boxes.to(boxes_xywh.device)
-        d_xy, d_wh = dboxes.xywh[:, :2], dboxes.xywh[:, 2:]
-        gxy = (1.0 / dboxes.scale_xy) * (boxes_xywh[..., :2] - d_xy) / d_wh
-        gwh = (1.0 / dboxes.scale_wh) * (boxes_xywh[..., 2:] / d_wh).log()
-        return torch.cat((gxy, gwh), dim=-1).transpose(1, 2).contiguous()
+        # Only positives need their ground-truth row: recompute their few IoU rows exactly.
+        images, anchors = positive.nonzero(as_tuple=True)
+        matched_gt = torch.where(
+            claimed[images, anchors],
+            claimant[images, anchors],
+            _best_gt_of(gt_boxes, valid, dboxes.ltrb, images, anchors),
+        )
+        labels = torch.zeros_like(claimant)
+        labels[images, anchors] = gt_labels[images, matched_gt].long()
+        return gt_boxes, images, anchors, matched_gt, labels
 
     def decode(self, locs: torch.Tensor) -> torch.Tensor:
         """(N, 4, A) offsets -> (N, A, 4) boxes in normalised ltrb (SPEC §5)."""
