@@ -93,11 +93,12 @@ def baseline_collate(samples):
     return torch.stack([s[0] for s in samples]), [s[1] for s in samples], [s[2] for s in samples]
 
 
-def time_single(getter, count: int) -> float:
-    start = time.perf_counter()
+def time_single(getter, count: int) -> tuple[float, float]:
+    """(images/s wall clock, CPU ms per image of this process)."""
+    start, cpu = time.perf_counter(), time.process_time()
     for i in range(count):
         getter(i)
-    return count / (time.perf_counter() - start)
+    return count / (time.perf_counter() - start), (time.process_time() - cpu) / count * 1000
 
 
 def time_loader(loader, finish) -> float:
@@ -109,8 +110,13 @@ def time_loader(loader, finish) -> float:
     return n / (time.perf_counter() - start)
 
 
-def median_rate(fn, repeats: int) -> float:
-    return statistics.median(fn() for _ in range(repeats))
+def interleaved(runs: dict, repeats: int) -> dict:
+    """Alternate the contenders in every repeat, so machine-load drift hits all of them alike."""
+    results: dict = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            results[name].append(run())
+    return results
 
 
 def main() -> None:
@@ -122,50 +128,56 @@ def main() -> None:
     parser.add_argument("--no-dali", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    rows: list[tuple[str, float, float | None]] = []
+    rows: list[tuple[str, float, float | None, float | None]] = []
     with tempfile.TemporaryDirectory() as tmp:
         root = make_dataset(Path(tmp), args.images)
         ours = CocoDetection.from_root(root, "train", seed=0)
         baseline = BaselineDataset(ours)
         n = len(ours)
 
-        base_single = median_rate(lambda: time_single(baseline.__getitem__, n), args.repeats)
-        ours_single = median_rate(lambda: time_single(lambda i: ours[(i, 0)], n), args.repeats)
+        singles = interleaved({"base": lambda: time_single(baseline.__getitem__, n),
+                               "ours": lambda: time_single(lambda i: ours[(i, 0)], n)}, args.repeats)
+        base_single = statistics.median(r[0] for r in singles["base"])
+        ours_single = statistics.median(r[0] for r in singles["ours"])
+        base_cpu = statistics.median(r[1] for r in singles["base"])
+        ours_cpu = statistics.median(r[1] for r in singles["ours"])
 
         base_loader = torch.utils.data.DataLoader(baseline, batch_size=args.batch_size, shuffle=True,
                                                   num_workers=args.workers, collate_fn=baseline_collate,
                                                   persistent_workers=True, drop_last=True)
-        time_loader(base_loader, lambda b: None)  # warm-up: start workers
-        base_workers = median_rate(lambda: time_loader(base_loader, lambda b: None), args.repeats)
-        del base_loader
-
         loader = build_train_loader(ours, args.batch_size, num_workers=args.workers, seed=0, persistent_workers=True)
-        epoch = iter(range(1000))
+        epochs = iter(range(1000))
+
         def ours_epoch() -> float:
-            loader.set_epoch(next(epoch))
+            loader.set_epoch(next(epochs))
             return time_loader(loader, lambda b: b.to("cpu"))  # includes normalising to float32
-        ours_epoch()
-        ours_workers = median_rate(ours_epoch, args.repeats)
-        del loader
 
-        rows += [(f"baseline PIL + torchvision, 1 process", base_single, None),
-                 (f"ours, 1 process", ours_single, ours_single / base_single),
-                 (f"baseline PIL + torchvision, DataLoader {args.workers} workers", base_workers, None),
-                 (f"ours, DataLoader {args.workers} workers", ours_workers, ours_workers / base_workers)]
-
+        contenders = {"base": lambda: time_loader(base_loader, lambda b: None), "ours": ours_epoch}
+        dali_loader = None
         if not args.no_dali:
             from ssd300.data.dali import build_dali_train_loader, dali_available
             if dali_available():
                 dali_loader = build_dali_train_loader(ours, args.batch_size, num_threads=args.workers, seed=0)
-                dali_epoch = iter(range(1000))
+                dali_epochs = iter(range(1000))
+
                 def dali_run() -> float:
-                    dali_loader.set_epoch(next(dali_epoch))
+                    dali_loader.set_epoch(next(dali_epochs))
                     return time_loader(dali_loader, lambda b: b.to("cpu"))
-                dali_run()
-                dali_rate = median_rate(dali_run, args.repeats)
-                rows.append((f"DALI CPU pipeline, {args.workers} threads", dali_rate, dali_rate / base_workers))
-            else:
-                rows.append(("DALI CPU pipeline (not importable here)", float("nan"), None))
+                contenders["dali"] = dali_run
+        for run in contenders.values():
+            run()  # warm-up: start workers, build the pipeline
+        loaded = {k: statistics.median(v) for k, v in interleaved(contenders, args.repeats).items()}
+        del base_loader, loader
+
+        rows += [("baseline PIL + torchvision, 1 process", base_single, base_cpu, None),
+                 ("ours, 1 process", ours_single, ours_cpu, ours_single / base_single),
+                 (f"baseline PIL + torchvision, DataLoader {args.workers} workers", loaded["base"], None, None),
+                 (f"ours, DataLoader {args.workers} workers", loaded["ours"], None, loaded["ours"] / loaded["base"])]
+        if "dali" in loaded:
+            rows.append((f"DALI CPU pipeline, {args.workers} threads", loaded["dali"], None,
+                         loaded["dali"] / loaded["base"]))
+        elif not args.no_dali:
+            rows.append(("DALI CPU pipeline (not importable here)", float("nan"), None, None))
 
         encode_ms = None
         try:
@@ -185,10 +197,12 @@ def main() -> None:
 
     print(f"\n{args.images} JPEGs 640x480 -> 300x300 training samples (crop, flip, colour, resize, "
           f"normalise; encoding excluded), batch {args.batch_size}, median of {args.repeats}\n")
-    print("| pipeline | images/s | vs baseline (same mode) |")
-    print("|---|---:|---:|")
-    for name, rate, ratio in rows:
-        print(f"| {name} | {rate:.0f} | {'' if ratio is None else f'{ratio:.2f}x'} |")
+    print("| pipeline | images/s | CPU ms/image | vs baseline (same mode) |")
+    print("|---|---:|---:|---:|")
+    for name, rate, cpu, ratio in rows:
+        cpu_text = "" if cpu is None else f"{cpu:.1f}"
+        ratio_text = "" if ratio is None else f"{ratio:.2f}x"
+        print(f"| {name} | {rate:.0f} | {cpu_text} | {ratio_text} |")
     if encode_ms is not None:
         print(f"\nBoxCoder.encode of one {args.batch_size}-image batch on the CPU (1 thread): {encode_ms:.1f} ms "
               f"({args.batch_size / encode_ms * 1000:.0f} images/s if it were done on the CPU)")
