@@ -17,8 +17,8 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 import torch
 
-from ssd300.data.images import DECODE_ERRORS, open_image
-from ssd300.data.transforms import EvalTransform, TrainTransform
+from ssd300.data.images import DECODE_ERRORS, draft_for_crop, open_image
+from ssd300.data.transforms import INPUT_SIZE, EvalTransform, TrainTransform
 from ssd300.errors import UserInputError
 from ssd300.labels import LabelMap
 
@@ -311,8 +311,8 @@ class CocoDetection(torch.utils.data.Dataset):
             pixels, boxes, labels = self.transform(image, boxes, record.labels, self.sample_rng(index, epoch))
             return Sample(pixels, torch.from_numpy(np.ascontiguousarray(boxes, dtype=np.float32)),
                           torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)), record.image_id, size)
-        # The annotation's width/height are the ones boxes refer to; prefer the file's for scaling
-        # detections back only if they agree (they should; a mismatch is a dataset bug we keep quiet).
+        # Same as inference: a big JPEG is decoded at the smallest DCT scale still >= 300 px.
+        draft_for_crop(image, (1.0, 1.0), INPUT_SIZE)
         pixels = self.transform.resize_uint8(image)
         scale = np.array([record.width, record.height] * 2, dtype=np.float32)
         return Sample(pixels, torch.from_numpy(record.boxes / scale), torch.from_numpy(record.labels.copy()),

@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 
 IOU_THRESHOLDS = [0.0, 0.1, 0.3, 0.5, 0.7, 0.9]  # with allow_no_crop: the reference's 7 modes
 
-_JPEG_MAGIC = b"\xff\xd8"
-_PNG_MAGIC = b"\x89PNG"
+# File signatures DALI's decoders read; anything else would fail inside the pipeline, unnamed.
+_IMAGE_SIGNATURES = (b"\xff\xd8", b"\x89PNG", b"BM", b"GIF8", b"II*\x00", b"MM\x00*", b"RIFF")
 
 
 def dali_available() -> bool:
@@ -80,9 +80,9 @@ class _EpochSource:
         except OSError as err:
             reason = f"{path}: {err.strerror or err}"
         else:
-            if data[:2] == _JPEG_MAGIC or data[:4] == _PNG_MAGIC or len(data) > 16:
+            if data.startswith(_IMAGE_SIGNATURES):
                 return data
-            reason = f"{path}: not an image file"
+            reason = f"{path}: not a JPEG/PNG/BMP/GIF/TIFF/WebP file"
         if self.dataset.strict:
             raise UserInputError(f"{reason} (image is missing or cannot be decoded)")
         log.warning("skipping image %s", reason)
