@@ -131,6 +131,9 @@ def test_empty_dataset_is_a_clear_error(tmp_path):
         CocoDetection(tmp_path / "train", path, train=True)
     with pytest.raises(UserInputError, match="image folder does not exist"):
         CocoDetection(tmp_path / "elsewhere", path, train=False)
+    (tmp_path / "other").mkdir()
+    with pytest.raises(UserInputError, match=r"other: none of the images listed in instances_train.json is there"):
+        CocoDetection(tmp_path / "other", path, train=False)
 
 
 def test_missing_and_corrupt_images_are_skipped_and_reported_or_fatal_in_strict_mode(tmp_path):

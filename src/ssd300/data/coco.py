@@ -255,8 +255,17 @@ class CocoDetection(torch.utils.data.Dataset):
         if not self.records:
             raise UserInputError(f"{self.annotation_file}: no images with usable boxes" if train
                                  else f"{self.annotation_file}: no images")
+        self._check_images_present()
         self.transform = transform if transform is not None else (TrainTransform() if train else EvalTransform())
-        log.info("%s: %s", self.annotation_file, self.stats.summary())
+        left_out = self.stats.crowd_boxes + self.stats.small_boxes + self.stats.images_without_boxes
+        (log.warning if left_out else log.info)("%s: %s", self.annotation_file, self.stats.summary())
+
+    def _check_images_present(self) -> None:
+        """A wrong image folder fails now, not as thousands of skips: the first files must exist."""
+        probe = self.records[:5]
+        if not any((self.image_dir / r.file_name).is_file() for r in probe):
+            raise UserInputError(f"{self.image_dir}: none of the images listed in {self.annotation_file.name} "
+                                 f"is there (e.g. {probe[0].file_name})")
 
     @classmethod
     def from_root(cls, data_root: PathLike, split: str, **kwargs: Any) -> "CocoDetection":
