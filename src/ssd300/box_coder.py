@@ -83,9 +83,11 @@ def _best_matches(
     ``anchors_ltrb`` is coordinate-major, (4, A).
 
     On ties the first default box wins, like ``argmax``. The (N, M, A) IoU is computed in chunks
-    of default boxes small enough to stay in the CPU cache (one chunk on GPUs), and reduced with
-    ``amax`` (PyTorch's max-with-index reductions are many times slower on CPU); the chunk
-    results are combined exactly.
+    of default boxes small enough to stay in the CPU cache (one chunk on GPUs); the chunk results
+    are combined exactly. The per-default-box maximum uses ``amax`` (PyTorch's max-with-index
+    reduction over a middle dimension is many times slower on CPU); which ground truth it was is
+    recomputed afterwards for the few positives only (:func:`_best_gt_of`). Padding rows give
+    IoU 0 here, so the best IoU of a default box in an image without boxes is 0.
     """
     n, m = valid.shape
     num_anchors = anchors_ltrb.shape[1]
@@ -93,20 +95,19 @@ def _best_matches(
         chunk = max(256, _CPU_CHUNK_ELEMENTS // max(1, n * m))
     else:
         chunk = num_anchors
-    gt = [c[..., None] for c in gt_boxes.unbind(-1)]  # (N, M, 1) each
+    # Padding rows become an empty box outside the image: IoU 0 with every default box, so they
+    # never decide a positive; their own best default box is ignored by the caller.
+    outside = torch.tensor([2.0, 2.0, 2.0, 2.0], device=gt_boxes.device)
+    gt = [c[..., None] for c in torch.where(valid[..., None], gt_boxes, outside).unbind(-1)]  # (N, M, 1)
     anchors = anchors_ltrb.unbind(0)  # (A,) contiguous rows
-    invalid = ~valid[..., None]
     best_ious = []
     best_anchor_iou = best_anchor = None
     for start in range(0, num_anchors, chunk):
         stop = min(start + chunk, num_anchors)
-        iou = _iou(*gt, *(c[start:stop] for c in anchors)).masked_fill_(invalid, _PADDING_IOU)
+        iou = _iou(*gt, *(c[start:stop] for c in anchors))
         best_ious.append(iou.amax(dim=1))
-        chunk_iou = iou.amax(dim=2)  # (N, M)
-        # First index of the maximum: the largest "distance from the end" among the maxima.
-        from_end = torch.arange(stop - start, 0, -1, device=iou.device, dtype=iou.dtype)
-        is_max = (iou == chunk_iou[..., None]).to(iou.dtype)
-        chunk_anchor = (stop - is_max.mul_(from_end).amax(dim=2)).long()
+        chunk_iou, chunk_anchor = iou.max(dim=2)  # (N, M); first index on ties
+        chunk_anchor += start
         if best_anchor_iou is None:
             best_anchor_iou, best_anchor = chunk_iou, chunk_anchor
         else:
