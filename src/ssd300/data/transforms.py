@@ -1,9 +1,10 @@
 """SSD training augmentation (SPEC §6) and the single evaluation/inference preprocessing.
 
 Everything heavy runs on uint8 and at 300x300: the IoU crop is chosen on box coordinates first,
-then the JPEG is decoded at a reduced DCT scale when the crop allows it, cropped and resized in
-one PIL call, and only then flipped and colour-jittered. Normalisation to float32 happens last,
-ideally batched on the training device (:func:`normalize`).
+then the JPEG is decoded at a reduced DCT scale when the crop allows it, only the crop is copied
+and resized (torch's vectorised uint8 antialiased bilinear), and only then flipped and
+colour-jittered (the four colour operations fused into one affine map). Normalisation to float32
+happens last, batched on the training device (:func:`normalize`).
 """
 
 from __future__ import annotations
