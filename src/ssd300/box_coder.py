@@ -14,9 +14,12 @@ Matching, per image, exactly as the reference:
 4. A default box is positive when its IoU > ``iou_threshold`` (0.5). Positives carry the matched
    ground truth's label and box; negatives get label 0 and their own default box.
 
-Step 3 is done with ``scatter_reduce(amax)`` of row indices, which is order-independent, so
-the result is deterministic on CPU and CUDA (a plain indexed assignment with duplicate indices is
-not).
+Step 3 never relies on the order of an indexed assignment with duplicate indices (undefined on
+CUDA): for each positive default box the winning claimant is the highest row index among the
+ground truths whose best default box it is, so the result is deterministic on CPU and CUDA.
+
+Speed: the (N, M, A) IoU is reduced chunk by chunk with cache-sized temporaries, and the
+ground-truth row and the offsets are computed only for the (few) positive default boxes.
 
 One deliberate difference from the reference: a negative's box is the default box's own
 ``xywh`` exactly, whereas the reference converts its ltrb form back to xywh (equal up to float
@@ -124,7 +127,24 @@ def _best_gt_of(
     gt = gt_boxes[images].unbind(-1)  # (P, M) each
     anchor = [c[:, None] for c in anchors_ltrb[anchors].unbind(-1)]  # (P, 1) each
     iou = _iou(*gt, *anchor).masked_fill_(~valid[images], _PADDING_IOU)
-    return iou.argmax(dim=1)
+    return _first_true(iou == iou.amax(dim=1, keepdim=True))
+
+
+def _first_true(flags: torch.Tensor) -> torch.Tensor:
+    """Index of the first True of each row of a (P, M) bool tensor (rows must have one).
+
+    Weighted ``amax`` instead of ``argmax``: PyTorch's index reductions over short rows are slow
+    on CPU.
+    """
+    m = flags.shape[1]
+    weights = torch.arange(m, 0, -1, device=flags.device, dtype=torch.int32)
+    return (m - (flags * weights).amax(dim=1)).long()
+
+
+def _last_true(flags: torch.Tensor) -> torch.Tensor:
+    """Index of the last True of each row of a (P, M) bool tensor (0 for rows without one)."""
+    weights = torch.arange(1, flags.shape[1] + 1, device=flags.device, dtype=torch.int32)
+    return ((flags * weights).amax(dim=1) - 1).clamp_(min=0).long()
 
 
 def _offsets(boxes_xywh: torch.Tensor, anchors_xywh: torch.Tensor, dboxes: DefaultBoxes) -> torch.Tensor:
@@ -215,22 +235,22 @@ class BoxCoder:
 
         best_gt_iou, best_anchor = _best_matches(gt_boxes, valid, dboxes.ltrb_columns())
 
-        # Claims: the highest valid row index claiming a default box wins (order-independent).
-        rows = torch.arange(m, device=device).expand(n, m)
-        claimant = torch.full(best_gt_iou.shape, -1, dtype=torch.long, device=device)
-        claimant.scatter_reduce_(1, best_anchor, torch.where(valid, rows, -1), reduce="amax")
-        claimed = claimant >= 0
-        # A claimed pair's IoU is forced to 2.0, which passes any threshold below 2.
+        # Claims: each ground truth claims its best default box (that pair's IoU becomes 2.0).
+        claimed = torch.zeros(best_gt_iou.shape, dtype=torch.bool, device=device)
+        claim_images, claim_rows = valid.nonzero(as_tuple=True)
+        claimed[claim_images, best_anchor[claim_images, claim_rows]] = True
         positive = (best_gt_iou > self.iou_threshold) | (claimed & (_FORCED_IOU > self.iou_threshold))
 
-        # Only positives need their ground-truth row: recompute their few IoU rows exactly.
+        # Only positives need their ground-truth row: the last claimant if claimed (later ground
+        # truths win ties, decided without relying on scatter order), else the best IoU row.
         images, anchors = positive.nonzero(as_tuple=True)
+        claims = (best_anchor[images] == anchors[:, None]) & valid[images]  # (P, M)
         matched_gt = torch.where(
-            claimed[images, anchors],
-            claimant[images, anchors],
+            claims.any(dim=1),
+            _last_true(claims),
             _best_gt_of(gt_boxes, valid, dboxes.ltrb, images, anchors),
         )
-        labels = torch.zeros_like(claimant)
+        labels = torch.zeros(best_gt_iou.shape, dtype=torch.long, device=device)
         labels[images, anchors] = gt_labels[images, matched_gt].long()
         return gt_boxes, images, anchors, matched_gt, labels
 
