@@ -1,0 +1,103 @@
+"""torch.hub entry points from this checkout with local checkpoints (nothing downloaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ssd300.checkpoint import model_checkpoint, save_checkpoint
+from ssd300.data.transforms import EvalTransform
+from ssd300.default_boxes import default_boxes_300
+from ssd300.errors import UserInputError
+from ssd300.labels import LabelMap
+from ssd300.model import SSD300
+from ssd300.postprocess import PostProcessor
+
+REPO = str(Path(__file__).resolve().parents[1])
+
+
+def _hub(entry: str, **kwargs):
+    return torch.hub.load(REPO, entry, source="local", trust_repo=True, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def model() -> SSD300:
+    torch.manual_seed(0)
+    return SSD300("resnet18", num_classes=81).eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(model, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("hub") / "ssd.pt"
+    save_checkpoint(path, model_checkpoint(model, LabelMap.coco2017()))
+    return path
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory) -> Path:
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("img") / "photo.png"
+    Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)).resize((360, 300)).save(path)
+    return path
+
+
+def test_entry_points_are_defined():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("hubconf_under_test", Path(REPO) / "hubconf.py")
+    hubconf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hubconf)
+    for entry in ("nvidia_ssd", "nvidia_ssd_processing_utils", "ssd300", "detector"):
+        assert callable(getattr(hubconf, entry))
+    assert "torch" in hubconf.dependencies
+
+
+def test_nvidia_ssd_loads_the_local_checkpoint(model, checkpoint):
+    loaded = _hub("nvidia_ssd", checkpoint=str(checkpoint))
+    assert not loaded.training
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value)
+    assert _hub("nvidia_ssd", checkpoint=str(checkpoint), model_math="fp16").conf[0].weight.dtype == torch.float16
+    assert _hub("ssd300", checkpoint=str(checkpoint)).num_classes == 81
+
+
+def test_no_checkpoint_means_no_download_but_a_clear_error():
+    with pytest.raises(UserInputError, match="checkpoint="):
+        _hub("nvidia_ssd")
+    fresh = _hub("ssd300", pretrained=False, backbone="resnet18", num_classes=5)
+    assert fresh.num_classes == 5 and fresh.backbone_name == "resnet18"
+
+
+def test_processing_utils_follow_the_reference_workflow(model, checkpoint, photo):
+    utils = _hub("nvidia_ssd_processing_utils")
+    prepared = utils.prepare_input(str(photo))
+    assert prepared.shape == (300, 300, 3) and prepared.dtype == np.float32
+    expected_input = EvalTransform()(Image.open(photo).convert("RGB"))
+    np.testing.assert_allclose(prepared, expected_input.permute(1, 2, 0).numpy(), atol=1e-6)
+    batch = utils.prepare_tensor([prepared, prepared]).cpu()
+    assert batch.shape == (2, 3, 300, 300)
+    with torch.no_grad():
+        outputs = model(batch)
+    results = utils.decode_results(outputs)  # criteria 0.5, max_output 20, as the reference
+    expected = PostProcessor(default_boxes_300(), iou_threshold=0.5, max_detections=20)(*outputs)
+    assert len(results) == 2
+    boxes, classes, confidences = results[0]
+    assert boxes.shape == (len(expected[0]), 4) and len(expected[0]) <= 20
+    np.testing.assert_allclose(confidences, expected[0].scores.numpy())
+    np.testing.assert_array_equal(classes, expected[0].labels.numpy())
+    threshold = float(np.median(confidences))
+    best = utils.pick_best(results[0], threshold)
+    assert (best[2] > threshold).all() and len(best[0]) == int((confidences > threshold).sum())
+    names = utils.get_coco_object_dictionary()
+    assert len(names) == 80 and names[0] == "person" and names[-1] == "toothbrush"
+
+
+def test_detector_entry_point(checkpoint, photo):
+    detector = _hub("detector", checkpoint=str(checkpoint), device="cpu", score_threshold=0.02)
+    result = detector(str(photo))
+    assert result.image_size == (360, 300)
+    assert set(result.class_names) <= set(LabelMap.coco2017().names[1:])
