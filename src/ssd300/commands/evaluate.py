@@ -1,0 +1,40 @@
+"""``ssd300 evaluate``: COCO evaluation of a checkpoint (same as ``ssd300 train --mode evaluation``)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ssd300.commands import train
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", type=Path, required=True, help="our or the reference's checkpoint")
+    parser.add_argument("--data", "-d", type=Path, default=None, help="dataset folder (its val split is used)")
+    parser.add_argument("--val-images", type=Path, help="validation image folder (instead of --data)")
+    parser.add_argument("--val-annotations", type=Path, help="validation COCO-format json (instead of --data)")
+    parser.add_argument("--eval-batch-size", "--ebs", type=int, default=32)
+    parser.add_argument("--num-workers", type=int, default=None)
+    parser.add_argument("--device", default=None, help="cuda, cpu (default: cuda when available)")
+    parser.add_argument("--backbone", choices=train.BACKBONE_CHOICES, default=None,
+                        help="must match the checkpoint (default: read from it)")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--data-layout", choices=("channels_first", "channels_last"), default=None)
+    parser.add_argument("--results", type=Path, default=None, help="write the COCO results json here")
+    parser.add_argument("--json-summary", type=Path, default=None, help="write AP, AP50, ... as JSON here")
+
+
+def run(args: argparse.Namespace) -> int:
+    full = train_namespace(mode="evaluation", **vars(args))
+    train.execute(full)
+    return 0
+
+
+def train_namespace(**overrides: object) -> argparse.Namespace:
+    """The train command's defaults with ``overrides`` applied."""
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    args = parser.parse_args([])
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    return args

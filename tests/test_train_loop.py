@@ -1,0 +1,161 @@
+"""Training loop on a tiny synthetic set: overfitting, exact resume, NaN guard, checkpoint contents."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ssd300.box_coder import BoxCoder
+from ssd300.coco_eval import load_coco_ground_truth
+from ssd300.commands import train
+from ssd300.commands.evaluate import train_namespace
+from ssd300.data.coco import CocoDetection
+from ssd300.data.loaders import build_eval_loader, build_train_loader
+from ssd300.data.synth import generate_synthetic_dataset
+from ssd300.data.transforms import TrainTransform
+from ssd300.default_boxes import default_boxes_300
+from ssd300.distributed import DistributedContext
+from ssd300.engine import NonFiniteLossError, Precision, Trainer, evaluate
+from ssd300.logging_utils import RunLogger
+from ssd300.model import SSD300
+from ssd300.optim import WarmupMultiStepSchedule, build_optimizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth")
+    return generate_synthetic_dataset(out, num_train=4, num_val=3, seed=0, num_classes=2, min_objects=1,
+                                      max_objects=1, min_size=0.4, max_size=0.7, min_width=240, max_width=300,
+                                      min_height=200, max_height=260)
+
+
+def _trainer(dataset: CocoDetection, lr: float, warmup: int = 0, save_dir: Path | None = None) -> Trainer:
+    torch.manual_seed(0)
+    model = SSD300("resnet18", num_classes=dataset.label_map.num_classes)
+    optimizer = build_optimizer(model, lr)
+    return Trainer(model=model, optimizer=optimizer, schedule=WarmupMultiStepSchedule(lr, warmup, [1000]),
+                   box_coder=BoxCoder(default_boxes_300()), precision=Precision.for_device(torch.device("cpu"), False),
+                   ctx=DistributedContext(), label_map=dataset.label_map, logger=RunLogger(enabled=False),
+                   channels_last=False, save_dir=save_dir)
+
+
+def _ap50(trainer: Trainer, data_dir: Path, dataset: CocoDetection) -> float:
+    loader = build_eval_loader(CocoDetection(data_dir / "train", dataset.annotation_file, train=False,
+                                             label_map=dataset.label_map), 4, num_workers=0)
+    metrics = evaluate(trainer.model, loader, load_coco_ground_truth(dataset.annotation_file), dataset.label_map,
+                       ctx=trainer.ctx, precision=trainer.precision, channels_last=False)
+    return metrics.ap50
+
+
+def test_overfits_a_tiny_set(data_dir):
+    # No augmentation: the same 4 images every step, so the loss must collapse and AP50 on them rise.
+    dataset = CocoDetection(data_dir / "train", data_dir / "annotations" / "instances_train.json", train=True,
+                            transform=TrainTransform(crop=False, flip=False, color=False))
+    trainer = _trainer(dataset, lr=0.02, warmup=3)
+    loader = build_train_loader(dataset, 4, num_workers=0, seed=0)
+    ap_before = _ap50(trainer, data_dir, dataset)
+    for _ in range(30):
+        trainer.train_epoch(loader, total_epochs=30)
+    losses = [loss for _, loss in trainer.loss_history]
+    ap_after = _ap50(trainer, data_dir, dataset)
+    assert trainer.position.iteration == 30
+    assert losses[-1] < losses[0] / 4, losses
+    assert ap_after > max(0.5, ap_before + 0.4), (ap_before, ap_after)
+
+
+def test_nan_loss_stops_naming_the_iteration_and_keeps_the_checkpoint(data_dir, tmp_path):
+    dataset = CocoDetection(data_dir / "train", data_dir / "annotations" / "instances_train.json", train=True)
+    trainer = _trainer(dataset, lr=0.01, save_dir=tmp_path)
+    loader = build_train_loader(dataset, 2, num_workers=0, seed=0)
+    trainer.train_epoch(loader, total_epochs=2)  # 2 good steps
+    good = trainer.save("epoch_0.pt")
+    digest = hashlib.sha256(good.read_bytes()).hexdigest()
+
+    real_loss = trainer.loss_fn
+    trainer.loss_fn = lambda *a: real_loss(*a) * float("nan")  # the third step diverges
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at iteration 2 \(epoch 2"):
+        trainer.train_epoch(loader, total_epochs=2)
+    after = trainer.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.endswith("num_batches_tracked")
+               and "running" not in k)  # no optimizer step with a NaN gradient
+    assert hashlib.sha256(good.read_bytes()).hexdigest() == digest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_0.pt"]
+
+
+def _args(data_dir: Path, **overrides) -> object:
+    base = dict(data=data_dir, backbone="resnet18", epochs=2, batch_size=2, eval_batch_size=2, seed=0,
+                num_workers=0, amp=False, evaluation=[], warmup=2, learning_rate=0.05, log_interval=1,
+                progress=False, device="cpu")
+    base.update(overrides)
+    return train_namespace(**base)
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def test_checkpoint_is_weights_only_with_reference_keys(data_dir, tmp_path):
+    train.execute(_args(data_dir, epochs=1, save=tmp_path))
+    checkpoint = torch.load(tmp_path / "epoch_0.pt", map_location="cpu", weights_only=True)
+    for key in ("model", "epoch", "iteration", "optimizer", "scheduler", "label_map", "category_ids", "scaler",
+                "args", "rng", "backbone", "num_classes"):
+        assert key in checkpoint, key
+    assert (checkpoint["epoch"], checkpoint["iteration"], checkpoint["batch_in_epoch"]) == (1, 2, 0)
+    assert checkpoint["label_map"] == {0: "background", 1: "disc", 2: "rectangle"}
+    assert checkpoint["category_ids"] == {0: 0, 1: 1, 2: 2}
+    assert checkpoint["args"]["seed"] == 0 and checkpoint["backbone"] == "resnet18"
+    lines = (tmp_path / "log.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and '"kind": "train"' in lines[0]
+
+
+def test_resume_at_epoch_boundary_equals_a_straight_run(data_dir, tmp_path):
+    straight, first, resumed = tmp_path / "straight", tmp_path / "first", tmp_path / "resumed"
+    train.execute(_args(data_dir, save=straight))
+    train.execute(_args(data_dir, epochs=1, save=first))
+    # no --seed on resume: the checkpoint's seed (and data order) is used
+    train.execute(_args(data_dir, seed=None, checkpoint=first / "epoch_0.pt", save=resumed))
+    assert not (resumed / "epoch_0.pt").exists()
+    a, b = _weights(straight / "epoch_1.pt"), _weights(resumed / "epoch_1.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    opt_a = torch.load(straight / "epoch_1.pt", weights_only=True)["optimizer"]["state"]
+    opt_b = torch.load(resumed / "epoch_1.pt", weights_only=True)["optimizer"]["state"]
+    assert all(torch.equal(opt_a[i]["momentum_buffer"], opt_b[i]["momentum_buffer"]) for i in opt_a)
+
+
+def test_sigterm_writes_a_checkpoint_and_mid_epoch_resume_is_exact(data_dir, tmp_path):
+    straight, interrupted, resumed = tmp_path / "straight", tmp_path / "interrupted", tmp_path / "resumed"
+    # batch 1: 4 iterations per epoch, so the signal lands inside the first epoch
+    command = [sys.executable, "-m", "ssd300", "train", "--data", str(data_dir), "--backbone", "resnet18",
+               "--epochs", "2", "--bs", "1", "--seed", "0", "--num-workers", "0", "--no-amp", "--warmup", "2",
+               "--lr", "0.05", "--log-interval", "1", "--no-progress", "--device", "cpu", "--evaluation",
+               "--save", str(interrupted)]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = interrupted / "log.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if log.exists() and log.read_text().count("\n") >= 1:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 130, output
+    checkpoint = torch.load(interrupted / "interrupted.pt", weights_only=True)
+    assert 0 < checkpoint["batch_in_epoch"] < 4 and checkpoint["epoch"] == 0, checkpoint["batch_in_epoch"]
+    assert "resume with --checkpoint" in output
+
+    train.execute(_args(data_dir, batch_size=1, seed=None, checkpoint=interrupted / "interrupted.pt", save=resumed))
+    train.execute(_args(data_dir, batch_size=1, save=straight))
+    a, b = _weights(straight / "epoch_1.pt"), _weights(resumed / "epoch_1.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
