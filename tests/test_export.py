@@ -14,7 +14,7 @@ from ssd300.box_coder import decode_boxes
 from ssd300.data.synth import SynthConfig, render_image
 from ssd300.data.transforms import EvalTransform
 from ssd300.default_boxes import default_boxes_300
-from ssd300.export import ExportableDetector, export_model, flat_detections, format_from_suffix, pad_per_image
+from ssd300.export import ExportableDetector, _dynamo_available, export_model, flat_detections, format_from_suffix, pad_per_image
 from ssd300.labels import LabelMap
 from ssd300.model import SSD300
 from ssd300.postprocess import PostProcessor
@@ -127,18 +127,24 @@ def exported(model, tmp_path_factory) -> dict[str, object]:
     folder = tmp_path_factory.mktemp("export")
     label_map = LabelMap.generic(NUM_CLASSES)
     onnx_path = export_model(model, label_map, folder / "ssd.onnx", "onnx", score_threshold=SCORE_THRESHOLD)
+    legacy_path = export_model(model, label_map, folder / "legacy.onnx", "onnx", exporter="legacy",
+                               score_threshold=SCORE_THRESHOLD)
     ts_path = export_model(model, label_map, folder / "ssd.pt", "torchscript", score_threshold=SCORE_THRESHOLD)
-    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    sessions = {name: onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+                for name, path in (("onnx", onnx_path), ("legacy", legacy_path))}
     scripted = torch.jit.load(str(ts_path))
 
-    def run_onnx(x: torch.Tensor) -> list[torch.Tensor]:
-        return [torch.from_numpy(a) for a in session.run(None, {"images": x.numpy()})]
+    def onnx_runner(name: str):
+        def run(x: torch.Tensor) -> list[torch.Tensor]:
+            return [torch.from_numpy(a) for a in sessions[name].run(None, {"images": x.numpy()})]
+        return run
 
     def run_ts(x: torch.Tensor) -> list[torch.Tensor]:
         with torch.no_grad():
             return list(scripted(x))
 
-    return {"onnx": run_onnx, "torchscript": run_ts, "onnx_path": onnx_path, "ts_path": ts_path}
+    return {"onnx": onnx_runner("onnx"), "onnx-legacy": onnx_runner("legacy"), "torchscript": run_ts,
+            "onnx_path": onnx_path, "legacy_path": legacy_path}
 
 
 def _assert_parity(outputs: list[torch.Tensor], reference) -> None:
@@ -153,7 +159,7 @@ def _assert_parity(outputs: list[torch.Tensor], reference) -> None:
         assert not scores[i, k:].any()
 
 
-@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+@pytest.mark.parametrize("fmt", ["onnx", "onnx-legacy", "torchscript"])
 @pytest.mark.parametrize("source", ["photos", "synthetic"])
 def test_exported_detector_matches_pytorch_at_batch_1_and_3(network_outputs, batches, exported, fmt, source):
     images = batches[source]
@@ -165,20 +171,23 @@ def test_exported_detector_matches_pytorch_at_batch_1_and_3(network_outputs, bat
     _assert_parity(exported[fmt](images[:1]), reference[:1])
 
 
-def test_onnx_file_carries_label_map_and_settings(exported):
+@pytest.mark.parametrize("which", ["onnx_path", "legacy_path"])
+def test_onnx_file_carries_label_map_and_settings(exported, which):
     import onnx
 
-    proto = onnx.load(str(exported["onnx_path"]))
+    proto = onnx.load(str(exported[which]))
     meta = {p.key: p.value for p in proto.metadata_props}
     assert json.loads(meta["class_names"])[1] == "class_1"
     assert json.loads(meta["settings"])["score_threshold"] == SCORE_THRESHOLD
+    assert meta["exporter"] == ("legacy" if which == "legacy_path" else ("dynamo" if _dynamo_available() else "legacy"))
     assert [o.name for o in proto.graph.output] == ["boxes", "scores", "labels", "num_detections"]
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
 
 
 @pytest.mark.parametrize("fmt,suffix", [("onnx", "onnx"), ("torchscript", "pt")])
 def test_raw_export_returns_the_network_outputs(model, batches, network_outputs, tmp_path, fmt, suffix):
-    path = export_model(model, LabelMap.generic(NUM_CLASSES), tmp_path / f"raw.{suffix}", fmt, raw=True)
+    path = export_model(model, LabelMap.generic(NUM_CLASSES), tmp_path / f"raw.{suffix}", fmt, raw=True,
+                        exporter="legacy")
     images = batches["photos"]
     locs, logits = network_outputs["photos"]
     with torch.no_grad():

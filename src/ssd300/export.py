@@ -17,16 +17,24 @@ Raw outputs (``raw=True``)
     decode and run NMS elsewhere (e.g. TensorRT's NMS plugins); the default boxes are in
     :func:`ssd300.default_boxes.default_boxes_300` and the variances are 0.1/0.2 (SPEC §5).
 
-ONNX uses the TorchScript-based exporter (``dynamo=False``): the detector's outputs have
-data-dependent sizes (score filtering, NMS) before padding, which the dynamo exporter can only
-handle with hand-written guards, while the tracing exporter maps ``torchvision.ops.nms`` to
-ONNX ``NonMaxSuppression`` directly. TorchScript is traced (``torch.jit.trace``): every size in
-the post-processing is computed with tensor ops, so the traced graph keeps the batch dynamic.
+ONNX exporters (``exporter=``): ``"dynamo"`` is torch's default exporter since 2.9 and the
+maintained one (the TorchScript-based exporter is deprecated); the post-processing is written so
+that it needs no guards: the data-dependent sizes (score filter, NMS) become unbacked sizes and
+the outputs are padded to K with tensor ops. It needs ``onnxscript`` and exports in ~3x the time.
+``"legacy"`` is the TorchScript-based exporter (``dynamo=False``), which works on every torch
+from 2.1 and maps ``torchvision.ops.nms`` straight to ONNX ``NonMaxSuppression``. ``"auto"``
+(default) uses dynamo when onnxscript is installed and torch >= 2.9, falling back to legacy if
+the dynamo export fails. Both give the same detections (tested against PyTorch).
+TorchScript is traced (``torch.jit.trace``): every size in the post-processing is computed with
+tensor ops, so the traced graph keeps the batch dynamic.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import warnings
 from pathlib import Path
 from typing import Literal
@@ -44,7 +52,9 @@ ExportFormat = Literal["onnx", "torchscript"]
 FORMATS: tuple[str, ...] = ("onnx", "torchscript")
 FULL_OUTPUT_NAMES = ("boxes", "scores", "labels", "num_detections")
 RAW_OUTPUT_NAMES = ("locs", "logits")
-DEFAULT_OPSET = 17
+DEFAULT_OPSET = 18
+EXPORTERS: tuple[str, ...] = ("auto", "dynamo", "legacy")
+log = logging.getLogger(__name__)
 
 
 def _nms_over_groups(boxes: torch.Tensor, scores: torch.Tensor, column: torch.Tensor, row: torch.Tensor,
@@ -204,19 +214,67 @@ def output_names(raw: bool) -> tuple[str, ...]:
     return RAW_OUTPUT_NAMES if raw else FULL_OUTPUT_NAMES
 
 
+def _dynamo_available() -> bool:
+    try:
+        import onnxscript  # noqa: F401
+    except ImportError:
+        return False
+    major, minor = (int(part) for part in torch.__version__.split(".")[:2])
+    return (major, minor) >= (2, 9)
+
+
+def _export_onnx_dynamo(module: nn.Module, path: Path, names: tuple[str, ...], opset: int) -> None:
+    # torch.onnx prints progress lines and onnxscript notes about empty attributes: keep them quiet.
+    quiet = logging.getLogger("onnx_ir"), logging.getLogger("onnxscript")
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:
+        logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            _dynamo_export(module, path, names, opset)
+    finally:
+        for logger, level in zip(quiet, levels):
+            logger.setLevel(level)
+
+
+def _dynamo_export(module: nn.Module, path: Path, names: tuple[str, ...], opset: int) -> None:
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    torch.onnx.export(module, (_example_input(),), str(path), dynamo=True, opset_version=max(opset, 18),
+                      input_names=["images"], output_names=list(names),
+                      dynamic_shapes={"images": {0: batch}}, external_data=False)
+
+
+def _export_onnx_legacy(module: nn.Module, path: Path, names: tuple[str, ...], opset: int) -> None:
+    dynamic_axes = {name: {0: "batch"} for name in ("images", *names)}
+    torch.onnx.export(module, (_example_input(),), str(path), dynamo=False, opset_version=opset,
+                      input_names=["images"], output_names=list(names), dynamic_axes=dynamic_axes,
+                      do_constant_folding=True)
+
+
 def export_onnx(module: nn.Module, path: str | Path, raw: bool = False, opset: int = DEFAULT_OPSET,
-                metadata: dict[str, str] | None = None) -> Path:
+                metadata: dict[str, str] | None = None, exporter: str = "auto") -> Path:
     """Write ``module`` (from :func:`build_export_module`) as ONNX with a dynamic batch axis."""
+    if exporter not in EXPORTERS:
+        raise UserInputError(f"--exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     names = output_names(raw)
-    dynamic_axes = {name: {0: "batch"} for name in ("images", *names)}
+    use_dynamo = exporter == "dynamo" or (exporter == "auto" and _dynamo_available())
     with warnings.catch_warnings(), torch.no_grad():
         # Tracer warnings about Python values are expected: every size that matters is a tensor.
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, (_example_input(),), str(path), dynamo=False, opset_version=opset,
-                          input_names=["images"], output_names=list(names), dynamic_axes=dynamic_axes,
-                          do_constant_folding=True)
+        if use_dynamo:
+            try:
+                _export_onnx_dynamo(module, path, names, opset)
+            except Exception as exc:  # noqa: BLE001 - any dynamo failure: the legacy exporter still works
+                if exporter == "dynamo":
+                    raise
+                log.warning("dynamo ONNX export failed (%s); using the TorchScript-based exporter",
+                            " ".join(str(exc).split())[:200])
+                use_dynamo = False
+        if not use_dynamo:
+            _export_onnx_legacy(module, path, names, opset)
+    metadata = {**(metadata or {}), "exporter": "dynamo" if use_dynamo else "legacy"}
     if metadata:
         import onnx
 
@@ -256,14 +314,14 @@ def export_metadata(module: nn.Module, label_map: LabelMap, raw: bool) -> dict[s
 
 
 def export_model(model: nn.Module, label_map: LabelMap, out: str | Path, fmt: str, raw: bool = False,
-                 opset: int = DEFAULT_OPSET, **settings: float | int) -> Path:
+                 opset: int = DEFAULT_OPSET, exporter: str = "auto", **settings: float | int) -> Path:
     """Export an SSD300 as ONNX (``fmt="onnx"``) or TorchScript (``fmt="torchscript"``)."""
     if fmt not in FORMATS:
         raise UserInputError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     module = build_export_module(model, raw=raw, **settings)
     metadata = export_metadata(module, label_map, raw)
     if fmt == "onnx":
-        return export_onnx(module, out, raw=raw, opset=opset, metadata=metadata)
+        return export_onnx(module, out, raw=raw, opset=opset, metadata=metadata, exporter=exporter)
     return export_torchscript(module, out, metadata=metadata)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ssd300.errors import UserInputError
-from ssd300.export import DEFAULT_OPSET, FORMATS, build_export_module, export_model, format_from_suffix
+from ssd300.export import DEFAULT_OPSET, EXPORTERS, FORMATS, build_export_module, export_model, format_from_suffix
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iou-threshold", type=float, default=0.45, help="baked-in NMS IoU threshold (default 0.45)")
     parser.add_argument("--max-detections", type=int, default=200, help="K, detections per image (default 200)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    parser.add_argument("--exporter", choices=EXPORTERS, default="auto",
+                        help="ONNX exporter: dynamo (torch's default), legacy (TorchScript-based) or auto "
+                             "(dynamo when available, else legacy)")
     parser.add_argument("--no-check", action="store_true", help="do not run the exported file against PyTorch")
 
 
@@ -77,6 +80,13 @@ def _canonical_rows(outputs: list[torch.Tensor]) -> list[torch.Tensor]:
     return [ordered[..., 2:], ordered[..., 0], ordered[..., 1].round().long(), counts.long()]
 
 
+def _onnx_exporter(path: Path) -> str:
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    return meta.get("exporter", "unknown")
+
+
 def run(args: argparse.Namespace) -> int:
     fmt = args.format or format_from_suffix(args.out)
     if fmt is None:
@@ -92,9 +102,10 @@ def run(args: argparse.Namespace) -> int:
     settings = dict(score_threshold=args.score_threshold, iou_threshold=args.iou_threshold,
                     max_detections=args.max_detections)
     start = time.perf_counter()
-    path = export_model(model, label_map, args.out, fmt, raw=args.raw, opset=args.opset,
+    path = export_model(model, label_map, args.out, fmt, raw=args.raw, opset=args.opset, exporter=args.exporter,
                         **({} if args.raw else settings))
-    print(f"ssd300 export: wrote {path} ({fmt}, {'raw outputs' if args.raw else 'with NMS'}, dynamic batch) "
+    how = fmt if fmt != "onnx" else f"onnx, {_onnx_exporter(path)} exporter"
+    print(f"ssd300 export: wrote {path} ({how}, {'raw outputs' if args.raw else 'with NMS'}, dynamic batch) "
           f"in {time.perf_counter() - start:.1f} s")
     if not args.no_check:
         module = build_export_module(model, raw=args.raw, **({} if args.raw else settings))
