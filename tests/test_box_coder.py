@@ -79,6 +79,50 @@ def test_match_equals_oracle(seed: int) -> None:
         assert torch.equal(got_boxes[i], want_boxes), f"image {i}"
 
 
+def dense_coder(iou_threshold: float = 0.5) -> BoxCoder:
+    """A coder that always takes the dense path (IoU with all 8732 default boxes)."""
+    coder = BoxCoder(default_boxes_300(), iou_threshold)
+    coder._grids["cpu"] = None
+    return coder
+
+
+def varied_batch(seed: int, n: int = 6, m: int = 12) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tiny, huge, thin, partly outside the image and duplicated boxes, random counts."""
+    g = torch.Generator().manual_seed(seed)
+    centre = torch.rand(n, m, 2, generator=g) * 1.2 - 0.1
+    size = torch.exp(torch.rand(n, m, 2, generator=g) * 7 - 6.5)  # 0.0015 .. 1.65
+    boxes = torch.cat((centre - size / 2, centre + size / 2), dim=-1)
+    boxes[:, 1] = boxes[:, 0]  # exact duplicates
+    boxes[:, 2] = default_boxes_300().ltrb[torch.randint(0, A, (n,), generator=g)]  # default boxes exactly
+    labels = torch.randint(1, 81, (n, m), generator=g)
+    return boxes, labels, torch.randint(0, m + 1, (n,), generator=g)
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.3, 0.8])
+def test_candidate_path_equals_dense_path(threshold: float) -> None:
+    # The default boxes form a grid, so the CPU matches from a window of candidates per ground
+    # truth; it must agree exactly with the dense IoU over every default box.
+    coder = BoxCoder(default_boxes_300(), threshold)
+    assert coder._grid(torch.device("cpu")) is not None
+    for seed in range(4):
+        boxes, labels, counts = varied_batch(seed)
+        got, want = coder.match(boxes, labels, counts), dense_coder(threshold).match(boxes, labels, counts)
+        assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0]), f"seed {seed}"
+
+
+def test_degenerate_boxes_equal_oracle() -> None:
+    # Zero-width, inverted and non-finite rows disable the candidate bounds: dense path, same answer.
+    dboxes = default_boxes_300()
+    boxes, labels, counts = make_batch(7)
+    boxes[3, 1] = torch.tensor([0.4, 0.4, 0.4, 0.6])  # zero width
+    boxes[4, 2] = torch.tensor([0.6, 0.2, 0.5, 0.3])  # inverted
+    got_boxes, got_labels = BoxCoder(dboxes).match(boxes, labels, counts)
+    for i, count in enumerate(counts.tolist()):
+        want_boxes, want_labels = oracle_match(boxes[i, :count], labels[i, :count], dboxes.ltrb, dboxes.xywh)
+        assert torch.equal(got_labels[i], want_labels), f"image {i}"
+        assert torch.equal(got_boxes[i], want_boxes), f"image {i}"
+
+
 def test_ties_later_ground_truth_wins() -> None:
     dboxes = default_boxes_300()
     anchor = dboxes.ltrb[100].clamp(0, 1)
