@@ -23,7 +23,7 @@ from ssd300.data.synth import generate_synthetic_dataset
 from ssd300.data.transforms import TrainTransform
 from ssd300.default_boxes import default_boxes_300
 from ssd300.distributed import DistributedContext
-from ssd300.engine import NonFiniteLossError, Precision, Trainer, evaluate
+from ssd300.engine import NonFiniteLossError, Precision, Trainer, evaluate, recalibrate_batchnorm
 from ssd300.logging_utils import RunLogger
 from ssd300.model import SSD300
 from ssd300.optim import WarmupMultiStepSchedule, build_optimizer
@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth")
-    return generate_synthetic_dataset(out, num_train=4, num_val=3, seed=0, num_classes=2, min_objects=1,
+    return generate_synthetic_dataset(out, num_train=4, num_val=1, seed=0, num_classes=2, min_objects=1,
                                       max_objects=1, min_size=0.4, max_size=0.7, min_width=240, max_width=300,
                                       min_height=200, max_height=260)
 
@@ -57,20 +57,29 @@ def _ap50(trainer: Trainer, data_dir: Path, dataset: CocoDetection) -> float:
     return metrics.ap50
 
 
-def test_overfits_a_tiny_set(data_dir):
-    # No augmentation: the same 4 images every step, so the loss must collapse and AP50 on them rise.
-    dataset = CocoDetection(data_dir / "train", data_dir / "annotations" / "instances_train.json", train=True,
+@pytest.fixture(scope="module")
+def two_images(tmp_path_factory) -> Path:
+    return generate_synthetic_dataset(tmp_path_factory.mktemp("two"), num_train=2, num_val=1, seed=0, num_classes=2,
+                                      min_objects=1, max_objects=1, min_size=0.4, max_size=0.7, min_width=240,
+                                      max_width=300, min_height=200, max_height=260)
+
+
+def test_overfits_a_tiny_set(two_images):
+    # No augmentation: the same 2 images every step, so the loss must collapse and AP50 on them rise.
+    dataset = CocoDetection(two_images / "train", two_images / "annotations" / "instances_train.json", train=True,
                             transform=TrainTransform(crop=False, flip=False, color=False))
-    trainer = _trainer(dataset, lr=0.02, warmup=3)
-    loader = build_train_loader(dataset, 4, num_workers=0, seed=0)
-    ap_before = _ap50(trainer, data_dir, dataset)
-    for _ in range(30):
-        trainer.train_epoch(loader, total_epochs=30)
+    trainer = _trainer(dataset, lr=0.03, warmup=3)
+    loader = build_train_loader(dataset, 2, num_workers=0, seed=0)
+    ap_before = _ap50(trainer, two_images, dataset)
+    for _ in range(16):
+        trainer.train_epoch(loader, total_epochs=16)
     losses = [loss for _, loss in trainer.loss_history]
-    ap_after = _ap50(trainer, data_dir, dataset)
-    assert trainer.position.iteration == 30
-    assert losses[-1] < losses[0] / 4, losses
-    assert ap_after > max(0.5, ap_before + 0.4), (ap_before, ap_after)
+    # 16 steps leave the BatchNorm running averages far behind the weights; recompute them
+    assert recalibrate_batchnorm(trainer.model, loader, torch.device("cpu")) == 1
+    ap_after = _ap50(trainer, two_images, dataset)
+    assert trainer.position.iteration == 16
+    assert losses[-1] < losses[0] / 5, losses
+    assert ap_after >= max(0.5, ap_before + 0.4), (ap_before, ap_after)
 
 
 def test_nan_loss_stops_naming_the_iteration_and_keeps_the_checkpoint(data_dir, tmp_path):

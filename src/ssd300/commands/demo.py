@@ -19,7 +19,7 @@ from ssd300.commands.evaluate import train_namespace
 # Measured on a loaded 2-core CPU; see BENCHMARKS.md ("Training and evaluation").
 DEMO_DEFAULTS: dict[str, Any] = dict(
     train_images=480, val_images=100, epochs=14, batch_size=16, lr=0.01, warmup=60,
-    classes=3, min_size=0.3, max_size=0.7, max_objects=3,
+    classes=3, min_size=0.3, max_size=0.7, max_objects=3, bn_recalibration=10,
 )
 
 
@@ -39,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-workers", type=int, default=1)
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bn-recalibration", type=int, default=DEMO_DEFAULTS["bn_recalibration"], metavar="BATCHES",
+                        help="recompute BatchNorm statistics before each evaluation (short runs need it)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
 
 
@@ -62,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         multistep=[int(epochs * 0.8)], evaluation=evaluation, save=out, seed=args.seed,
         device=args.device, num_workers=args.num_workers, amp=args.amp, log_interval=10,
         json_summary=out / "metrics.json", progress=args.progress, results=out / "results.json",
+        bn_recalibration=args.bn_recalibration,
     )
     result = train.execute(train_args)
     figure = plot_curves(result, out / "curves.png")

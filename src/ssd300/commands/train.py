@@ -61,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     recipe.add_argument("--warmup", type=int, default=None, help="linear warmup iterations (published runs: 300)")
     recipe.add_argument("--multistep", nargs="*", type=int, default=DEFAULT_MULTISTEP,
                         help="epochs at which the learning rate is multiplied by 0.1")
+    recipe.add_argument("--bn-recalibration", type=int, default=0, metavar="BATCHES",
+                        help="before each evaluation, recompute BatchNorm statistics over this many training "
+                             "batches (helps short runs; 0 = off, as the reference)")
     recipe.add_argument("--freeze-bn", action="store_true",
                         help="BatchNorm uses running statistics (small batches, fine-tuning)")
 
@@ -108,6 +111,8 @@ def validate_args(args: argparse.Namespace) -> None:
     for flag, value in positive.items():
         if value < 1:
             raise UserInputError(f"{flag} must be >= 1, got {value}")
+    if args.bn_recalibration < 0:
+        raise UserInputError(f"--bn-recalibration must be >= 0, got {args.bn_recalibration}")
     if args.epochs < 0:
         raise UserInputError(f"--epochs must be >= 0, got {args.epochs}")
     if args.benchmark_warmup < 0:
@@ -310,8 +315,10 @@ def _execute(args: argparse.Namespace, paths: DataPaths, ctx: Any) -> RunResult:
     coco_gt = load_coco_ground_truth(paths.val_annotations) if (val_set is not None and ctx.is_main) else None
     results_path = args.results or (save_dir / "results.json" if save_dir is not None else None)
 
-    def run_evaluation(epoch: int, iteration: int) -> dict[str, Any]:
+    def run_evaluation(epoch: int, iteration: int, train_loader: Any = None) -> dict[str, Any]:
         start = time.perf_counter()
+        if train_loader is not None and args.bn_recalibration > 0:
+            recalibrate(model, train_loader)
         metrics = evaluate(model, make_eval_loader(), coco_gt, label_map, ctx=ctx, precision=precision,
                            channels_last=channels_last, results_path=results_path, log=logger.info)
         seconds = time.perf_counter() - start
@@ -322,6 +329,19 @@ def _execute(args: argparse.Namespace, paths: DataPaths, ctx: Any) -> RunResult:
         entry = {"epoch": epoch, "iteration": iteration, **metrics.as_dict()}
         result.evaluations.append(entry)
         return entry
+
+    def recalibrate(model: Any, train_loader: Any) -> None:
+        from itertools import islice
+
+        from ssd300.engine import recalibrate_batchnorm, unwrap
+
+        inner = unwrap(model)
+        used = recalibrate_batchnorm(inner, islice(iter(train_loader), args.bn_recalibration), ctx.device,
+                                     channels_last)
+        if ctx.distributed:  # one set of statistics for every rank: rank 0's
+            for buffer in inner.buffers():
+                torch.distributed.broadcast(buffer, 0)
+        logger.info(f"BatchNorm statistics recomputed over {used} training batches")
 
     try:
         if args.mode == "evaluation":
@@ -374,7 +394,8 @@ def _execute(args: argparse.Namespace, paths: DataPaths, ctx: Any) -> RunResult:
             else:
                 if save_dir is None:
                     logger.info("no --save folder: checkpoints will not be written")
-                _train(trainer, train_loader, args.epochs, args.evaluation, run_evaluation, result)
+                _train(trainer, train_loader, args.epochs, args.evaluation,
+                       lambda epoch, iteration: run_evaluation(epoch, iteration, train_loader), result)
             result.loss_history = trainer.loss_history
     finally:
         logger.close()

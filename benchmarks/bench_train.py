@@ -1,0 +1,86 @@
+"""Training throughput on the CPU: fp32 vs bf16 autocast, NCHW vs channels-last, ResNet-18/50.
+
+One full training step each (box encoding, forward, loss, backward, SGD), on a fixed batch of
+random images with synthetic boxes so that data loading is excluded. Medians over a few steps
+after warmup; ratios are against fp32 NCHW of the same backbone, measured in this process.
+
+    .venv/bin/python benchmarks/bench_train.py [--batch-size 4] [--iterations 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from ssd300.box_coder import BoxCoder
+from ssd300.data.loaders import Batch
+from ssd300.default_boxes import default_boxes_300
+from ssd300.distributed import DistributedContext
+from ssd300.engine import Precision, Trainer, cpu_has_native_bf16
+from ssd300.labels import LabelMap
+from ssd300.logging_utils import RunLogger
+from ssd300.model import SSD300
+from ssd300.optim import WarmupMultiStepSchedule, build_optimizer
+
+
+def make_batch(batch_size: int) -> Batch:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (batch_size, 3, 300, 300), dtype=torch.uint8, generator=generator)
+    corners = torch.rand(batch_size, 2, 2, generator=generator) * 0.5
+    boxes = torch.cat([corners, corners + 0.3 + 0.2 * torch.rand(batch_size, 2, 2, generator=generator)], dim=2)
+    return Batch(images=images, boxes=boxes.clamp(0, 1), labels=torch.ones(batch_size, 2, dtype=torch.int64),
+                 num_boxes=torch.full((batch_size,), 2), image_ids=torch.arange(batch_size),
+                 image_sizes=torch.full((batch_size, 2), 300), is_padding=torch.zeros(batch_size, dtype=torch.bool))
+
+
+def images_per_second(backbone: str, bf16: bool, channels_last: bool, batch: Batch, warmup: int,
+                      iterations: int) -> float:
+    torch.manual_seed(0)
+    model = SSD300(backbone, num_classes=4)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, 1e-3)
+    precision = Precision("cpu", torch.bfloat16 if bf16 else None, None)
+    trainer = Trainer(model=model, optimizer=optimizer, schedule=WarmupMultiStepSchedule(1e-3, 0, []),
+                      box_coder=BoxCoder(default_boxes_300()), precision=precision, ctx=DistributedContext(),
+                      label_map=LabelMap.generic(4), logger=RunLogger(enabled=False), channels_last=channels_last)
+    model.train()
+    for _ in range(warmup):
+        trainer.train_step(batch)
+    times = []
+    for _ in range(iterations):
+        start = time.perf_counter()
+        trainer.train_step(batch)
+        times.append(time.perf_counter() - start)
+    return len(batch) / statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--iterations", type=int, default=3)
+    parser.add_argument("--backbones", nargs="+", default=["resnet18", "resnet50"])
+    args = parser.parse_args()
+    batch = make_batch(args.batch_size)
+    print(f"CPU training step, batch {args.batch_size}, {torch.get_num_threads()} threads, "
+          f"native bf16: {cpu_has_native_bf16()}, capability {torch.backends.cpu.get_cpu_capability()}\n")
+    print("| backbone | precision | layout | images/s | vs fp32 NCHW |")
+    print("|---|---|---|---|---|")
+    for backbone in args.backbones:
+        baseline = None
+        for bf16, channels_last in ((False, False), (False, True), (True, False), (True, True)):
+            # emulated bf16 is very slow: fewer steps there so the script stays within minutes
+            iterations = args.iterations if (not bf16 or cpu_has_native_bf16()) else 1
+            rate = images_per_second(backbone, bf16, channels_last, batch, args.warmup, iterations)
+            baseline = baseline or rate
+            print(f"| {backbone} | {'bf16 autocast' if bf16 else 'fp32'} | "
+                  f"{'channels_last' if channels_last else 'NCHW'} | {rate:.2f} | {rate / baseline:.2f}x |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""Command line of train/evaluate: bad flags and inputs fail in one line before any work;
+reference-style invocation; evaluation of our and reference-format checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ssd300.cli import main
+from ssd300.data.synth import generate_synthetic_dataset
+from ssd300.labels import LabelMap
+from ssd300.model import SSD300
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return generate_synthetic_dataset(tmp_path_factory.mktemp("synth"), num_train=2, num_val=2, seed=0,
+                                      num_classes=2, max_objects=2, min_width=240, max_width=260,
+                                      min_height=200, max_height=220)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A resnet18 checkpoint in the reference's format: only ``model`` and ``label_map``."""
+    torch.manual_seed(0)
+    model = SSD300("resnet18", num_classes=3)
+    path = tmp_path_factory.mktemp("ckpt") / "reference_style.pt"
+    torch.save({"model": model.state_dict(), "label_map": {0: "background", 1: "disc", 2: "rectangle"}}, path)
+    return path
+
+
+def _error(capsys, argv: list[str]) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--bs", "0"], "--batch-size must be >= 1"),
+    (["--lr", "-1"], "--learning-rate must be > 0"),
+    (["--epochs", "-2"], "--epochs must be >= 0"),
+    (["--warmup", "-5"], "--warmup must be >= 0"),
+    (["--momentum", "1.5"], "--momentum must be in [0, 1)"),
+    (["--multistep", "-1"], "--multistep and --evaluation take epoch numbers >= 0"),
+    (["--no-cuda", "--device", "cuda"], "--no-cuda contradicts --device cuda"),
+    (["--mode", "evaluation"], "--mode evaluation needs --checkpoint"),
+    (["--mode", "evaluation", "--dali", "--checkpoint", "x.pt"], "--dali is a training loader"),
+    (["--checkpoint", "/no/such/file.pt"], "--checkpoint /no/such/file.pt: file not found"),
+    (["--backbone-path", "/no/such/r50.pth"], "--backbone-path /no/such/r50.pth: file not found"),
+])
+def test_bad_flags_are_one_line_errors(capsys, data_dir, flags, message):
+    err = _error(capsys, ["train", "--data", str(data_dir), *flags])
+    assert message in err
+
+
+def test_bad_data_paths(capsys, data_dir, tmp_path):
+    assert "dataset folder does not exist" in _error(capsys, ["train", "--data", str(tmp_path / "nope")])
+    err = _error(capsys, ["train", "--data", str(data_dir), "--train-images", str(data_dir / "train")])
+    assert "--data and --train-images contradict each other" in err
+    err = _error(capsys, ["train", "--train-images", str(data_dir / "train")])
+    assert "--train-annotations is missing" in err
+    err = _error(capsys, ["train", "--train-images", str(tmp_path), "--train-annotations", str(tmp_path / "a.json")])
+    assert "--train-images" in err and "a.json" in err or "no images" in err or "not found" in err
+    assert "no train data" in _error(capsys, ["train", "--evaluation"])
+
+
+def test_reference_style_command_line_is_routed_to_train(capsys):
+    # `ssd300 --mode evaluation ...` (no command word), as the reference's main.py is called
+    assert "--mode evaluation needs --checkpoint" in _error(capsys, ["--mode", "evaluation", "--data", "/x"])
+
+
+def test_cuda_requested_without_cuda(capsys, data_dir):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    err = _error(capsys, ["train", "--data", str(data_dir), "--device", "cuda", "--epochs", "0", "--evaluation"])
+    assert "CUDA is not available" in err
+
+
+def test_checkpoint_that_does_not_fit_the_model(capsys, data_dir, checkpoint, tmp_path):
+    err = _error(capsys, ["evaluate", "--checkpoint", str(checkpoint), "--data", str(data_dir),
+                          "--backbone", "resnet34", "--device", "cpu"])
+    assert "resnet18" in err and "resnet34" in err
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    err = _error(capsys, ["evaluate", "--checkpoint", str(corrupt), "--data", str(data_dir), "--device", "cpu"])
+    assert str(corrupt) in err
+    # a 4-class checkpoint against a 2-class dataset
+    torch.manual_seed(0)
+    other = tmp_path / "other.pt"
+    torch.save({"model": SSD300("resnet18", num_classes=5).state_dict(),
+                **LabelMap.generic(5).to_checkpoint()}, other)
+    err = _error(capsys, ["train", "--checkpoint", str(other), "--data", str(data_dir), "--device", "cpu",
+                          "--epochs", "1", "--evaluation"])
+    assert "other.pt" in err
+
+
+def test_evaluate_reference_checkpoint_equals_train_mode_evaluation(capsys, data_dir, checkpoint, tmp_path):
+    summary_a, summary_b = tmp_path / "a.json", tmp_path / "b.json"
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(data_dir), "--device", "cpu",
+                 "--num-workers", "0", "--json-summary", str(summary_a), "--results", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr()
+    assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in out.err + out.out
+    assert main(["--mode", "evaluation", "--checkpoint", str(checkpoint), "--data", str(data_dir), "--device", "cpu",
+                 "--num-workers", "0", "--json-summary", str(summary_b), "--no-amp"]) == 0
+    a, b = json.loads(summary_a.read_text()), json.loads(summary_b.read_text())
+    assert a["AP"] == b["AP"] and a["AP50"] == b["AP50"]
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results and {r["category_id"] for r in results} <= {1, 2}
+    assert all(len(r["bbox"]) == 4 for r in results)
+
+
+def test_benchmark_modes_report_images_per_second(capsys, data_dir, checkpoint, tmp_path):
+    summary = tmp_path / "bench.json"
+    assert main(["train", "--mode", "benchmark-inference", "--checkpoint", str(checkpoint), "--data", str(data_dir),
+                 "--device", "cpu", "--num-workers", "0", "--ebs", "2", "--benchmark-warmup", "1",
+                 "--benchmark-iterations", "2", "--json-summary", str(summary)]) == 0
+    figures = json.loads(summary.read_text())
+    assert figures["forward_images_per_second"] > 0 and figures["end_to_end_images_per_second"] > 0
+    assert main(["train", "--mode", "benchmark-training", "--data", str(data_dir), "--backbone", "resnet18",
+                 "--device", "cpu", "--num-workers", "0", "--bs", "2", "--benchmark-warmup", "1",
+                 "--benchmark-iterations", "1", "--json-summary", str(summary)]) == 0
+    figures = json.loads(summary.read_text())
+    assert figures["images_per_second"] > 0 and figures["iterations"] == 1
+    assert "benchmark-training: images_per_second" in capsys.readouterr().err
