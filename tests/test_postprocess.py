@@ -8,9 +8,25 @@ import torchvision
 
 from ssd300.box_coder import BoxCoder
 from ssd300.default_boxes import default_boxes_300
-from ssd300.postprocess import Detections, PostProcessor, postprocess_flat
+from ssd300.postprocess import Detections, PostProcessor, _candidate_probabilities, postprocess_flat
 
 A = 8732
+
+
+def single_thread_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """torch.softmax over the class dim (0) of one image's (C, A) logits, on one thread.
+
+    PyTorch vectorises this softmax over the default boxes; the vectorised body and the scalar
+    tail of a row round differently in the last bit, and with several threads the row is split
+    into pieces with tails of their own, so the bits depend on the thread count. The one-thread
+    result is the canonical one, and PostProcessor reproduces it at any thread count.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return torch.softmax(logits, dim=0)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def oracle(locs, logits, threshold=0.05, iou=0.45, topk=200, max_out=200):
@@ -19,7 +35,7 @@ def oracle(locs, logits, threshold=0.05, iou=0.45, topk=200, max_out=200):
     results = []
     for i in range(locs.shape[0]):
         boxes = coder.decode(locs[i : i + 1])[0]
-        scores = torch.softmax(logits[i], dim=0)
+        scores = single_thread_softmax(logits[i])
         out_boxes, out_scores, out_labels = [], [], []
         for cls in range(1, scores.shape[0]):
             mask = scores[cls] > threshold
@@ -97,6 +113,43 @@ def test_ties_broken_like_the_oracle() -> None:
         got = PostProcessor(default_boxes_300(), **settings)(locs, logits)
         mapped = {"topk_per_class": "topk", "max_detections": "max_out"}
         assert_same(got, oracle(locs, logits, **{mapped[k]: v for k, v in settings.items()}))
+
+
+@pytest.mark.parametrize("make", [untrained, confident])
+def test_candidate_probabilities_are_the_softmax_bits(make) -> None:
+    # Every probability over the threshold, and only those, with the one-thread softmax's bits
+    # (including the last A % 64 default boxes, which a full row computes in its scalar tail).
+    _, logits = make(10)
+    flat, scores = _candidate_probabilities(logits, 0.05)
+    order = torch.argsort(flat)  # they come in (image, default box, class) order
+    flat, scores = flat[order], scores[order]
+    want = torch.stack([single_thread_softmax(image) for image in logits])
+    want[:, 0] = 0  # background is never a candidate
+    want_flat = torch.nonzero(want.view(-1) > 0.05).squeeze(1)
+    assert torch.equal(flat, want_flat)
+    assert torch.equal(scores, want.view(-1)[want_flat])
+    assert (flat % A >= A - A % 64).any() or make is confident
+
+
+def test_zero_threshold_equals_oracle() -> None:
+    # Threshold 0: no default box can be skipped before the softmax.
+    locs, logits = untrained(8, n=1, classes=4)
+    settings = dict(score_threshold=0.0, topk_per_class=20, max_detections=30)
+    got = PostProcessor(default_boxes_300(), **settings)(locs, logits)
+    assert_same(got, oracle(locs, logits, threshold=0.0, topk=20, max_out=30))
+
+
+def test_same_bits_at_any_thread_count() -> None:
+    locs, logits = untrained(9, n=3, classes=21)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = postprocess_flat(locs, logits, default_boxes_300().xywh)
+        torch.set_num_threads(2)
+        two = postprocess_flat(locs, logits, default_boxes_300().xywh)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
 
 
 def test_pixels_and_flat_api() -> None:

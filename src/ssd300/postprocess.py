@@ -5,7 +5,9 @@ For each image and each class except background: keep scores > ``score_threshold
 evaluation); then the ``max_detections`` (200) best of the image over all classes, returned in
 descending score order.
 
-The whole batch is processed at once: one softmax, one threshold, one sort that groups the
+The whole batch is processed at once: one softmax (only for the default boxes where some class
+can pass the threshold, bit-identical to ``torch.softmax`` per image on one thread, see
+:func:`_candidate_probabilities`), one threshold, one sort that groups the
 candidates by (image, class) and orders them by score, one NMS step over all groups, one sort by
 (image, score). The core, :func:`postprocess_flat`, is tensor in / tensor out and returns flat
 tensors plus the image index of each detection; :class:`PostProcessor` splits them per image.
@@ -32,6 +34,7 @@ IoU > threshold; only an IoU exactly equal to the threshold is treated different
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -44,6 +47,12 @@ from ssd300.default_boxes import DefaultBoxes
 NmsStrategy = Literal["auto", "per_group", "matrix", "offsets"]
 
 _SCORE_BITS = 31  # a positive float32's bit pattern fits in 31 bits and orders like the float
+# Columns per block for the class softmax: a multiple of every CPU vector width, see
+# :func:`_candidate_probabilities`.
+_SOFTMAX_BLOCK = 64
+# Margin (in log space) of the test that skips default boxes where no class can pass the score
+# threshold: far above the error of any exp() implementation.
+_LOG_SLACK = 0.01
 
 
 @dataclass
@@ -57,6 +66,60 @@ class Detections:
 
     def __len__(self) -> int:
         return self.scores.shape[0]
+
+
+def _softmax_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Softmax of each row of a (K, C) tensor, computed as ``torch.softmax(x, dim=0)`` computes it
+    on a single thread for columns in the vectorised body: in (K / 64, C, 64) blocks."""
+    k, num_classes = rows.shape
+    pad = (-k) % _SOFTMAX_BLOCK
+    if pad:
+        rows = torch.cat((rows, rows.new_zeros((pad, num_classes))))
+    blocks = rows.view(-1, _SOFTMAX_BLOCK, num_classes).transpose(1, 2).contiguous()  # (K'/64, C, 64)
+    return torch.softmax(blocks, dim=1).transpose(1, 2).reshape(-1, num_classes)[:k]
+
+
+def _candidate_probabilities(
+    logits: torch.Tensor, score_threshold: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class probabilities > ``score_threshold`` (background excluded) of (N, C, A) logits ->
+    (flat index (image * C + class) * A + default box; probability), in (image, default box,
+    class) order, so within each (image, class) the default boxes ascend.
+
+    Same values as ``torch.softmax(logits[i], dim=0)`` per image on one thread, computed only for
+    the default boxes where some class can pass: p_c <= exp(logit_c - max logit), so a box whose
+    best foreground logit is below the overall best plus log(threshold) has no candidate; with
+    realistic scores that skips almost every box. Why the detour for equal bits: PyTorch's
+    softmax over the class dim runs vectorised over default boxes, and the vectorised body and
+    the scalar tail of each row round differently (so do the row pieces threads split at); the
+    boxes kept are softmaxed in blocks of 64 (body arithmetic, no split inside a block), and the
+    last ``A % 64`` boxes, which a whole row computes in its tail, by a softmax over just them.
+    """
+    num_images, num_classes, num_anchors = logits.shape
+    body = num_anchors - num_anchors % _SOFTMAX_BLOCK
+    if score_threshold > 0 and num_classes > 1:
+        best_foreground = logits[:, 1:].amax(dim=1)  # (N, A)
+        best = torch.maximum(best_foreground, logits[:, 0])
+        possible = best_foreground - best >= math.log(score_threshold) - _LOG_SLACK
+    else:
+        possible = torch.ones((num_images, num_anchors), dtype=torch.bool, device=logits.device)
+    images, anchors = possible[:, :body].nonzero(as_tuple=True)
+    rows = _softmax_rows(logits.transpose(1, 2)[images, anchors])  # (K, C)
+    tail = torch.softmax(logits[:, :, body:], dim=1).transpose(1, 2).reshape(-1, num_classes)
+    tail_images = torch.arange(num_images, device=logits.device).repeat_interleave(num_anchors - body)
+    tail_anchors = torch.arange(body, num_anchors, device=logits.device).repeat(num_images)
+    # Rows in (image, default box) order.
+    order = torch.argsort(
+        torch.cat((images * num_anchors + anchors, tail_images * num_anchors + tail_anchors))
+    )
+    rows = torch.cat((rows, tail))[order]
+    images = torch.cat((images, tail_images))[order]
+    anchors = torch.cat((anchors, tail_anchors))[order]
+    above = rows > score_threshold
+    above[:, 0] = False
+    row, cls = above.nonzero(as_tuple=True)
+    flat = (images[row] * num_classes + cls) * num_anchors + anchors[row]
+    return flat, rows[row, cls]
 
 
 def _descending_score_key(group: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -152,12 +215,8 @@ def postprocess_flat(
     if nms == "auto":
         nms = "per_group" if device.type == "cpu" else "matrix"
 
-    # One softmax. Flat index = (image * C + class) * A + anchor; background never a candidate.
-    probabilities = torch.softmax(logits.float(), dim=1)
-    above = probabilities > score_threshold
-    above[:, 0] = False
-    candidates = torch.nonzero(above.view(-1)).squeeze(1)
-    candidate_scores = probabilities.view(-1)[candidates]
+    # Flat index = (image * C + class) * A + anchor; background never a candidate.
+    candidates, candidate_scores = _candidate_probabilities(logits.float(), score_threshold)
     groups = candidates // num_anchors  # image * C + class
 
     # Group by (image, class), best score first; a stable sort keeps lower anchors first on ties.
