@@ -162,20 +162,21 @@ def onnx_pipeline(onnx_path: Path, batch_size: int) -> Callable[[list[str]], Ite
     session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     transform = EvalTransform()
 
-    def prepare(paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        images = [load_rgb(p) for p in paths]
-        sizes = np.array([im.info["original_size"] for im in images], dtype=np.float32)
-        return transform.normalize(torch.stack([transform.resize_uint8(im) for im in images])).numpy(), sizes
+    def decode(paths: list[str]) -> list[Image.Image]:
+        return [load_rgb(p) for p in paths]
 
     def run(paths: list[str]) -> Iterable:
+        # As the Detector: decode on a thread, resize (torch, OpenMP) next to the session's run.
         batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(prepare, batches[0])
+            pending = pool.submit(decode, batches[0])
             for index in range(len(batches)):
-                images, sizes = pending.result()
+                images = pending.result()
                 if index + 1 < len(batches):
-                    pending = pool.submit(prepare, batches[index + 1])
-                boxes, scores, labels, counts = session.run(None, {"images": images})
+                    pending = pool.submit(decode, batches[index + 1])
+                sizes = np.array([im.info["original_size"] for im in images], dtype=np.float32)
+                batch = transform.normalize(torch.stack([transform.resize_uint8(im) for im in images])).numpy()
+                boxes, scores, labels, counts = session.run(None, {"images": batch})
                 pixels = boxes * np.tile(sizes, 2)[:, None, :]
                 yield [(pixels[i, :n], scores[i, :n], labels[i, :n]) for i, n in enumerate(counts)]
 
