@@ -103,18 +103,28 @@ def _candidate_probabilities(
         possible = best_foreground - best >= math.log(score_threshold) - _LOG_SLACK
     else:
         possible = torch.ones((num_images, num_anchors), dtype=torch.bool, device=logits.device)
+    tail = torch.softmax(logits[:, :, body:], dim=1).transpose(1, 2)  # (N, A - body, C)
     images, anchors = possible[:, :body].nonzero(as_tuple=True)
-    rows = _softmax_rows(logits.transpose(1, 2)[images, anchors])  # (K, C)
-    tail = torch.softmax(logits[:, :, body:], dim=1).transpose(1, 2).reshape(-1, num_classes)
-    tail_images = torch.arange(num_images, device=logits.device).repeat_interleave(num_anchors - body)
-    tail_anchors = torch.arange(body, num_anchors, device=logits.device).repeat(num_images)
-    # Rows in (image, default box) order.
-    order = torch.argsort(
-        torch.cat((images * num_anchors + anchors, tail_images * num_anchors + tail_anchors))
-    )
-    rows = torch.cat((rows, tail))[order]
-    images = torch.cat((images, tail_images))[order]
-    anchors = torch.cat((anchors, tail_anchors))[order]
+    if 2 * images.shape[0] > num_images * body:
+        # Most boxes kept (e.g. untrained logits): every box, without gathering, in (N, A, C).
+        blocks = logits[:, :, :body].reshape(num_images, num_classes, -1, _SOFTMAX_BLOCK).transpose(1, 2)
+        rows = torch.softmax(blocks.reshape(-1, num_classes, _SOFTMAX_BLOCK), dim=1)
+        rows = rows.view(num_images, -1, num_classes, _SOFTMAX_BLOCK).transpose(2, 3).reshape(num_images, body, num_classes)
+        rows = torch.cat((rows, tail), dim=1).view(-1, num_classes)
+        anchors = torch.arange(num_anchors, device=logits.device).repeat(num_images)
+        images = torch.arange(num_images, device=logits.device).repeat_interleave(num_anchors)
+    else:
+        rows = _softmax_rows(logits.transpose(1, 2)[images, anchors])  # (K, C)
+        tail = tail.reshape(-1, num_classes)
+        tail_images = torch.arange(num_images, device=logits.device).repeat_interleave(num_anchors - body)
+        tail_anchors = torch.arange(body, num_anchors, device=logits.device).repeat(num_images)
+        # Rows in (image, default box) order.
+        order = torch.argsort(
+            torch.cat((images * num_anchors + anchors, tail_images * num_anchors + tail_anchors))
+        )
+        rows = torch.cat((rows, tail))[order]
+        images = torch.cat((images, tail_images))[order]
+        anchors = torch.cat((anchors, tail_anchors))[order]
     above = rows > score_threshold
     above[:, 0] = False
     row, cls = above.nonzero(as_tuple=True)
