@@ -10,7 +10,9 @@ boxes, per-class NMS, best 200 per image). Paths, all in the same run:
   batched post-processing, next batch decoded on a thread while the network runs);
 * PyTorch bf16: the same with the network in bfloat16 channels-last;
 * onnxruntime fp32: the exported full detector (NMS inside the graph) with the same decoding
-  and preprocessing (and the same decode thread).
+  and preprocessing (and the same decode thread);
+* Detector, onnxruntime backend: the Detector with the network (no NMS) run by onnxruntime and
+  our batched post-processing (``ssd300 detect --backend onnxruntime``).
 
 Weights are random (nothing is downloaded); the background bias of the confidence heads is set
 so that about ``--candidates`` class scores per image exceed the 0.05 threshold, like a trained
@@ -253,6 +255,7 @@ def main() -> None:
         model, candidates = calibrated_model(paths, args.candidates)
         onnx_path = export_model(model, LabelMap.coco2017(), folder / "ssd300.onnx", "onnx")
         fp32 = Detector(model, LabelMap.coco2017(), device="cpu", batch_size=8)
+        ort_backend = Detector(model, LabelMap.coco2017(), device="cpu", batch_size=8, backend="onnxruntime")
         bf16 = Detector(model, LabelMap.coco2017(), device="cpu", batch_size=8, bf16=True) if run_bf16 else None
         detections = np.mean([len(r) for r in fp32(paths[:8])])
         print(f"torch {torch.__version__}, {threads} threads, native bf16: {native_bf16}; "
@@ -264,12 +267,15 @@ def main() -> None:
             paths_b = {
                 "reference style (baseline)": per_batch_calls(reference_pipeline(model), batch_size),
                 "PyTorch fp32": detector_batches(fp32, batch_size),
-                "onnxruntime fp32": onnx_pipeline(onnx_path, batch_size),
+                "onnxruntime fp32 (exported detector)": onnx_pipeline(onnx_path, batch_size),
+                "Detector, onnxruntime backend": detector_batches(ort_backend, batch_size),
             }
+            ort_backend.batch_size = batch_size
             if bf16 is not None:
                 bf16.batch_size = batch_size
                 paths_b["PyTorch bf16 channels-last"] = detector_batches(bf16, batch_size)
-            forward = {"PyTorch fp32": forward_only(fp32, batch_size, max(3, iters // 2))}
+            forward = {"PyTorch fp32": forward_only(fp32, batch_size, max(3, iters // 2)),
+                       "Detector, onnxruntime backend": forward_only(ort_backend, batch_size, max(3, iters // 2))}
             if bf16 is not None:
                 forward["PyTorch bf16 channels-last"] = forward_only(bf16, batch_size, max(3, iters // 2))
             baseline_ips = None

@@ -198,3 +198,12 @@ def test_bad_device_is_a_user_error():
     if not torch.cuda.is_available():
         with pytest.raises(UserInputError, match="CUDA"):
             resolve_device("cuda")
+
+
+def test_onnxruntime_backend_agrees_with_torch(checkpoint, images):
+    pytest.importorskip("onnxruntime")
+    torch_result = Detector.from_checkpoint(checkpoint, score_threshold=0.1)(images[2])
+    ort = Detector.from_checkpoint(checkpoint, score_threshold=0.1, backend="onnxruntime")
+    _same(ort(images[2]), torch_result, atol=1e-2)
+    with pytest.raises(UserInputError, match="--backend"):
+        Detector.from_checkpoint(checkpoint, backend="tensorrt")

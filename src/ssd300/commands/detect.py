@@ -50,6 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     parser.add_argument("--amp", action="store_true",
                         help="mixed precision: float16 autocast on CUDA, bfloat16 channels-last on the CPU")
+    parser.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
+                        help="run the network with PyTorch or with onnxruntime (CPU, fp32; often faster on CPUs)")
     parser.add_argument("--strict", action="store_true",
                         help="stop at the first unreadable or non-image file instead of skipping it")
     parser.add_argument("--no-images", action="store_true", help="do not write annotated images")
@@ -147,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     detector = Detector.from_checkpoint(
         args.checkpoint, device=args.device, score_threshold=args.score_threshold,
         iou_threshold=args.iou_threshold, max_detections=args.max_detections, batch_size=args.batch_size,
-        amp=args.amp, draft=not args.full_decode)
+        amp=args.amp, draft=not args.full_decode, backend=args.backend)
     label_map = detector.label_map
     out = Path(args.out)
     names = output_names(paths)
