@@ -225,9 +225,9 @@ class Detector:
             if self.device.type != "cpu" or self.bf16 or amp:
                 raise UserInputError("--backend onnxruntime runs fp32 on the CPU: use --device cpu without --amp")
             self._session = _onnxruntime_session(model)
-        model = model.eval()
-        if fuse and hasattr(model, "fuse"):
-            model = model.fuse()  # BatchNorm folded into the convolutions: same outputs, fewer kernels
+        # Work on a copy (the caller's model keeps its mode, device and dtype). Folding BatchNorm
+        # into the convolutions gives the same outputs with fewer kernels.
+        model = model.fuse() if fuse and hasattr(model, "fuse") else copy.deepcopy(model).eval()
         model = model.to(self.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
