@@ -144,9 +144,9 @@ def test_resume_at_epoch_boundary_equals_a_straight_run(data_dir, tmp_path):
 
 def test_sigterm_writes_a_checkpoint_and_mid_epoch_resume_is_exact(data_dir, tmp_path):
     straight, interrupted, resumed = tmp_path / "straight", tmp_path / "interrupted", tmp_path / "resumed"
-    # batch 1: 4 iterations per epoch, so the signal lands inside the first epoch
+    # 3 epochs of 2 steps; the signal lands after the first step, most likely inside an epoch
     command = [sys.executable, "-m", "ssd300", "train", "--data", str(data_dir), "--backbone", "resnet18",
-               "--epochs", "2", "--bs", "1", "--seed", "0", "--num-workers", "0", "--no-amp", "--warmup", "2",
+               "--epochs", "3", "--bs", "2", "--seed", "0", "--num-workers", "0", "--no-amp", "--warmup", "2",
                "--lr", "0.05", "--log-interval", "1", "--no-progress", "--device", "cpu", "--evaluation",
                "--save", str(interrupted)]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
@@ -161,10 +161,11 @@ def test_sigterm_writes_a_checkpoint_and_mid_epoch_resume_is_exact(data_dir, tmp
     output, _ = proc.communicate(timeout=240)
     assert proc.returncode == 130, output
     checkpoint = torch.load(interrupted / "interrupted.pt", weights_only=True)
-    assert 0 < checkpoint["batch_in_epoch"] < 4 and checkpoint["epoch"] == 0, checkpoint["batch_in_epoch"]
+    assert 0 < checkpoint["iteration"] < 6
+    assert checkpoint["iteration"] == 2 * checkpoint["epoch"] + checkpoint["batch_in_epoch"]
     assert "resume with --checkpoint" in output
 
-    train.execute(_args(data_dir, batch_size=1, seed=None, checkpoint=interrupted / "interrupted.pt", save=resumed))
-    train.execute(_args(data_dir, batch_size=1, save=straight))
-    a, b = _weights(straight / "epoch_1.pt"), _weights(resumed / "epoch_1.pt")
+    train.execute(_args(data_dir, epochs=3, seed=None, checkpoint=interrupted / "interrupted.pt", save=resumed))
+    train.execute(_args(data_dir, epochs=3, save=straight))
+    a, b = _weights(straight / "epoch_2.pt"), _weights(resumed / "epoch_2.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)

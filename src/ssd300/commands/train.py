@@ -129,6 +129,9 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UserInputError(f"--num-workers must be >= 0, got {args.num_workers}")
     if any(e < 0 for e in args.multistep) or any(e < 0 for e in args.evaluation):
         raise UserInputError("--multistep and --evaluation take epoch numbers >= 0")
+    if args.mode in ("training", "benchmark-training") and args.batch_size < 2 and not args.freeze_bn:
+        raise UserInputError("--batch-size 1: BatchNorm needs at least 2 images per process to train "
+                             "(use a larger batch, or --freeze-bn)")
     if args.no_cuda and args.device not in (None, "cpu"):
         raise UserInputError(f"--no-cuda contradicts --device {args.device}")
     if args.mode == "evaluation" and args.checkpoint is None:
