@@ -36,26 +36,22 @@ def make_batch(batch_size: int) -> Batch:
                  image_sizes=torch.full((batch_size, 2), 300), is_padding=torch.zeros(batch_size, dtype=torch.bool))
 
 
-def images_per_second(backbone: str, bf16: bool, channels_last: bool, batch: Batch, warmup: int,
-                      iterations: int) -> float:
+def make_trainer(backbone: str, bf16: bool, channels_last: bool) -> Trainer:
     torch.manual_seed(0)
     model = SSD300(backbone, num_classes=4)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, 1e-3)
-    precision = Precision("cpu", torch.bfloat16 if bf16 else None, None)
-    trainer = Trainer(model=model, optimizer=optimizer, schedule=WarmupMultiStepSchedule(1e-3, 0, []),
-                      box_coder=BoxCoder(default_boxes_300()), precision=precision, ctx=DistributedContext(),
-                      label_map=LabelMap.generic(4), logger=RunLogger(enabled=False), channels_last=channels_last)
     model.train()
-    for _ in range(warmup):
-        trainer.train_step(batch)
-    times = []
-    for _ in range(iterations):
-        start = time.perf_counter()
-        trainer.train_step(batch)
-        times.append(time.perf_counter() - start)
-    return len(batch) / statistics.median(times)
+    precision = Precision("cpu", torch.bfloat16 if bf16 else None, None)
+    return Trainer(model=model, optimizer=build_optimizer(model, 1e-3), schedule=WarmupMultiStepSchedule(1e-3, 0, []),
+                   box_coder=BoxCoder(default_boxes_300()), precision=precision, ctx=DistributedContext(),
+                   label_map=LabelMap.generic(4), logger=RunLogger(enabled=False), channels_last=channels_last)
+
+
+def step_seconds(trainer: Trainer, batch: Batch) -> float:
+    start = time.perf_counter()
+    trainer.train_step(batch)
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -67,16 +63,25 @@ def main() -> None:
     args = parser.parse_args()
     batch = make_batch(args.batch_size)
     print(f"CPU training step, batch {args.batch_size}, {torch.get_num_threads()} threads, "
-          f"native bf16: {cpu_has_native_bf16()}, capability {torch.backends.cpu.get_cpu_capability()}\n")
-    print("| backbone | precision | layout | images/s | vs fp32 NCHW |")
+          f"native bf16: {cpu_has_native_bf16()}, capability {torch.backends.cpu.get_cpu_capability()}; "
+          f"configurations interleaved round by round so machine load hits them alike\n")
+    print("| backbone | precision | layout | images/s (median) | vs fp32 NCHW |")
     print("|---|---|---|---|---|")
+    variants = ((False, False), (False, True), (True, False), (True, True))
     for backbone in args.backbones:
-        baseline = None
-        for bf16, channels_last in ((False, False), (False, True), (True, False), (True, True)):
-            # emulated bf16 is very slow: fewer steps there so the script stays within minutes
-            iterations = args.iterations if (not bf16 or cpu_has_native_bf16()) else 1
-            rate = images_per_second(backbone, bf16, channels_last, batch, args.warmup, iterations)
-            baseline = baseline or rate
+        trainers = {v: make_trainer(backbone, *v) for v in variants}
+        times: dict[tuple[bool, bool], list[float]] = {v: [] for v in variants}
+        for round_index in range(args.warmup + args.iterations):
+            for variant, trainer in trainers.items():
+                emulated_bf16 = variant[0] and not cpu_has_native_bf16()
+                if emulated_bf16 and round_index > args.warmup:  # ~10x slower: one timed step is enough
+                    continue
+                seconds = step_seconds(trainer, batch)
+                if round_index >= args.warmup:
+                    times[variant].append(seconds)
+        baseline = len(batch) / statistics.median(times[(False, False)])
+        for (bf16, channels_last), samples in times.items():
+            rate = len(batch) / statistics.median(samples)
             print(f"| {backbone} | {'bf16 autocast' if bf16 else 'fp32'} | "
                   f"{'channels_last' if channels_last else 'NCHW'} | {rate:.2f} | {rate / baseline:.2f}x |",
                   flush=True)

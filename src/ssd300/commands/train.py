@@ -423,12 +423,14 @@ def _train(trainer: Any, loader: Any, epochs: int, evaluation_epochs: list[int],
         while trainer.position.epoch < epochs:
             epoch = trainer.position.epoch
             trainer.train_epoch(loader, epochs, stop)
+            # Evaluate before saving: --bn-recalibration changes the BatchNorm statistics, and the
+            # checkpoint should hold the model that was evaluated.
+            if epoch in evaluation_epochs:
+                run_evaluation(epoch, trainer.position.iteration)
             path = trainer.save(f"epoch_{epoch}.pt")
             if path is not None:
                 result.checkpoint = path
                 trainer.logger.info(f"checkpoint: {path}")
-            if epoch in evaluation_epochs:
-                run_evaluation(epoch, trainer.position.iteration)
 
 
 def _format_benchmark(kind: str, figures: dict[str, float]) -> str:
