@@ -49,6 +49,9 @@ def _error(capsys, argv: list[str]) -> str:
     (["--no-cuda", "--device", "cuda"], "--no-cuda contradicts --device cuda"),
     (["--mode", "evaluation"], "--mode evaluation needs --checkpoint"),
     (["--mode", "evaluation", "--dali", "--checkpoint", "x.pt"], "--dali is a training loader"),
+    (["--dali", "--no-iou-crop"], "--no-iou-crop applies to the PyTorch loader"),
+    (["--bs", "1"], "--batch-size 1: BatchNorm needs at least 2 images"),
+    (["--bn-recalibration", "-1"], "--bn-recalibration must be >= 0"),
     (["--checkpoint", "/no/such/file.pt"], "--checkpoint /no/such/file.pt: file not found"),
     (["--backbone-path", "/no/such/r50.pth"], "--backbone-path /no/such/r50.pth: file not found"),
 ])

@@ -58,7 +58,9 @@ def test_two_ranks_match_one_rank_with_double_batch(tmp_path):
     momentum_a, momentum_b = a["optimizer"]["state"], b["optimizer"]["state"]
     assert len(momentum_a) == len(momentum_b) > 0
     for index, state in momentum_a.items():  # the averaged gradients agree, and they are not zero
-        assert torch.allclose(state["momentum_buffer"], momentum_b[index]["momentum_buffer"], rtol=1e-3, atol=1e-5)
+        a_buf, b_buf = state["momentum_buffer"], momentum_b[index]["momentum_buffer"]
+        # gradients summed in another order (all-reduce vs one batch): compare per tensor, relatively
+        assert float((a_buf - b_buf).norm()) <= 1e-3 * float(b_buf.norm()) + 1e-8, index
     assert any(float(s["momentum_buffer"].abs().max()) > 0 for s in momentum_a.values())
 
     summary_ddp = json.loads((ddp / "summary.json").read_text())

@@ -39,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-workers", type=int, default=1)
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--iou-crop", action=argparse.BooleanOptionalAction, default=False,
+                        help="the SSD random IoU crop (off by default: the demo's few steps learn faster without)")
     parser.add_argument("--bn-recalibration", type=int, default=DEMO_DEFAULTS["bn_recalibration"], metavar="BATCHES",
                         help="recompute BatchNorm statistics before each evaluation (short runs need it)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
@@ -65,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         multistep=[int(epochs * 0.8)], evaluation=evaluation, save=out, seed=args.seed,
         device=args.device, num_workers=args.num_workers, amp=args.amp, log_interval=10,
         json_summary=out / "metrics.json", progress=args.progress, results=out / "results.json",
-        bn_recalibration=args.bn_recalibration,
+        bn_recalibration=args.bn_recalibration, no_iou_crop=not args.iou_crop,
     )
     result = train.execute(train_args)
     figure = plot_curves(result, out / "curves.png")

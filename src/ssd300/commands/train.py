@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--num-workers", type=int, default=None,
                       help="data loading processes per rank (default: min(8, CPU count))")
     data.add_argument("--dali", action="store_true", help="use the DALI training pipeline (needs nvidia-dali)")
+    data.add_argument("--no-iou-crop", action="store_true",
+                      help="train without the SSD random IoU crop (flip and colour only): learns faster "
+                           "from few steps, generalises less; the reference always crops")
 
     run = parser.add_argument_group("run")
     run.add_argument("--mode", choices=MODES, default="training")
@@ -136,6 +139,8 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UserInputError(f"--no-cuda contradicts --device {args.device}")
     if args.mode == "evaluation" and args.checkpoint is None:
         raise UserInputError("--mode evaluation needs --checkpoint (the model to evaluate)")
+    if args.dali and args.no_iou_crop:
+        raise UserInputError("--no-iou-crop applies to the PyTorch loader; the DALI pipeline always crops")
     if args.dali and args.mode not in ("training", "benchmark-training"):
         raise UserInputError(f"--dali is a training loader; it does nothing with --mode {args.mode}")
     if args.dali:
@@ -278,7 +283,10 @@ def _execute(args: argparse.Namespace, paths: DataPaths, ctx: Any) -> RunResult:
             raise UserInputError(f"checkpoint {args.checkpoint}: {err}") from None
     train_set = val_set = None
     if paths.train_annotations is not None:
-        train_set = CocoDetection(paths.train_images, paths.train_annotations, train=True, seed=seed)
+        from ssd300.data.transforms import TrainTransform
+
+        train_set = CocoDetection(paths.train_images, paths.train_annotations, train=True, seed=seed,
+                                  transform=TrainTransform(crop=not args.no_iou_crop))
         if label_map is not None and label_map.category_ids != train_set.label_map.category_ids:
             raise UserInputError(
                 f"checkpoint {args.checkpoint} was trained on {label_map.num_classes - 1} classes with other "
