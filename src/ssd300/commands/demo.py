@@ -18,7 +18,7 @@ from ssd300.commands.evaluate import train_namespace
 
 # Measured on a loaded 2-core CPU; see BENCHMARKS.md ("Training and evaluation").
 DEMO_DEFAULTS: dict[str, Any] = dict(
-    train_images=200, val_images=50, epochs=7, batch_size=8, lr=0.06, warmup=20,
+    train_images=200, val_images=50, epochs=8, batch_size=8, lr=0.05, warmup=40,
     classes=3, min_size=0.3, max_size=0.7, max_objects=3, random_color_prob=0.0, bn_recalibration=5,
 )
 
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     train_args = train_namespace(
         data=data_dir, backbone=args.backbone, epochs=epochs, batch_size=args.batch_size,
         eval_batch_size=32, learning_rate=args.learning_rate, warmup=args.warmup,
-        multistep=[int(epochs * 0.8)], evaluation=evaluation, save=out, seed=args.seed,
+        multistep=[int(epochs * 0.75)], evaluation=evaluation, save=out, seed=args.seed,
         device=args.device, num_workers=args.num_workers, amp=args.amp, log_interval=10,
         json_summary=out / "metrics.json", progress=args.progress, results=out / "results.json",
         bn_recalibration=args.bn_recalibration, no_iou_crop=not args.iou_crop,
