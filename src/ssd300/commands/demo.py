@@ -1,6 +1,6 @@
 """``ssd300 demo``: synthetic dataset -> train -> COCO evaluation -> curves and drawn predictions.
 
-Sized to finish on a 2-core CPU in well under 10 minutes while visibly learning: a ResNet-18
+Sized to finish on 2 quiet CPU cores in about 8-9 minutes while visibly learning: a ResNet-18
 SSD300 (no pretrained weights exist offline) on a few hundred synthetic images of large shapes,
 bf16 mixed precision. Everything lands in ``--out``: the dataset, checkpoints, ``metrics.json``,
 ``log.jsonl``, ``curves.png`` and ``predictions/*.jpg``.
