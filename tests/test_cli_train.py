@@ -129,3 +129,15 @@ def test_benchmark_modes_report_images_per_second(capsys, data_dir, checkpoint, 
     figures = json.loads(summary.read_text())
     assert figures["images_per_second"] > 0 and figures["iterations"] == 1
     assert "benchmark-training: images_per_second" in capsys.readouterr().err
+
+
+def test_strict_images_makes_an_undecodable_image_fatal(capsys, tmp_path):
+    data = generate_synthetic_dataset(tmp_path / "synth", num_train=2, num_val=2, seed=0, num_classes=2,
+                                      max_objects=2, min_width=240, max_width=260, min_height=200, max_height=220)
+    broken = sorted((data / "train").iterdir())[0]
+    broken.write_bytes(b"not a jpeg")
+    argv = ["train", "--data", str(data), "--backbone", "resnet18", "--epochs", "1", "--bs", "2", "--num-workers", "0",
+            "--device", "cpu", "--no-amp", "--evaluation", "--strict-images", "--no-progress"]
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after the run's header lines
+    assert error.startswith("ssd300 train: error: ") and str(broken) in error and "cannot be decoded" in error

@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--num-workers", type=int, default=None,
                       help="data loading processes per rank (default: min(8, CPU count))")
     data.add_argument("--dali", action="store_true", help="use the DALI training pipeline (needs nvidia-dali)")
+    data.add_argument("--strict-images", action="store_true",
+                      help="stop at the first missing or undecodable image (default: log it, skip it, count it)")
     data.add_argument("--no-iou-crop", action="store_true",
                       help="train without the SSD random IoU crop (flip and colour only): learns faster "
                            "from few steps, generalises less; the reference always crops")
@@ -286,14 +288,15 @@ def _execute(args: argparse.Namespace, paths: DataPaths, ctx: Any) -> RunResult:
         from ssd300.data.transforms import TrainTransform
 
         train_set = CocoDetection(paths.train_images, paths.train_annotations, train=True, seed=seed,
-                                  transform=TrainTransform(crop=not args.no_iou_crop))
+                                  strict=args.strict_images, transform=TrainTransform(crop=not args.no_iou_crop))
         if label_map is not None and label_map.category_ids != train_set.label_map.category_ids:
             raise UserInputError(
                 f"checkpoint {args.checkpoint} was trained on {label_map.num_classes - 1} classes with other "
                 f"category ids than {paths.train_annotations} ({train_set.label_map.num_classes - 1} classes)")
         label_map = train_set.label_map
     if paths.val_annotations is not None:
-        val_set = CocoDetection(paths.val_images, paths.val_annotations, train=False, label_map=label_map)
+        val_set = CocoDetection(paths.val_images, paths.val_annotations, train=False, label_map=label_map,
+                                strict=args.strict_images)
         label_map = label_map or val_set.label_map
     assert label_map is not None
 
