@@ -117,28 +117,17 @@ def draw_predictions(checkpoint: Path | None, data_dir: Path, out_dir: Path, cou
     """Run the trained checkpoint on the first validation images and draw its detections."""
     if checkpoint is None:
         return []
-    import torch
-
-    from ssd300.checkpoint import load_model
     from ssd300.data.coco import resolve_split
     from ssd300.data.images import open_image
-    from ssd300.data.transforms import EvalTransform
-    from ssd300.default_boxes import default_boxes_300
-    from ssd300.postprocess import PostProcessor
-    from ssd300.visualize import draw_detections, save_image
+    from ssd300.inference import Detector
+    from ssd300.visualize import draw_detection_result, save_image
 
-    model, label_map, _ = load_model(checkpoint)
     image_dir, _ = resolve_split(data_dir, "val")
     paths = sorted(image_dir.glob("*.jpg"))[:count]
-    images = [open_image(p).convert("RGB") for p in paths]
-    sizes = torch.tensor([image.size for image in images], dtype=torch.float32)
-    with torch.no_grad():
-        locs, logits = model(EvalTransform().batch(images))
-    detections = PostProcessor(default_boxes_300())(locs, logits, sizes)
+    detector = Detector.from_checkpoint(checkpoint, device="cpu")
     written = []
-    for path, image, det in zip(paths, images, detections):
-        canvas = draw_detections(image, det.boxes_pixels, det.labels, det.scores, class_names=label_map.names,
-                                 score_threshold=score_threshold)
+    for path, result in zip(paths, detector(paths)):
+        canvas = draw_detection_result(open_image(path).convert("RGB"), result, score_threshold=score_threshold)
         target = out_dir / path.name
         save_image(canvas, target)
         written.append(target)

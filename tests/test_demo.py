@@ -1,0 +1,28 @@
+"""`ssd300 demo` end to end on a tiny configuration: every promised artefact is written."""
+
+from __future__ import annotations
+
+import json
+
+from PIL import Image
+
+from ssd300.cli import main
+
+
+def test_demo_writes_checkpoint_metrics_curves_and_predictions(tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = ["demo", "--out", str(out), "--train-images", "6", "--val-images", "3", "--epochs", "2", "--bs", "2",
+            "--backbone", "resnet18", "--device", "cpu", "--num-workers", "0", "--no-progress"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "demo finished" in captured.out
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= metrics["AP50"] <= 1.0 and metrics["iterations"] == 6
+    assert (out / "epoch_1.pt").is_file()
+    with Image.open(out / "curves.png") as curves:
+        assert curves.size[0] > 500
+    predictions = sorted((out / "predictions").glob("*.jpg"))
+    assert len(predictions) == 3
+    with Image.open(predictions[0]) as drawn, Image.open(out / "data" / "val" / predictions[0].name) as source:
+        assert drawn.size == source.size  # drawn on the original image, not the 300x300 input
