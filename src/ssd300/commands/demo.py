@@ -18,7 +18,7 @@ from ssd300.commands.evaluate import train_namespace
 
 # Measured on a loaded 2-core CPU; see BENCHMARKS.md ("Training and evaluation").
 DEMO_DEFAULTS: dict[str, Any] = dict(
-    train_images=200, val_images=50, epochs=8, batch_size=8, lr=0.05, warmup=40,
+    train_images=200, val_images=50, epochs=10, batch_size=8, lr=0.05, warmup=40,
     classes=3, min_size=0.3, max_size=0.7, max_objects=3, random_color_prob=0.0, bn_recalibration=5,
 )
 
