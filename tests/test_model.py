@@ -345,3 +345,21 @@ def test_backbone_weights_wrong_files(tmp_path) -> None:
     torch.save(reshaped, bad_shape)
     with pytest.raises(UserInputError, match=r"conv1.weight has shape \(64, 1, 7, 7\), resnet18 expects \(64, 3, 7, 7\)"):
         ResNetTrunk("resnet18", bad_shape)
+
+
+def test_head_boxes_per_cell_follow_the_default_box_geometry(monkeypatch):
+    # One owner: a geometry with other aspect ratios changes the heads, no second table to update.
+    import dataclasses
+
+    import ssd300.model as model_module
+    from ssd300.default_boxes import DefaultBoxesConfig
+
+    @dataclasses.dataclass(frozen=True)
+    class Squarer(DefaultBoxesConfig):
+        aspect_ratios: tuple[tuple[int, ...], ...] = ((), (2,), (2,), (2,), (), ())
+
+    assert SSD300("resnet18", num_classes=3).boxes_per_location == DefaultBoxesConfig().boxes_per_location
+    monkeypatch.setattr(model_module, "DefaultBoxesConfig", Squarer)
+    model = SSD300("resnet18", num_classes=3)
+    assert [head.out_channels for head in model.loc] == [4 * n for n in (2, 4, 4, 4, 2, 2)]
+    assert [head.out_channels for head in model.conf] == [3 * n for n in (2, 4, 4, 4, 2, 2)]

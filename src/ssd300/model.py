@@ -15,14 +15,11 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .backbone import BACKBONE_CHANNELS, ResNetTrunk, check_backbone_name
+from .default_boxes import DefaultBoxesConfig
 from .errors import UserInputError
 
-# Default boxes per cell of each of the six feature maps (SPEC §1/§2).
-NUM_DEFAULTS: tuple[int, ...] = (4, 6, 6, 6, 4, 4)
 # Middle width of each additional block's 1x1 -> 3x3 bottleneck.
 _BLOCK_MID_CHANNELS: tuple[int, ...] = (256, 256, 128, 128, 128)
-FEATURE_MAP_SIZES: tuple[int, ...] = (38, 19, 10, 5, 3, 1)
-NUM_ANCHORS = sum(nd * s * s for nd, s in zip(NUM_DEFAULTS, FEATURE_MAP_SIZES))  # 8732
 
 
 def _additional_block(in_ch: int, mid_ch: int, out_ch: int, downsample: bool) -> nn.Sequential:
@@ -55,6 +52,8 @@ class SSD300(nn.Module):
             )
         self.backbone_name = backbone
         self.num_classes = num_classes
+        # The default-box geometry is the one owner of the boxes per cell of each feature map.
+        self.boxes_per_location = DefaultBoxesConfig().boxes_per_location
         channels = BACKBONE_CHANNELS[backbone]
 
         self.feature_extractor = ResNetTrunk(backbone, backbone_path)
@@ -63,10 +62,10 @@ class SSD300(nn.Module):
             for i in range(5)
         )
         self.loc = nn.ModuleList(
-            nn.Conv2d(ch, nd * 4, kernel_size=3, padding=1) for nd, ch in zip(NUM_DEFAULTS, channels)
+            nn.Conv2d(ch, nd * 4, kernel_size=3, padding=1) for nd, ch in zip(self.boxes_per_location, channels)
         )
         self.conf = nn.ModuleList(
-            nn.Conv2d(ch, nd * num_classes, kernel_size=3, padding=1) for nd, ch in zip(NUM_DEFAULTS, channels)
+            nn.Conv2d(ch, nd * num_classes, kernel_size=3, padding=1) for nd, ch in zip(self.boxes_per_location, channels)
         )
         self._init_weights()
 
