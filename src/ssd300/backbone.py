@@ -19,6 +19,7 @@ from torch import nn
 from torchvision import models
 
 from .errors import UserInputError
+from .torch_files import read_torch_file, strip_module_prefix
 
 _RESNETS: dict[str, Callable[..., models.ResNet]] = {
     "resnet18": models.resnet18,
@@ -82,15 +83,13 @@ def load_resnet_weights(resnet: nn.Module, weights_path: str | Path, arch: str =
     ``module.`` prefixes (DataParallel) are stripped. ``fc`` is ignored (it may be missing or of
     another size).
     """
-    from .checkpoint import read_torch_file  # here: checkpoint imports the model, which imports us
-
     path = Path(weights_path)
     obj = read_torch_file(path, "backbone weights")
     state = _unwrap_state_dict(obj)
     if state is None:
         raise UserInputError(f"backbone weights {path}: not a state dict (found {type(obj).__name__})")
     # The classifier is dropped with layer4, so its presence or shape (a fine-tuned fc) is irrelevant.
-    state = {k: v for k, v in ((_strip_module(k), v) for k, v in state.items()) if not k.startswith("fc.")}
+    state = {k: v for k, v in ((strip_module_prefix(k), v) for k, v in state.items()) if not k.startswith("fc.")}
     expected = {k: v for k, v in resnet.state_dict().items() if not k.startswith("fc.")}
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -125,8 +124,3 @@ def _unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
         return None
     return dict(obj)
 
-
-def _strip_module(key: str) -> str:
-    while key.startswith("module."):
-        key = key[len("module."):]
-    return key

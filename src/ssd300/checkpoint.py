@@ -12,27 +12,23 @@ DataParallel/DDP), and bare SSD300 state dicts.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import os
-import pickle
-import re
 import tempfile
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
 from .backbone import check_backbone_name
+from .default_boxes import DefaultBoxesConfig
 from .errors import UserInputError
 from .labels import LabelMap
-from .model import NUM_DEFAULTS, SSD300
+from .model import SSD300
+from .torch_files import MapLocation, PathLike, read_torch_file, strip_module_prefix
 
-PathLike = Union[str, "os.PathLike[str]"]
-MapLocation = Union[str, torch.device, None]
 
 _TRUNK = "feature_extractor.feature_extractor."
 _LAYER3 = _TRUNK + "6."
@@ -77,42 +73,6 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
-@contextlib.contextmanager
-def _counter_allowed() -> Iterator[None]:
-    # MultiStepLR.state_dict() keeps its milestones in a collections.Counter; the reference's
-    # checkpoints carry it. Recent torch allows it by default, older ones need the allow-list.
-    safe_globals = getattr(torch.serialization, "safe_globals", None)
-    if safe_globals is None:
-        yield
-    else:
-        with safe_globals([collections.Counter]):
-            yield
-
-
-def read_torch_file(path: PathLike, what: str = "checkpoint", map_location: MapLocation = "cpu") -> Any:
-    """``torch.load(weights_only=True)`` with every failure turned into a one-line UserInputError.
-
-    ``what`` names the file's role in messages ("checkpoint", "backbone weights").
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UserInputError(f"{what} not found: {path}")
-    try:
-        with _counter_allowed(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the error says it all
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "weights only" in str(exc).lower() and _looks_like_pickle(path):
-            raise UserInputError(
-                f"{what} {path}: refused: it holds pickled Python objects other than tensors and plain "
-                f"data{_refused_detail(exc)}, which could run code when loaded, so it was not loaded; "
-                "use only files from sources you trust, saved as plain state dicts"
-            ) from None
-        raise UserInputError(f"{what} {path}: not a PyTorch file, or corrupted") from None
-    except Exception as exc:  # noqa: BLE001 - zip/EOF/key errors all mean an unreadable file
-        raise UserInputError(f"{what} {path}: not a PyTorch file, or truncated/corrupted ({_one_line(exc)})") from None
-
-
 def load_checkpoint(path: PathLike, map_location: MapLocation = "cpu") -> dict[str, Any]:
     """Read a checkpoint file safely (``weights_only=True``); returns the dict as stored.
 
@@ -124,24 +84,6 @@ def load_checkpoint(path: PathLike, map_location: MapLocation = "cpu") -> dict[s
         raise UserInputError(f"checkpoint {path}: expected a dict, found {type(obj).__name__}")
     model_state_dict(obj, source=f"checkpoint {path}")  # fail now, naming the file, if there are no weights
     return obj
-
-
-def _looks_like_pickle(path: Path) -> bool:
-    # torch's zip format, or a raw/legacy pickle (PROTO opcode); anything else is just not ours.
-    with open(path, "rb") as f:
-        head = f.read(4)
-    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
-
-
-def _refused_detail(exc: BaseException) -> str:
-    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-    return f" ({found.group(1)})" if found else ""
-
-
-def _one_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -163,18 +105,12 @@ def model_state_dict(checkpoint: Mapping[str, Any], source: str = "checkpoint") 
         raise UserInputError(
             f"{source}: no model weights (expected a 'model' entry holding a state dict, or a bare state dict)"
         )
-    return {_strip_module(k): v for k, v in state.items()}
-
-
-def _strip_module(key: str) -> str:
-    while key.startswith("module."):
-        key = key[len("module."):]
-    return key
+    return {strip_module_prefix(k): v for k, v in state.items()}
 
 
 def infer_architecture(state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> tuple[str, int]:
     """(backbone name, num_classes) from an SSD300 state dict's shapes and block counts."""
-    state = {_strip_module(k): v for k, v in state_dict.items()}
+    state = {strip_module_prefix(k): v for k, v in state_dict.items()}
     blocks = {int(k[len(_LAYER3):].split(".", 1)[0]) for k in state if k.startswith(_LAYER3)}
     bottleneck = (_LAYER3 + "0.conv3.weight") in state
     backbone = _ARCH_BY_LAYER3.get((bottleneck, len(blocks)))
@@ -185,7 +121,7 @@ def infer_architecture(state_dict: Mapping[str, torch.Tensor], source: str = "ch
             f"{'bottleneck' if bottleneck else 'basic'} blocks"
             f"{'' if conf0 is not None else ', no conf.0.weight'})"
         )
-    return backbone, int(conf0.shape[0]) // NUM_DEFAULTS[0]
+    return backbone, int(conf0.shape[0]) // DefaultBoxesConfig().boxes_per_location[0]
 
 
 def _architecture_of(checkpoint: Mapping[str, Any], state: Mapping[str, torch.Tensor], source: str) -> tuple[str, int]:

@@ -37,7 +37,7 @@ from PIL import Image
 from ssd300.data.images import DECODE_ERRORS, draft_for_crop, open_image, to_rgb
 from ssd300.data.transforms import EvalTransform
 from ssd300.default_boxes import default_boxes_300
-from ssd300.errors import UserInputError
+from ssd300.errors import UserInputError, one_line
 from ssd300.labels import LabelMap
 from ssd300.postprocess import PostProcessor
 
@@ -309,7 +309,7 @@ class Detector:
             try:
                 return load_rgb(source, draft=self.draft), source
             except DECODE_ERRORS as exc:
-                raise UserInputError(f"{source}: not a readable image ({_one_line(exc)})") from None
+                raise UserInputError(f"{source}: not a readable image ({one_line(exc)})") from None
         return item, None
 
     def _decode_batch(self, items: Sequence[Any], on_error: str) -> list[Union[tuple[Any, Optional[str]], UserInputError]]:
@@ -395,11 +395,6 @@ def _onnxruntime_session(model: torch.nn.Module) -> Any:
     with tempfile.TemporaryDirectory(prefix="ssd300-ort-") as folder:
         path = export_onnx(module, Path(folder) / "ssd300_raw.onnx", raw=True, exporter="legacy")
         return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 160 else text[:157] + "..."
 
 
 __all__ = ["Detector", "ImageDetections", "ImageInput", "bf16_supported_on_cpu", "load_rgb", "resolve_device"]

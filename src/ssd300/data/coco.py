@@ -19,7 +19,7 @@ import torch
 
 from ssd300.data.images import DECODE_ERRORS, draft_for_crop, open_image
 from ssd300.data.transforms import INPUT_SIZE, EvalTransform, TrainTransform
-from ssd300.errors import UserInputError
+from ssd300.errors import UserInputError, one_line
 from ssd300.labels import LabelMap
 
 log = logging.getLogger(__name__)
@@ -297,7 +297,7 @@ class CocoDetection(torch.utils.data.Dataset):
             try:
                 sample = self._load(i, epoch)
             except DECODE_ERRORS as err:
-                reason = f"{self.path_of(i)}: {_short(err)}"
+                reason = f"{self.path_of(i)}: {one_line(err, limit=200)}"
                 if self.strict:
                     raise UserInputError(f"{reason} (image is missing or cannot be decoded)") from None
                 log.warning("skipping image %s", reason)
@@ -339,7 +339,3 @@ def _unpack_key(key: Any) -> tuple[int, int, bool]:
         return int(key[0]), int(key[1]), False
     return int(key), 0, False
 
-
-def _short(err: BaseException) -> str:
-    text = str(err).splitlines()[0] if str(err) else type(err).__name__
-    return text[:200]
