@@ -132,8 +132,9 @@ class Processing:
         from ssd300.postprocess import PostProcessor
 
         locs, logits = (p.float() for p in predictions)
-        processor = PostProcessor(default_boxes_300(), score_threshold=0.05, iou_threshold=criteria,
-                                  max_detections=max_output)
+        # The reference's signature: criteria is the NMS IoU, max_output the detections per image;
+        # the other settings are PostprocessConfig's. Boxes come back clipped to the image.
+        processor = PostProcessor(default_boxes_300(), iou_threshold=criteria, max_detections=max_output)
         return [[d.boxes.cpu().numpy(), d.labels.cpu().numpy(), d.scores.cpu().numpy()]
                 for d in processor(locs, logits)]
 

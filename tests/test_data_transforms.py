@@ -268,9 +268,9 @@ def test_eval_transform_accepts_pil_tensor_and_numpy_identically():
 
 def test_eval_transform_rejects_bad_inputs():
     transform = T.EvalTransform()
-    with pytest.raises(ValueError):
-        transform(np.zeros((10, 10, 3), dtype=np.float32))
-    with pytest.raises(ValueError):
-        transform(torch.zeros((10, 10, 3), dtype=torch.uint8))
+    with pytest.raises(ValueError, match="uint8 or float"):
+        transform(np.zeros((10, 10, 3), dtype=np.int32))
+    with pytest.raises(ValueError, match="channels"):
+        transform(torch.zeros((10, 10, 3), dtype=torch.uint8))  # HWC, not CHW
     with pytest.raises(TypeError):
         transform([1, 2, 3])

@@ -17,7 +17,9 @@ from ssd300.default_boxes import default_boxes_300
 from ssd300.export import ExportableDetector, _dynamo_available, export_model, flat_detections, format_from_suffix, pad_per_image
 from ssd300.labels import LabelMap
 from ssd300.model import SSD300
-from ssd300.postprocess import PostProcessor
+from ssd300.postprocess import PostprocessConfig, PostProcessor
+
+from matching import assert_same_detections
 
 onnxruntime = pytest.importorskip("onnxruntime")
 skimage_data = pytest.importorskip("skimage.data")
@@ -48,7 +50,9 @@ def _loop_oracle(locs, logits, score_threshold, iou_threshold, topk, max_det):
             kept = idx[nms(boxes[i, idx], scores[idx], iou_threshold)]
             rows += [(float(scores[k]), c, boxes[i, k]) for k in kept.tolist()]
         rows.sort(key=lambda r: -r[0])
-        out.append(rows[:max_det])
+        rows = rows[:max_det]
+        out.append((torch.stack([r[2] for r in rows]).clamp(0, 1), torch.tensor([r[0] for r in rows]),
+                    torch.tensor([r[1] for r in rows])))
     return out
 
 
@@ -56,21 +60,19 @@ def _loop_oracle(locs, logits, score_threshold, iou_threshold, topk, max_det):
 def test_exportable_postprocessing_matches_loop_oracle_and_postprocessor(seed, num_classes, threshold):
     locs, logits = _random_outputs(3, num_classes, seed)
     dboxes = default_boxes_300()
-    module = ExportableDetector(torch.nn.Identity(), score_threshold=threshold, iou_threshold=0.45,
-                                topk_per_class=50, max_detections=60)
-    flat = flat_detections(locs, logits, dboxes.xywh, 0.1, 0.2, threshold, 0.45, 50)
+    config = PostprocessConfig(score_threshold=threshold, iou_threshold=0.45, topk_per_class=50, max_detections=60)
+    module = ExportableDetector(torch.nn.Identity(), config=config)
+    flat = flat_detections(locs, logits, dboxes.xywh, 0.1, 0.2, config)
     boxes, scores, labels, counts = pad_per_image(*flat, torch.arange(3), 60)
     oracle = _loop_oracle(locs, logits, threshold, 0.45, 50, 60)
-    reference = PostProcessor(dboxes, score_threshold=threshold, iou_threshold=0.45, topk_per_class=50,
-                              max_detections=60)(locs, logits)
+    reference = PostProcessor(dboxes, config)(locs, logits)
     assert module.settings()["max_detections"] == 60
     for i in range(3):
-        k = len(oracle[i])
-        assert int(counts[i]) == k == len(reference[i])
-        assert labels[i, :k].tolist() == [r[1] for r in oracle[i]] == reference[i].labels.tolist()
-        torch.testing.assert_close(scores[i, :k], torch.tensor([r[0] for r in oracle[i]]))
-        torch.testing.assert_close(boxes[i, :k], torch.stack([r[2] for r in oracle[i]]))
-        torch.testing.assert_close(boxes[i, :k], reference[i].boxes)
+        k = int(counts[i])
+        exported = (boxes[i, :k], scores[i, :k], labels[i, :k])
+        assert_same_detections(exported, oracle[i], cuts=(threshold,), where=f"image {i} vs oracle")
+        ours = (reference[i].boxes, reference[i].scores, reference[i].labels)
+        assert_same_detections(exported, ours, cuts=(threshold,), where=f"image {i} vs PostProcessor")
         # Padding rows are zero.
         assert not boxes[i, k:].any() and not scores[i, k:].any() and not labels[i, k:].any()
 
@@ -151,11 +153,11 @@ def _assert_parity(outputs: list[torch.Tensor], reference) -> None:
     boxes, scores, labels, counts = outputs
     assert boxes.shape == (len(reference), 200, 4) and labels.dtype == torch.int64
     for i, det in enumerate(reference):
-        k = len(det)
-        assert int(counts[i]) == k
-        assert torch.equal(labels[i, :k], det.labels)
-        assert (boxes[i, :k] - det.boxes).abs().max() <= 1e-3
-        assert (scores[i, :k] - det.scores).abs().max() <= 1e-4
+        k = int(counts[i])
+        # The network ran in another runtime: scores agree to ~1e-5, boxes to ~1e-4.
+        assert_same_detections((boxes[i, :k], scores[i, :k], labels[i, :k]), (det.boxes, det.scores, det.labels),
+                               cuts=(SCORE_THRESHOLD,), score_atol=1e-4, box_atol=1e-3, where=f"image {i}")
+        assert ((boxes[i, :k] >= 0) & (boxes[i, :k] <= 1)).all()
         assert not scores[i, k:].any()
 
 

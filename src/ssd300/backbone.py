@@ -19,7 +19,7 @@ from torch import nn
 from torchvision import models
 
 from .errors import UserInputError
-from .torch_files import read_torch_file, strip_module_prefix
+from .files import read_torch_file, strip_module_prefix
 
 _RESNETS: dict[str, Callable[..., models.ResNet]] = {
     "resnet18": models.resnet18,

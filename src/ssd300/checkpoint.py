@@ -17,7 +17,7 @@ import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,7 +27,7 @@ from .default_boxes import DefaultBoxesConfig
 from .errors import UserInputError
 from .labels import LabelMap
 from .model import SSD300
-from .torch_files import MapLocation, PathLike, read_torch_file, strip_module_prefix
+from .files import MapLocation, PathLike, read_torch_file, strip_module_prefix
 
 
 _TRUNK = "feature_extractor.feature_extractor."

@@ -18,6 +18,9 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
+from ssd300.files import write_json
+from ssd300.postprocess import boxes_to_pixels, clip_boxes
+
 STAT_NAMES: tuple[str, ...] = (
     "AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
     "AR1", "AR10", "AR100", "AR_small", "AR_medium", "AR_large",
@@ -51,25 +54,24 @@ def detections_to_rows(boxes_ltrb: Sequence[torch.Tensor], scores: Sequence[torc
                        labels: Sequence[torch.Tensor], image_ids: Sequence[int],
                        image_sizes: Sequence[Sequence[float]] | torch.Tensor,
                        category_ids: Sequence[int]) -> np.ndarray:
-    """Per-image normalised ltrb boxes -> result rows in original pixels with dataset category ids.
+    """Per-image normalised ltrb boxes -> result rows in original pixels (clipped to the image, as on
+    every path: :func:`ssd300.postprocess.clip_boxes`) with dataset category ids.
 
     ``image_sizes`` holds (width, height) per image; ``category_ids[label]`` maps contiguous
     labels back to the dataset's ids.
     """
     lut = np.asarray(category_ids, dtype=np.float64)
-    sizes = torch.as_tensor(image_sizes, dtype=torch.float64).reshape(-1, 2).numpy()
+    sizes = torch.as_tensor(image_sizes, dtype=torch.float64).reshape(-1, 2)
     chunks: list[np.ndarray] = []
     for i, image_id in enumerate(image_ids):
-        b = boxes_ltrb[i].detach().to("cpu", torch.float64).numpy().reshape(-1, 4)
-        if b.shape[0] == 0:
+        boxes = boxes_ltrb[i].detach().to("cpu", torch.float64).reshape(-1, 4)
+        if boxes.shape[0] == 0:
             continue
-        width, height = sizes[i]
-        left, top = b[:, 0] * width, b[:, 1] * height
-        right, bottom = b[:, 2] * width, b[:, 3] * height
-        rows = np.empty((b.shape[0], ROW_WIDTH), dtype=np.float64)
+        pixels = boxes_to_pixels(clip_boxes(boxes), sizes[i]).numpy()  # ltrb inside the image
+        rows = np.empty((boxes.shape[0], ROW_WIDTH), dtype=np.float64)
         rows[:, 0] = float(image_id)
-        rows[:, 1], rows[:, 2] = left, top
-        rows[:, 3], rows[:, 4] = right - left, bottom - top
+        rows[:, 1:3] = pixels[:, :2]
+        rows[:, 3:5] = pixels[:, 2:] - pixels[:, :2]
         rows[:, 5] = scores[i].detach().to("cpu", torch.float64).numpy()
         rows[:, 6] = lut[labels[i].detach().cpu().numpy().astype(np.int64)]
         chunks.append(rows)
@@ -105,14 +107,8 @@ def rows_to_results(rows: np.ndarray) -> list[dict[str, Any]]:
 
 
 def write_results_json(results: list[dict[str, Any]], path: str | os.PathLike[str]) -> Path:
-    """Atomically write the results list (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(results, f)
-    os.replace(tmp, path)
-    return path
+    """Atomically write the results list, one result per line (:func:`ssd300.files.write_json`)."""
+    return write_json(path, results)
 
 
 def load_coco_ground_truth(annotation_file: str | os.PathLike[str]) -> Any:

@@ -4,7 +4,7 @@ Full detector (default)
     input  ``images``  float32 (N, 3, 300, 300), already preprocessed exactly like the model's
            input (RGB resized to 300x300, scaled to [0, 1], normalised with ImageNet mean/std:
            :class:`ssd300.data.transforms.EvalTransform`). N is dynamic.
-    output ``boxes``          float32 (N, K, 4)  ltrb, normalised to [0, 1] (multiply by the
+    output ``boxes``          float32 (N, K, 4)  ltrb, normalised, clipped to [0, 1] (multiply by the
                                                   image's width/height for pixels)
            ``scores``         float32 (N, K)      descending within each image
            ``labels``         int64   (N, K)      contiguous labels 1..C-1 (0 in padding rows)
@@ -32,6 +32,7 @@ tensor ops, so the traced graph keeps the batch dynamic.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -47,6 +48,7 @@ from ssd300.box_coder import decode_boxes
 from ssd300.default_boxes import DefaultBoxes, default_boxes_300
 from ssd300.errors import UserInputError
 from ssd300.labels import LabelMap
+from ssd300.postprocess import PostprocessConfig, clip_boxes
 
 ExportFormat = Literal["onnx", "torchscript"]
 FORMATS: tuple[str, ...] = ("onnx", "torchscript")
@@ -76,17 +78,18 @@ def flat_detections(
     dboxes_xywh: torch.Tensor,
     scale_xy: float = 0.1,
     scale_wh: float = 0.2,
-    score_threshold: float = 0.05,
-    iou_threshold: float = 0.45,
-    topk_per_class: int = 200,
+    config: PostprocessConfig = PostprocessConfig(),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Decode + per-class NMS for a whole batch with exportable tensor ops only.
 
     Same rules as :func:`ssd300.postprocess.postprocess_flat` (SPEC §5), which uses stable sorts,
     ``searchsorted`` and bit tricks that neither tracing nor ONNX support. Returns flat
-    ``boxes (M, 4)``, ``scores (M,)``, ``labels (M,)``, ``image_index (M,)`` of the kept
-    detections of the batch in descending score order (not yet capped per image).
+    ``boxes (M, 4)`` (clipped to the image, :func:`~ssd300.postprocess.clip_boxes`),
+    ``scores (M,)``, ``labels (M,)``, ``image_index (M,)`` of the kept detections of the batch in
+    descending score order (``max_detections`` is applied by :func:`pad_per_image`).
     """
+    score_threshold, iou_threshold, topk_per_class = (
+        config.score_threshold, config.iou_threshold, config.topk_per_class)
     _, num_classes, num_anchors = logits.shape
     boxes = decode_boxes(locs, dboxes_xywh, scale_xy, scale_wh)  # (N, A, 4)
     probs = torch.softmax(logits.float(), dim=1)[:, 1:, :]  # (N, C-1, A), background dropped
@@ -102,7 +105,7 @@ def flat_detections(
     anchors = cand_anchor.reshape(-1)[keep]
     boxes = boxes.reshape(-1, 4)[image_index * num_anchors + anchors]
     kept = _nms_over_groups(boxes, scores, labels, image_index, iou_threshold)
-    return boxes[kept], scores[kept], labels[kept], image_index[kept]
+    return clip_boxes(boxes[kept]), scores[kept], labels[kept], image_index[kept]
 
 
 def pad_per_image(
@@ -145,10 +148,8 @@ class ExportableDetector(nn.Module):
         self,
         model: nn.Module,
         default_boxes: DefaultBoxes | None = None,
-        score_threshold: float = 0.05,
-        iou_threshold: float = 0.45,
-        topk_per_class: int = 200,
-        max_detections: int = 200,
+        config: PostprocessConfig | None = None,
+        **overrides: float,
     ) -> None:
         super().__init__()
         dboxes = default_boxes or default_boxes_300()
@@ -156,22 +157,17 @@ class ExportableDetector(nn.Module):
         self.register_buffer("dboxes_xywh", dboxes.xywh.clone(), persistent=False)
         self.scale_xy = float(dboxes.scale_xy)
         self.scale_wh = float(dboxes.scale_wh)
-        self.score_threshold = float(score_threshold)
-        self.iou_threshold = float(iou_threshold)
-        self.topk_per_class = int(topk_per_class)
-        self.max_detections = int(max_detections)
+        self.config = (config or PostprocessConfig()).replace(**overrides)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         locs, logits = self.model(images)
-        flat = flat_detections(locs, logits, self.dboxes_xywh, self.scale_xy, self.scale_wh,
-                               self.score_threshold, self.iou_threshold, self.topk_per_class)
+        flat = flat_detections(locs, logits, self.dboxes_xywh, self.scale_xy, self.scale_wh, self.config)
         # arange(N) built from the input, so that a traced graph keeps the batch size dynamic.
         image_ids = torch.ones_like(images[:, 0, 0, 0], dtype=torch.int64).cumsum(0) - 1
-        return pad_per_image(*flat, image_ids, self.max_detections)
+        return pad_per_image(*flat, image_ids, self.config.max_detections)
 
     def settings(self) -> dict[str, float | int]:
-        return {"score_threshold": self.score_threshold, "iou_threshold": self.iou_threshold,
-                "topk_per_class": self.topk_per_class, "max_detections": self.max_detections}
+        return dataclasses.asdict(self.config)
 
 
 class RawOutputs(nn.Module):
@@ -186,23 +182,20 @@ class RawOutputs(nn.Module):
         return locs, logits
 
 
-def build_export_module(model: nn.Module, raw: bool = False, score_threshold: float = 0.05,
-                        iou_threshold: float = 0.45, topk_per_class: int = 200,
-                        max_detections: int = 200) -> nn.Module:
-    """The module that gets exported: BatchNorm folded (if the model supports it), eval mode, CPU."""
+def build_export_module(model: nn.Module, raw: bool = False, config: PostprocessConfig | None = None,
+                        **overrides: float) -> nn.Module:
+    """The module that gets exported: BatchNorm folded (if the model supports it), eval mode, CPU.
+
+    ``config`` (default :class:`PostprocessConfig`'s settings, single ones changed by
+    ``overrides``) is baked into the full detector; ``raw`` exports the network alone.
+    """
+    config = (config or PostprocessConfig()).replace(**overrides)  # validated before the slow part
     model = model.eval().cpu()
     if hasattr(model, "fuse"):
         model = model.fuse()
     if raw:
         return RawOutputs(model).eval()
-    if not 0.0 <= score_threshold <= 1.0:
-        raise UserInputError(f"--score-threshold must be in [0, 1], got {score_threshold}")
-    if not 0.0 < iou_threshold <= 1.0:
-        raise UserInputError(f"--iou-threshold must be in (0, 1], got {iou_threshold}")
-    if max_detections < 1:
-        raise UserInputError(f"--max-detections must be >= 1, got {max_detections}")
-    return ExportableDetector(model, score_threshold=score_threshold, iou_threshold=iou_threshold,
-                              topk_per_class=topk_per_class, max_detections=max_detections).eval()
+    return ExportableDetector(model, config=config).eval()
 
 
 def _example_input(batch: int = 2) -> torch.Tensor:
@@ -314,11 +307,15 @@ def export_metadata(module: nn.Module, label_map: LabelMap, raw: bool) -> dict[s
 
 
 def export_model(model: nn.Module, label_map: LabelMap, out: str | Path, fmt: str, raw: bool = False,
-                 opset: int = DEFAULT_OPSET, exporter: str = "auto", **settings: float | int) -> Path:
-    """Export an SSD300 as ONNX (``fmt="onnx"``) or TorchScript (``fmt="torchscript"``)."""
+                 opset: int = DEFAULT_OPSET, exporter: str = "auto", config: PostprocessConfig | None = None,
+                 **overrides: float) -> Path:
+    """Export an SSD300 as ONNX (``fmt="onnx"``) or TorchScript (``fmt="torchscript"``).
+
+    ``config``/``overrides``: the post-processing baked into the file, see :func:`build_export_module`.
+    """
     if fmt not in FORMATS:
         raise UserInputError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    module = build_export_module(model, raw=raw, **settings)
+    module = build_export_module(model, raw=raw, config=config, **overrides)
     metadata = export_metadata(module, label_map, raw)
     if fmt == "onnx":
         return export_onnx(module, out, raw=raw, opset=opset, metadata=metadata, exporter=exporter)

@@ -34,12 +34,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ssd300.data.images import DECODE_ERRORS, draft_for_crop, open_image, to_rgb
+from ssd300.data.images import DECODE_ERRORS, draft_for_crop, open_image, to_rgb, to_uint8_chw
 from ssd300.data.transforms import EvalTransform
 from ssd300.default_boxes import default_boxes_300
 from ssd300.errors import UserInputError, one_line
 from ssd300.labels import LabelMap
-from ssd300.postprocess import PostProcessor
+from ssd300.postprocess import PostprocessConfig, PostProcessor
 
 log = logging.getLogger(__name__)
 
@@ -134,32 +134,12 @@ def load_rgb(path: PathLike, draft: bool = True) -> Image.Image:
     return image
 
 
-def _as_uint8_image(image: Union[Image.Image, np.ndarray, torch.Tensor]) -> tuple[Any, tuple[int, int]]:
-    """Normalise an in-memory image to what EvalTransform takes, plus its (width, height)."""
-    if isinstance(image, Image.Image):
-        size = image.info.get("original_size", image.size)
-        return image, (int(size[0]), int(size[1]))
-    if isinstance(image, np.ndarray):
-        if image.ndim not in (2, 3):
-            raise ValueError(f"expected an HxW or HxWxC image array, got shape {image.shape}")
-        if image.dtype != np.uint8:
-            if not np.issubdtype(image.dtype, np.floating):
-                raise ValueError(f"image arrays must be uint8 or float in [0, 1], got {image.dtype}")
-            image = (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-        return image, (int(image.shape[1]), int(image.shape[0]))
-    if isinstance(image, torch.Tensor):
-        if image.dim() == 2:
-            image = image.unsqueeze(0)
-        if image.dim() != 3:
-            raise ValueError(f"expected a CxHxW image tensor, got shape {tuple(image.shape)}")
-        if image.dtype != torch.uint8:
-            if not image.is_floating_point():
-                raise ValueError(f"image tensors must be uint8 or float in [0, 1], got {image.dtype}")
-            image = (image.detach().float().clamp(0, 1) * 255.0 + 0.5).to(torch.uint8)
-        if image.shape[0] == 4:
-            image = image[:3]
-        return image, (int(image.shape[2]), int(image.shape[1]))
-    raise TypeError(f"cannot run detection on a {type(image).__name__}; pass a path, PIL image, array or tensor")
+def _original_size(image: Any, pixels: torch.Tensor) -> tuple[int, int]:
+    """(width, height) the boxes are reported in: a draft-decoded file keeps its full size."""
+    if isinstance(image, Image.Image) and "original_size" in image.info:
+        width, height = image.info["original_size"]
+        return int(width), int(height)
+    return int(pixels.shape[2]), int(pixels.shape[1])
 
 
 @dataclass
@@ -180,10 +160,11 @@ class Detector:
         label_map: Optional[LabelMap] = None,
         *,
         device: Union[str, torch.device, None] = None,
-        score_threshold: float = 0.05,
-        iou_threshold: float = 0.45,
-        topk_per_class: int = 200,
-        max_detections: int = 200,
+        postprocess: Optional[PostprocessConfig] = None,
+        score_threshold: Optional[float] = None,
+        iou_threshold: Optional[float] = None,
+        topk_per_class: Optional[int] = None,
+        max_detections: Optional[int] = None,
         batch_size: int = 8,
         amp: bool = False,
         bf16: bool = False,
@@ -192,12 +173,10 @@ class Detector:
         draft: bool = True,
         backend: str = "torch",
     ) -> None:
-        if not 0.0 <= score_threshold <= 1.0:
-            raise UserInputError(f"--score-threshold must be in [0, 1], got {score_threshold}")
-        if not 0.0 < iou_threshold <= 1.0:
-            raise UserInputError(f"--iou-threshold must be in (0, 1], got {iou_threshold}")
-        if max_detections < 1 or topk_per_class < 1:
-            raise UserInputError(f"--max-detections must be >= 1, got {max_detections}")
+        # ``postprocess`` (default PostprocessConfig()) with any single settings given changed.
+        config = (postprocess or PostprocessConfig()).replace(
+            score_threshold=score_threshold, iou_threshold=iou_threshold, topk_per_class=topk_per_class,
+            max_detections=max_detections)
         if batch_size < 1:
             raise UserInputError(f"--batch-size must be >= 1, got {batch_size}")
         self.device = resolve_device(device)
@@ -208,9 +187,7 @@ class Detector:
         self.batch_size = batch_size
         self.draft = draft
         self.transform = EvalTransform()
-        self.postprocessor = PostProcessor(default_boxes_300(), score_threshold=score_threshold,
-                                           iou_threshold=iou_threshold, topk_per_class=topk_per_class,
-                                           max_detections=max_detections)
+        self.postprocessor = PostProcessor(default_boxes_300(), config)
         self.amp = amp
         self.bf16 = bf16 or (amp and self.device.type == "cpu")
         if self.bf16 and self.device.type != "cpu":
@@ -324,8 +301,8 @@ class Detector:
         return decoded
 
     def _prepare(self, image: Any, source: Optional[str]) -> _Prepared:
-        pixels, size = _as_uint8_image(image)
-        return _Prepared(self.transform.resize_uint8(pixels), size, source)
+        pixels = to_uint8_chw(image)
+        return _Prepared(self.transform.resize_uint8(pixels), _original_size(image, pixels), source)
 
     def _run(self, items: Sequence[Any], on_error: str) -> Iterator[tuple[Optional[str], Any]]:
         """Batches through the network; the next batch's files are decoded on a thread meanwhile.
@@ -361,22 +338,16 @@ class Detector:
     def detections_from_outputs(self, locs: torch.Tensor, logits: torch.Tensor, image_sizes: torch.Tensor,
                                 sources: Optional[Sequence[Optional[str]]] = None) -> list[ImageDetections]:
         """Post-process raw outputs of a batch into per-image pixel detections."""
-        per_image = self.postprocessor(locs, logits)
         sizes = image_sizes.to(torch.float32).cpu()
+        per_image = self.postprocessor(locs, logits, sizes.to(locs.device))
         results = []
         for i, det in enumerate(per_image):
-            width, height = float(sizes[i, 0]), float(sizes[i, 1])
-            normalized = det.boxes.float().cpu()
-            scale = torch.tensor([width, height, width, height])
-            pixels = normalized * scale
-            pixels[:, 0::2] = pixels[:, 0::2].clamp(0, width)
-            pixels[:, 1::2] = pixels[:, 1::2].clamp(0, height)
             labels = det.labels.cpu()
             results.append(ImageDetections(
-                boxes=pixels, scores=det.scores.float().cpu(), labels=labels,
+                boxes=det.boxes_pixels.cpu(), scores=det.scores.cpu(), labels=labels,
                 class_names=[self._names[i] for i in labels.tolist()],
-                category_ids=self._category_ids[labels], image_size=(int(width), int(height)),
-                source=None if sources is None else sources[i], boxes_normalized=normalized,
+                category_ids=self._category_ids[labels], image_size=(int(sizes[i, 0]), int(sizes[i, 1])),
+                source=None if sources is None else sources[i], boxes_normalized=det.boxes.cpu(),
             ))
         return results
 

@@ -8,23 +8,12 @@ printed every ``log_interval`` iterations, which keeps logs readable.
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from pathlib import Path
 from typing import Any, Optional, TextIO
 
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
+from ssd300.files import json_ready, write_json  # noqa: F401  (write_json re-exported for callers)
 
 
 class RunLogger:
@@ -84,7 +73,7 @@ class RunLogger:
         """Append one record to the history and the JSON-lines file."""
         if not self.enabled:
             return
-        entry = {"kind": kind, "time": round(time.time(), 3), **_plain(fields)}
+        entry = {"kind": kind, "time": round(time.time(), 3), **json_ready(fields)}
         self.history.append(entry)
         if self._jsonl is not None:
             self._jsonl.write(json.dumps(entry) + "\n")
@@ -135,12 +124,3 @@ def _duration(seconds: float) -> str:
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
-
-
-def write_json(path: str | Path, obj: Any) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_plain(obj), indent=2) + "\n")
-    tmp.replace(path)
-    return path

@@ -3,13 +3,13 @@
 For each image and each class except background: keep scores > ``score_threshold`` (0.05), the
 ``topk_per_class`` (200) best, non-maximum suppression at ``iou_threshold`` (0.45; 0.5 for COCO
 evaluation); then the ``max_detections`` (200) best of the image over all classes, returned in
-descending score order.
+descending score order, boxes clipped to the image (:func:`clip_boxes`). The settings are one
+validated :class:`PostprocessConfig` (:data:`COCO_EVAL` for COCO evaluation).
 
 The whole batch is processed at once: one softmax (only for the default boxes where some class
-can pass the threshold, bit-identical to ``torch.softmax`` per image on one thread, see
-:func:`_candidate_probabilities`), one threshold, one sort that groups the
-candidates by (image, class) and orders them by score, one NMS step over all groups, one sort by
-(image, score). The core, :func:`postprocess_flat`, is tensor in / tensor out and returns flat
+can pass the threshold, see :func:`_candidate_probabilities`), one threshold, one sort that
+groups the candidates by (image, class) and orders them by score, one NMS step over all groups,
+one sort by (image, score). The core, :func:`postprocess_flat`, is tensor in / tensor out and returns flat
 tensors plus the image index of each detection; :class:`PostProcessor` splits them per image.
 
 Ties are broken deterministically, the same way a plain per-image, per-class loop with stable
@@ -34,6 +34,7 @@ IoU > threshold; only an IoU exactly equal to the threshold is treated different
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal, Optional
@@ -43,40 +44,85 @@ import torchvision
 
 from ssd300.box_coder import decode_boxes
 from ssd300.default_boxes import DefaultBoxes
+from ssd300.errors import UserInputError
 
 NmsStrategy = Literal["auto", "per_group", "matrix", "offsets"]
 
 _SCORE_BITS = 31  # a positive float32's bit pattern fits in 31 bits and orders like the float
-# Columns per block for the class softmax: a multiple of every CPU vector width, see
-# :func:`_candidate_probabilities`.
-_SOFTMAX_BLOCK = 64
 # Margin (in log space) of the test that skips default boxes where no class can pass the score
 # threshold: far above the error of any exp() implementation.
 _LOG_SLACK = 0.01
+
+
+@dataclass(frozen=True)
+class PostprocessConfig:
+    """The post-processing settings (SPEC §5), validated once; the defaults are the reference's.
+
+    Every user of post-processing (PostProcessor, Detector, export, hub, the CLIs' defaults)
+    takes its settings from here. :data:`COCO_EVAL` is the variant the reference evaluates with.
+    """
+
+    score_threshold: float = 0.05  # keep class scores above this
+    iou_threshold: float = 0.45  # NMS suppresses a box overlapping a better one by more than this
+    topk_per_class: int = 200  # best candidates per (image, class) that enter NMS
+    max_detections: int = 200  # detections kept per image, over all classes
+
+    def __post_init__(self) -> None:
+        def bad(field_name: str, rule: str, value: object) -> UserInputError:
+            flag = "--" + field_name.replace("_", "-")
+            return UserInputError(f"{flag} ({field_name}) must be {rule}, got {value!r}")
+
+        for name in ("score_threshold", "iou_threshold"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+                raise bad(name, "a number", value)
+        for name in ("topk_per_class", "max_detections"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise bad(name, "an integer >= 1", value)
+        if not 0.0 <= self.score_threshold <= 1.0:
+            raise bad("score_threshold", "in [0, 1]", self.score_threshold)
+        if not 0.0 < self.iou_threshold <= 1.0:
+            raise bad("iou_threshold", "in (0, 1]", self.iou_threshold)
+
+    def replace(self, **changes: object) -> "PostprocessConfig":
+        """A copy with some settings changed (validated again); ``None`` values keep the setting."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+# The reference's COCO evaluation: NMS at IoU 0.5 (SPEC §5).
+COCO_EVAL = PostprocessConfig(iou_threshold=0.5)
+
+
+def clip_boxes(boxes: torch.Tensor) -> torch.Tensor:
+    """Normalised ltrb boxes clipped to the image, [0, 1]: the one clipping rule of every path.
+
+    Applied after NMS, so suppression decisions stay the reference's (it does not clip); a clipped
+    box never overlaps a ground-truth box (which lies inside the image) less than before.
+    """
+    return boxes.clamp(0.0, 1.0)
+
+
+def boxes_to_pixels(boxes: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
+    """Normalised ltrb boxes (..., 4) -> pixels of images of (width, height) ``image_sizes`` (..., 2).
+
+    Boxes from :func:`clip_boxes` stay inside [0, width] x [0, height].
+    """
+    sizes = image_sizes.to(device=boxes.device, dtype=boxes.dtype)
+    return boxes * torch.cat((sizes, sizes), dim=-1)
 
 
 @dataclass
 class Detections:
     """Detections of one image, best first."""
 
-    boxes: torch.Tensor  # (K, 4) ltrb, normalised to [0, 1] (may extend slightly beyond)
+    boxes: torch.Tensor  # (K, 4) ltrb, normalised, clipped to [0, 1]
     scores: torch.Tensor  # (K,)
     labels: torch.Tensor  # (K,) int64, 1..C-1
     boxes_pixels: Optional[torch.Tensor] = None  # (K, 4) ltrb in the original image's pixels
 
     def __len__(self) -> int:
         return self.scores.shape[0]
-
-
-def _softmax_rows(rows: torch.Tensor) -> torch.Tensor:
-    """Softmax of each row of a (K, C) tensor, computed as ``torch.softmax(x, dim=0)`` computes it
-    on a single thread for columns in the vectorised body: in (K / 64, C, 64) blocks."""
-    k, num_classes = rows.shape
-    pad = (-k) % _SOFTMAX_BLOCK
-    if pad:
-        rows = torch.cat((rows, rows.new_zeros((pad, num_classes))))
-    blocks = rows.view(-1, _SOFTMAX_BLOCK, num_classes).transpose(1, 2).contiguous()  # (K'/64, C, 64)
-    return torch.softmax(blocks, dim=1).transpose(1, 2).reshape(-1, num_classes)[:k]
 
 
 def _candidate_probabilities(
@@ -86,49 +132,29 @@ def _candidate_probabilities(
     (flat index (image * C + class) * A + default box; probability), in (image, default box,
     class) order, so within each (image, class) the default boxes ascend.
 
-    Same values as ``torch.softmax(logits[i], dim=0)`` per image on one thread, computed only for
-    the default boxes where some class can pass: p_c <= exp(logit_c - max logit), so a box whose
-    best foreground logit is below the overall best plus log(threshold) has no candidate; with
-    realistic scores that skips almost every box. Why the detour for equal bits: PyTorch's
-    softmax over the class dim runs vectorised over default boxes, and the vectorised body and
-    the scalar tail of each row round differently (so do the row pieces threads split at); the
-    boxes kept are softmaxed in blocks of 64 (body arithmetic, no split inside a block), and the
-    last ``A % 64`` boxes, which a whole row computes in its tail, by a softmax over just them.
+    The softmax is computed only for the default boxes where some class can pass:
+    p_c <= exp(logit_c - max logit), so a box whose best foreground logit is below the overall
+    best plus log(threshold) has no candidate; with realistic scores that skips almost every box.
     """
     num_images, num_classes, num_anchors = logits.shape
-    body = num_anchors - num_anchors % _SOFTMAX_BLOCK
     if score_threshold > 0 and num_classes > 1:
         best_foreground = logits[:, 1:].amax(dim=1)  # (N, A)
         best = torch.maximum(best_foreground, logits[:, 0])
         possible = best_foreground - best >= math.log(score_threshold) - _LOG_SLACK
+        box_index = possible.view(-1).nonzero().squeeze(1)  # image * A + default box, ascending
     else:
-        possible = torch.ones((num_images, num_anchors), dtype=torch.bool, device=logits.device)
-    tail = torch.softmax(logits[:, :, body:], dim=1).transpose(1, 2)  # (N, A - body, C)
-    images, anchors = possible[:, :body].nonzero(as_tuple=True)
-    if 2 * images.shape[0] > num_images * body:
-        # Most boxes kept (e.g. untrained logits): every box, without gathering, in (N, A, C).
-        blocks = logits[:, :, :body].reshape(num_images, num_classes, -1, _SOFTMAX_BLOCK).transpose(1, 2)
-        rows = torch.softmax(blocks.reshape(-1, num_classes, _SOFTMAX_BLOCK), dim=1)
-        rows = rows.view(num_images, -1, num_classes, _SOFTMAX_BLOCK).transpose(2, 3).reshape(num_images, body, num_classes)
-        rows = torch.cat((rows, tail), dim=1).view(-1, num_classes)
-        anchors = torch.arange(num_anchors, device=logits.device).repeat(num_images)
-        images = torch.arange(num_images, device=logits.device).repeat_interleave(num_anchors)
+        box_index = None
+    if box_index is None or 2 * box_index.shape[0] > num_images * num_anchors:
+        # Most boxes kept (e.g. untrained logits, threshold 0): every box, without gathering.
+        rows = torch.softmax(logits, dim=1).transpose(1, 2).reshape(-1, num_classes)
+        box_index = torch.arange(num_images * num_anchors, device=logits.device)
     else:
-        rows = _softmax_rows(logits.transpose(1, 2)[images, anchors])  # (K, C)
-        tail = tail.reshape(-1, num_classes)
-        tail_images = torch.arange(num_images, device=logits.device).repeat_interleave(num_anchors - body)
-        tail_anchors = torch.arange(body, num_anchors, device=logits.device).repeat(num_images)
-        # Rows in (image, default box) order.
-        order = torch.argsort(
-            torch.cat((images * num_anchors + anchors, tail_images * num_anchors + tail_anchors))
-        )
-        rows = torch.cat((rows, tail))[order]
-        images = torch.cat((images, tail_images))[order]
-        anchors = torch.cat((anchors, tail_anchors))[order]
+        rows = torch.softmax(logits.transpose(1, 2).reshape(-1, num_classes)[box_index], dim=1)  # (K, C)
     above = rows > score_threshold
     above[:, 0] = False
     row, cls = above.nonzero(as_tuple=True)
-    flat = (images[row] * num_classes + cls) * num_anchors + anchors[row]
+    boxes_of_rows = box_index[row]
+    flat = ((boxes_of_rows // num_anchors) * num_classes + cls) * num_anchors + boxes_of_rows % num_anchors
     return flat, rows[row, cls]
 
 
@@ -207,32 +233,27 @@ def postprocess_flat(
     dboxes_xywh: torch.Tensor,
     scale_xy: float = 0.1,
     scale_wh: float = 0.2,
-    score_threshold: float = 0.05,
-    iou_threshold: float = 0.45,
-    topk_per_class: int = 200,
-    max_detections: int = 200,
+    config: PostprocessConfig = PostprocessConfig(),
     nms: NmsStrategy = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Decode + per-class NMS of a batch -> flat (boxes (K,4) ltrb, scores (K,), labels (K,), image_index (K,)).
 
     ``locs`` (N, 4, A), ``logits`` (N, C, A); ``dboxes_xywh`` (A, 4) on the same device.
-    Detections are ordered by image, then by descending score.
+    Detections are ordered by image, then by descending score; boxes are clipped to the image.
     """
-    if score_threshold < 0:
-        raise ValueError("score_threshold must be >= 0")
     num_images, num_classes, num_anchors = logits.shape
     device = logits.device
     if nms == "auto":
         nms = "per_group" if device.type == "cpu" else "matrix"
 
     # Flat index = (image * C + class) * A + anchor; background never a candidate.
-    candidates, candidate_scores = _candidate_probabilities(logits.float(), score_threshold)
+    candidates, candidate_scores = _candidate_probabilities(logits.float(), config.score_threshold)
     groups = candidates // num_anchors  # image * C + class
 
     # Group by (image, class), best score first; a stable sort keeps lower anchors first on ties.
     order = torch.sort(_descending_score_key(groups, candidate_scores), stable=True).indices
     rank = _rank_within_groups(groups[order])
-    top = rank < topk_per_class
+    top = rank < config.topk_per_class
     order, rank = order[top], rank[top]
     candidates, candidate_scores, groups = candidates[order], candidate_scores[order], groups[order]
 
@@ -242,11 +263,11 @@ def postprocess_flat(
     candidate_boxes = all_boxes[images * num_anchors + anchors]
 
     if nms == "per_group":
-        keep = _nms_per_group(candidate_boxes, candidate_scores, groups, iou_threshold)
+        keep = _nms_per_group(candidate_boxes, candidate_scores, groups, config.iou_threshold)
     elif nms == "matrix":
-        keep = _nms_matrix(candidate_boxes, groups, rank, iou_threshold)
+        keep = _nms_matrix(candidate_boxes, groups, rank, config.iou_threshold)
     elif nms == "offsets":
-        keep = _nms_offsets(candidate_boxes, candidate_scores, groups, iou_threshold)
+        keep = _nms_offsets(candidate_boxes, candidate_scores, groups, config.iou_threshold)
     else:
         raise ValueError(f"unknown NMS strategy {nms!r}")
     kept_boxes, kept_scores, kept_groups, kept_images = (
@@ -255,37 +276,33 @@ def postprocess_flat(
 
     # Best max_detections of each image; a stable sort keeps lower classes first on ties.
     order = torch.sort(_descending_score_key(kept_images, kept_scores), stable=True).indices
-    order = order[_rank_within_groups(kept_images[order]) < max_detections]
+    order = order[_rank_within_groups(kept_images[order]) < config.max_detections]
     labels = kept_groups[order] % num_classes
-    return kept_boxes[order], kept_scores[order], labels, kept_images[order]
+    return clip_boxes(kept_boxes[order]), kept_scores[order], labels, kept_images[order]
 
 
 class PostProcessor:
-    """``PostProcessor(default_boxes)(locs, logits, image_sizes=None) -> list[Detections]``."""
+    """``PostProcessor(default_boxes, config)(locs, logits, image_sizes=None) -> list[Detections]``.
+
+    Settings come from ``config`` (default: :class:`PostprocessConfig`'s); keyword ``overrides``
+    (``score_threshold=0.1``, ...) change single settings of it.
+    """
 
     def __init__(
         self,
         default_boxes: DefaultBoxes,
-        score_threshold: float = 0.05,
-        iou_threshold: float = 0.45,
-        topk_per_class: int = 200,
-        max_detections: int = 200,
+        config: Optional[PostprocessConfig] = None,
         nms: NmsStrategy = "auto",
+        **overrides: float,
     ) -> None:
         self.default_boxes = default_boxes
-        self.score_threshold = score_threshold
-        self.iou_threshold = iou_threshold
-        self.topk_per_class = topk_per_class
-        self.max_detections = max_detections
+        self.config = (config or PostprocessConfig()).replace(**overrides)
         self.nms = nms
 
     def flat(self, locs: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Flat (boxes, scores, labels, image_index) of the whole batch; see :func:`postprocess_flat`."""
         dboxes = self.default_boxes.to(logits.device)
-        return postprocess_flat(
-            locs, logits, dboxes.xywh, dboxes.scale_xy, dboxes.scale_wh,
-            self.score_threshold, self.iou_threshold, self.topk_per_class, self.max_detections, self.nms,
-        )
+        return postprocess_flat(locs, logits, dboxes.xywh, dboxes.scale_xy, dboxes.scale_wh, self.config, self.nms)
 
     @torch.no_grad()
     def __call__(
@@ -304,8 +321,7 @@ class PostProcessor:
         counts = torch.bincount(image_index, minlength=num_images).tolist()
         per_image_pixels: list[Optional[torch.Tensor]] = [None] * num_images
         if image_sizes is not None:
-            scale = image_sizes.to(boxes).repeat(1, 2)  # (N, 4): w, h, w, h
-            per_image_pixels = list((boxes * scale[image_index]).split(counts))
+            per_image_pixels = list(boxes_to_pixels(boxes, image_sizes.to(boxes.device)[image_index]).split(counts))
         return [
             Detections(b, s, l, p)
             for b, s, l, p in zip(boxes.split(counts), scores.split(counts), labels.split(counts), per_image_pixels)

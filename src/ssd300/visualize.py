@@ -18,6 +18,8 @@ import torch
 from PIL import Image
 from torchvision.utils import draw_bounding_boxes
 
+from ssd300.data.images import to_uint8_chw
+
 ImageLike = Union[Image.Image, np.ndarray, torch.Tensor]
 
 # 0.618... (golden ratio conjugate) spreads consecutive labels' hues far apart, so neighbouring
@@ -30,39 +32,6 @@ def class_color(label: int) -> tuple[int, int, int]:
     hue = (int(label) * _GOLDEN) % 1.0
     r, g, b = colorsys.hsv_to_rgb(hue, 0.85, 0.95)
     return int(r * 255), int(g * 255), int(b * 255)
-
-
-def to_uint8_chw(image: ImageLike) -> torch.Tensor:
-    """Convert a PIL image, an HWC numpy array or a CHW tensor to a 3xHxW uint8 tensor."""
-    if isinstance(image, Image.Image):
-        array = np.asarray(image.convert("RGB"))
-        return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
-    if isinstance(image, np.ndarray):
-        array = image
-        if array.ndim == 2:
-            array = array[:, :, None]
-        if array.ndim != 3:
-            raise ValueError(f"expected an HxW or HxWxC array, got shape {image.shape}")
-        tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
-    elif isinstance(image, torch.Tensor):
-        tensor = image.detach().cpu()
-        if tensor.dim() == 2:
-            tensor = tensor[None]
-        if tensor.dim() != 3:
-            raise ValueError(f"expected a CxHxW tensor, got shape {tuple(image.shape)}")
-    else:
-        raise TypeError(f"cannot draw on a {type(image).__name__}")
-    if tensor.is_floating_point():
-        tensor = (tensor.clamp(0, 1) * 255).round().to(torch.uint8)
-    elif tensor.dtype != torch.uint8:
-        raise ValueError(f"integer images must be uint8, got {tensor.dtype}")
-    if tensor.shape[0] == 1:
-        tensor = tensor.expand(3, -1, -1)
-    elif tensor.shape[0] == 4:
-        tensor = tensor[:3]
-    elif tensor.shape[0] != 3:
-        raise ValueError(f"expected 1, 3 or 4 channels, got {tensor.shape[0]}")
-    return tensor.contiguous()
 
 
 @functools.lru_cache(maxsize=1)

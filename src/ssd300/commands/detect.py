@@ -22,14 +22,15 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from ssd300.commands.options import add_postprocess_arguments, postprocess_config
 from ssd300.errors import UserInputError
+from ssd300.files import write_json
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 _GLOB_CHARS = set("*?[")
@@ -40,12 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="image files, folders (their images, not recursive) or glob patterns (quote them; ** recurses)")
     parser.add_argument("--checkpoint", required=True, help="an SSD300 checkpoint (ours or NVIDIA's reference)")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--score-threshold", type=float, default=0.05,
-                        help="keep detections scoring above this (default 0.05, as COCO evaluation)")
+    add_postprocess_arguments(parser)
     parser.add_argument("--draw-threshold", type=float, default=0.3,
                         help="draw only detections scoring at least this on the annotated images (default 0.3)")
-    parser.add_argument("--iou-threshold", type=float, default=0.45, help="NMS IoU threshold (default 0.45)")
-    parser.add_argument("--max-detections", type=int, default=200, help="detections kept per image (default 200)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     parser.add_argument("--amp", action="store_true",
@@ -99,33 +97,9 @@ def output_names(paths: list[str]) -> list[str]:
     return [stem if counts[stem] == 1 else f"{stem}_{i + 1}" for i, stem in enumerate(stems)]
 
 
-def _format_json(obj: Any) -> str:
-    """Readable and compact: top-level keys one per line, each list element on its own line."""
-    if isinstance(obj, list):
-        return "[\n" + ",\n".join(json.dumps(item) for item in obj) + "\n]" if obj else "[]"
-    if isinstance(obj, dict):
-        lines = [f"{json.dumps(key)}: {_format_json(value) if isinstance(value, list) else json.dumps(value)}"
-                 for key, value in obj.items()]
-        return "{\n" + ",\n".join(lines) + "\n}"
-    return json.dumps(obj)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(_format_json(obj) + "\n")
-    os.replace(tmp, path)
-
-
 def _check_args(args: argparse.Namespace) -> None:
-    if not 0.0 <= args.score_threshold <= 1.0:
-        raise UserInputError(f"--score-threshold must be in [0, 1], got {args.score_threshold}")
     if not 0.0 <= args.draw_threshold <= 1.0:
         raise UserInputError(f"--draw-threshold must be in [0, 1], got {args.draw_threshold}")
-    if not 0.0 < args.iou_threshold <= 1.0:
-        raise UserInputError(f"--iou-threshold must be in (0, 1], got {args.iou_threshold}")
-    if args.max_detections < 1:
-        raise UserInputError(f"--max-detections must be >= 1, got {args.max_detections}")
     if args.batch_size < 1:
         raise UserInputError(f"--batch-size must be >= 1, got {args.batch_size}")
     out = Path(args.out)
@@ -134,6 +108,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    postprocess = postprocess_config(args)
     _check_args(args)
     paths, missing = expand_inputs(args.inputs)
     for item, problem in missing:
@@ -147,8 +122,7 @@ def run(args: argparse.Namespace) -> int:
     from ssd300.visualize import draw_detection_result, save_image
 
     detector = Detector.from_checkpoint(
-        args.checkpoint, device=args.device, score_threshold=args.score_threshold,
-        iou_threshold=args.iou_threshold, max_detections=args.max_detections, batch_size=args.batch_size,
+        args.checkpoint, device=args.device, postprocess=postprocess, batch_size=args.batch_size,
         amp=args.amp, draft=not args.full_decode, backend=args.backend)
     label_map = detector.label_map
     out = Path(args.out)
@@ -171,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
         images.append({"id": image_id, "file_name": path, "width": width, "height": height})
         results.extend(result.to_coco(image_id))
         record = {"image_id": image_id, **result.to_dict()}
-        _write_json(out / "detections" / f"{name_of[path]}.json", record)
+        write_json(out / "detections" / f"{name_of[path]}.json", record)
         if not args.no_images:
             from ssd300.inference import load_rgb
 
@@ -183,8 +157,8 @@ def run(args: argparse.Namespace) -> int:
 
     categories = [{"id": cid, "name": name}
                   for cid, name in zip(label_map.category_ids[1:], label_map.names[1:])]
-    _write_json(out / "coco_results.json", results)
-    _write_json(out / "images.json", {"images": images, "categories": categories, "skipped": skipped})
+    write_json(out / "coco_results.json", results)
+    write_json(out / "images.json", {"images": images, "categories": categories, "skipped": skipped})
     shown = sum(1 for r in results if r["score"] >= args.draw_threshold)
     print(f"ssd300 detect: {len(images)} images in {elapsed:.1f} s ({len(images) / max(elapsed, 1e-9):.1f} images/s), "
           f"{len(results)} detections ({shown} scoring >= {args.draw_threshold}), {len(skipped)} skipped; "

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ssd300.commands.options import add_postprocess_arguments, postprocess_config
 from ssd300.errors import UserInputError
 from ssd300.export import DEFAULT_OPSET, EXPORTERS, FORMATS, build_export_module, export_model, format_from_suffix
 
@@ -27,9 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=FORMATS, default=None,
                         help="onnx or torchscript (default: from the --out suffix: .onnx, or .pt/.ts)")
     parser.add_argument("--raw", action="store_true", help="export the network alone (locs, logits), no NMS")
-    parser.add_argument("--score-threshold", type=float, default=0.05, help="baked-in score threshold (default 0.05)")
-    parser.add_argument("--iou-threshold", type=float, default=0.45, help="baked-in NMS IoU threshold (default 0.45)")
-    parser.add_argument("--max-detections", type=int, default=200, help="K, detections per image (default 200)")
+    add_postprocess_arguments(parser, baked=True)
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     parser.add_argument("--exporter", choices=EXPORTERS, default="auto",
                         help="ONNX exporter: dynamo (torch's default), legacy (TorchScript-based) or auto "
@@ -88,6 +87,7 @@ def _onnx_exporter(path: Path) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    config = postprocess_config(args)  # validated before the checkpoint is read
     fmt = args.format or format_from_suffix(args.out)
     if fmt is None:
         raise UserInputError(f"--out {args.out}: cannot tell the format from the suffix; pass --format onnx|torchscript")
@@ -99,16 +99,14 @@ def run(args: argparse.Namespace) -> int:
     from ssd300.checkpoint import load_model
 
     model, label_map, _ = load_model(args.checkpoint, map_location="cpu")
-    settings = dict(score_threshold=args.score_threshold, iou_threshold=args.iou_threshold,
-                    max_detections=args.max_detections)
     start = time.perf_counter()
     path = export_model(model, label_map, args.out, fmt, raw=args.raw, opset=args.opset, exporter=args.exporter,
-                        **({} if args.raw else settings))
+                        config=config)
     how = fmt if fmt != "onnx" else f"onnx, {_onnx_exporter(path)} exporter"
     print(f"ssd300 export: wrote {path} ({how}, {'raw outputs' if args.raw else 'with NMS'}, dynamic batch) "
           f"in {time.perf_counter() - start:.1f} s")
     if not args.no_check:
-        module = build_export_module(model, raw=args.raw, **({} if args.raw else settings))
+        module = build_export_module(model, raw=args.raw, config=config)
         worst, same_ints = check_export(module, Path(path), fmt)
         verdict = "labels and counts equal" if same_ints else "WARNING: labels or counts differ"
         print(f"ssd300 export: checked against PyTorch on a random batch of 2: "

@@ -1,4 +1,5 @@
-"""Opening image files as RGB, whatever their mode, with optional reduced-size JPEG decoding.
+"""Opening image files as RGB, whatever their mode, with optional reduced-size JPEG decoding, and
+the one coercion of in-memory images (PIL, numpy, tensors) to uint8 RGB tensors.
 
 COCO boxes refer to the stored pixel grid, so EXIF orientation is deliberately *not* applied.
 """
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Union
 
 import numpy as np
+import torch
 from PIL import Image
 
 PathLike = Union[str, Path]
@@ -65,3 +67,41 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def load_image(path: PathLike) -> Image.Image:
     """Read a whole image file as an RGB PIL image (raises one of DECODE_ERRORS on a bad file)."""
     return to_rgb(open_image(path))
+
+
+def to_uint8_chw(image: Union[Image.Image, np.ndarray, torch.Tensor]) -> torch.Tensor:
+    """The one image coercer: PIL image (any mode) / HxW or HxWxC numpy array / CxHxW or HxW tensor
+    -> uint8 RGB (3, H, W) tensor on the CPU.
+
+    Arrays and tensors may be uint8, or float in [0, 1] (scaled and rounded to 0..255); 1 channel
+    is repeated, a 4th (alpha) dropped. No copy where none is needed: a PIL image or HWC array
+    comes back as a channels-last view of its pixels.
+    """
+    if isinstance(image, Image.Image):
+        return torch.from_numpy(np.array(to_rgb(image), dtype=np.uint8)).permute(2, 0, 1)
+    if isinstance(image, np.ndarray):
+        if image.ndim == 2:
+            image = image[:, :, None]
+        if image.ndim != 3:
+            raise ValueError(f"expected an HxW or HxWxC image array, got shape {image.shape}")
+        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    elif isinstance(image, torch.Tensor):
+        tensor = image.detach().cpu()
+        if tensor.dim() == 2:
+            tensor = tensor[None]
+        if tensor.dim() != 3:
+            raise ValueError(f"expected a CxHxW image tensor, got shape {tuple(image.shape)}")
+    else:
+        raise TypeError(f"not an image: a {type(image).__name__}; pass a PIL image, a numpy array or a tensor")
+    if tensor.is_floating_point():
+        tensor = (tensor.float().clamp(0, 1) * 255).round().to(torch.uint8)
+    elif tensor.dtype != torch.uint8:
+        raise ValueError(f"images must be uint8 or float in [0, 1], got {tensor.dtype}")
+    channels = tensor.shape[0]
+    if channels == 1:
+        return tensor.expand(3, -1, -1)
+    if channels == 4:
+        return tensor[:3]
+    if channels != 3:
+        raise ValueError(f"expected 1, 3 or 4 channels, got {channels} (shape {tuple(tensor.shape)})")
+    return tensor

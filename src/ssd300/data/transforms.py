@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ssd300.data.images import draft_for_crop, to_rgb
+from ssd300.data.images import draft_for_crop, to_rgb, to_uint8_chw
 
 INPUT_SIZE = 300
 MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -37,29 +37,6 @@ ImageLike = Union[Image.Image, torch.Tensor, np.ndarray]
 # ----------------------------------------------------------------------------- evaluation
 
 
-def to_hwc_uint8(image: ImageLike) -> torch.Tensor:
-    """PIL image (any mode) / uint8 CHW tensor / uint8 HWC (or HW) numpy array -> uint8 (H, W, 3)."""
-    if isinstance(image, Image.Image):
-        return torch.from_numpy(np.array(to_rgb(image), dtype=np.uint8))  # a writable copy for torch
-    if isinstance(image, torch.Tensor):
-        tensor = image.detach().cpu()
-        if tensor.ndim != 3 or tensor.shape[0] not in (1, 3):
-            raise ValueError(f"expected an image tensor (3, H, W) or (1, H, W), got {tuple(tensor.shape)}")
-        if tensor.dtype != torch.uint8:
-            raise ValueError(f"expected a uint8 image tensor, got {tensor.dtype}")
-        return tensor.expand(3, -1, -1).permute(1, 2, 0)
-    if isinstance(image, np.ndarray):
-        if image.ndim == 2:
-            image = image[:, :, None]
-        if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
-            raise ValueError(f"expected an HWC RGB array, got shape {image.shape}")
-        if image.dtype != np.uint8:
-            raise ValueError(f"expected a uint8 array, got {image.dtype}")
-        return torch.from_numpy(np.ascontiguousarray(image)).expand(-1, -1, 3) if image.shape[2] == 1 \
-            else torch.from_numpy(np.ascontiguousarray(image[:, :, :3]))
-    raise TypeError(f"unsupported image type {type(image).__name__}")
-
-
 def resize_hwc_uint8(pixels: torch.Tensor, size: int = INPUT_SIZE,
                      box: Optional[tuple[int, int, int, int]] = None) -> torch.Tensor:
     """Crop (integer ltrb ``box``) and resize a uint8 (H, W, 3) tensor -> uint8 (3, size, size).
@@ -78,8 +55,8 @@ def resize_hwc_uint8(pixels: torch.Tensor, size: int = INPUT_SIZE,
 
 
 def resize_uint8(image: ImageLike, size: int = INPUT_SIZE) -> torch.Tensor:
-    """PIL image / uint8 CHW tensor / HWC uint8 RGB array -> uint8 tensor (3, size, size)."""
-    return resize_hwc_uint8(to_hwc_uint8(image), size)
+    """Any image :func:`~ssd300.data.images.to_uint8_chw` takes -> uint8 tensor (3, size, size)."""
+    return resize_hwc_uint8(to_uint8_chw(image).permute(1, 2, 0), size)
 
 
 _NORM_CACHE: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}

@@ -1,19 +1,23 @@
-"""Reading untrusted PyTorch files: ``torch.load(weights_only=True)``, one-line errors.
+"""Files in and out: untrusted PyTorch files read safely, JSON written atomically.
 
-Used for checkpoints (:mod:`ssd300.checkpoint`) and ImageNet backbone weights
-(:mod:`ssd300.backbone`). It imports no model code, so both can use it without an import cycle.
+``read_torch_file`` (``torch.load(weights_only=True)``, one-line errors) serves checkpoints
+(:mod:`ssd300.checkpoint`) and ImageNet backbone weights (:mod:`ssd300.backbone`); this module
+imports no model code, so both use it without an import cycle. ``write_json`` is the one JSON
+writer (results, per-image detections, run summaries).
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import json
+import math
 import os
 import pickle
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Iterator, Literal, Union
 
 import torch
 
@@ -76,3 +80,42 @@ def strip_module_prefix(key: str) -> str:
     while key.startswith("module."):
         key = key[len("module."):]
     return key
+
+
+def json_ready(value: Any) -> Any:
+    """JSON-ready: paths as strings, non-finite floats as strings ("nan", "inf"), tuples as lists."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _rows_layout(obj: Any) -> str:
+    """Readable and compact: a dict's keys one per line, each element of a list on its own line."""
+    if isinstance(obj, list):
+        return "[\n" + ",\n".join(json.dumps(item) for item in obj) + "\n]" if obj else "[]"
+    if isinstance(obj, dict):
+        lines = [f"{json.dumps(key)}: {_rows_layout(value) if isinstance(value, list) else json.dumps(value)}"
+                 for key, value in obj.items()]
+        return "{\n" + ",\n".join(lines) + "\n}"
+    return json.dumps(obj)
+
+
+def write_json(path: PathLike, obj: Any, layout: Literal["rows", "indent"] = "rows") -> Path:
+    """Write ``obj`` as JSON atomically (temp file + rename: readers never see half a file).
+
+    ``layout="rows"``: one list element per line (results, detections); ``"indent"``: indented.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    obj = json_ready(obj)
+    text = _rows_layout(obj) if layout == "rows" else json.dumps(obj, indent=2)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text + "\n")
+    os.replace(tmp, path)
+    return path
