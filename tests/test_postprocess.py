@@ -223,5 +223,9 @@ def test_config_is_validated_once_naming_the_flag() -> None:
             PostprocessConfig(**bad)
         with pytest.raises(UserInputError, match=flag):
             PostProcessor(default_boxes_300(), **bad)
+    import numpy as np
+
+    plain = PostprocessConfig(score_threshold=np.float32(0.25), max_detections=np.int64(9))
+    assert type(plain.score_threshold) is float and type(plain.max_detections) is int
     assert PostProcessor(default_boxes_300(), COCO_EVAL, max_detections=7).config == PostprocessConfig(
         iou_threshold=0.5, max_detections=7)

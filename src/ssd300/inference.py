@@ -343,6 +343,7 @@ class Detector:
         results = []
         for i, det in enumerate(per_image):
             labels = det.labels.cpu()
+            assert det.boxes_pixels is not None  # image_sizes were given
             results.append(ImageDetections(
                 boxes=det.boxes_pixels.cpu(), scores=det.scores.cpu(), labels=labels,
                 class_names=[self._names[i] for i in labels.tolist()],

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -72,14 +73,17 @@ class PostprocessConfig:
             flag = "--" + field_name.replace("_", "-")
             return UserInputError(f"{flag} ({field_name}) must be {rule}, got {value!r}")
 
+        # Plain Python numbers (numpy or tensor scalars would not serialise into export metadata).
         for name in ("score_threshold", "iou_threshold"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
                 raise bad(name, "a number", value)
+            object.__setattr__(self, name, float(value))
         for name in ("topk_per_class", "max_detections"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise bad(name, "an integer >= 1", value)
+            object.__setattr__(self, name, int(value))
         if not 0.0 <= self.score_threshold <= 1.0:
             raise bad("score_threshold", "in [0, 1]", self.score_threshold)
         if not 0.0 < self.iou_threshold <= 1.0:
