@@ -119,6 +119,12 @@ def test_wrong_checkpoint_and_bad_flags_are_one_line_errors(inputs, checkpoint, 
     rc = main(["detect", "--checkpoint", str(checkpoint), str(inputs / "one.jpg"), "--out", str(inputs / "o"),
                "--score-threshold", "2"])
     assert rc == 2 and "--score-threshold" in capsys.readouterr().err
+    detect = ["detect", "--checkpoint", str(checkpoint), str(inputs / "one.jpg"), "--out", str(inputs / "o")]
+    export = ["export", "--checkpoint", str(checkpoint), "--out", str(inputs / "o.pt")]
+    for command in (detect, export):  # one validation (PostprocessConfig), naming the flag
+        rc = main([*command, "--topk-per-class", "0"])
+        err = capsys.readouterr().err
+        assert rc == 2 and "--topk-per-class (topk_per_class) must be an integer >= 1, got 0" in err, err
     rc = main(["detect", "--checkpoint", str(checkpoint), str(inputs / "nothing_here"), "--out", str(inputs / "o")])
     assert rc == 2 and "no images" in capsys.readouterr().err
 

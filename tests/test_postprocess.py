@@ -190,10 +190,8 @@ def test_cuda_matches_cpu() -> None:
     locs, logits = confident(7)
     cpu = PostProcessor(default_boxes_300())(locs, logits)
     gpu = PostProcessor(default_boxes_300())(locs.cuda(), logits.cuda())
-    for a, b in zip(cpu, gpu):
-        assert torch.equal(a.labels, b.labels.cpu())
-        torch.testing.assert_close(a.scores, b.scores.cpu())
-        torch.testing.assert_close(a.boxes, b.boxes.cpu())
+    assert_same([Detections(d.boxes.cpu(), d.scores.cpu(), d.labels.cpu()) for d in gpu],
+                [(d.boxes, d.scores, d.labels) for d in cpu])
 
 
 def test_boxes_are_clipped_to_the_image() -> None:
