@@ -42,7 +42,8 @@ from ssd300.box_coder import decode_boxes
 from ssd300.data.transforms import EvalTransform
 from ssd300.default_boxes import default_boxes_300
 from ssd300.export import export_model
-from ssd300.inference import Detector, bf16_supported_on_cpu, load_rgb
+from ssd300.inference import Detector, load_rgb
+from ssd300.runtime import Runtime
 from ssd300.labels import LabelMap
 from ssd300.model import NUM_DEFAULTS, SSD300
 
@@ -247,8 +248,11 @@ def main() -> None:
     args = parser.parse_args()
 
     threads = torch.get_num_threads()
-    native_bf16 = bf16_supported_on_cpu()
+    amp_runtime = Runtime.resolve("cpu", amp=True)  # the policy every command uses
+    native_bf16 = amp_runtime.native_bf16
     run_bf16 = args.bf16 == "on" or (args.bf16 == "auto" and native_bf16)
+    # --bf16 on forces the bf16 path even where it is emulated (to measure how slow that is).
+    bf16_runtime = amp_runtime if native_bf16 else Runtime.resolve("cpu", amp=True, bf16_available=True)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         paths = make_jpegs(folder, 16)
@@ -256,8 +260,9 @@ def main() -> None:
         onnx_path = export_model(model, LabelMap.coco2017(), folder / "ssd300.onnx", "onnx")
         fp32 = Detector(model, LabelMap.coco2017(), device="cpu", batch_size=8)
         ort_backend = Detector(model, LabelMap.coco2017(), device="cpu", batch_size=8, backend="onnxruntime")
-        bf16 = Detector(model, LabelMap.coco2017(), device="cpu", batch_size=8, bf16=True) if run_bf16 else None
+        bf16 = Detector(model, LabelMap.coco2017(), batch_size=8, runtime=bf16_runtime) if run_bf16 else None
         detections = np.mean([len(r) for r in fp32(paths[:8])])
+        print(amp_runtime.describe())
         print(f"torch {torch.__version__}, {threads} threads, native bf16: {native_bf16}; "
               f"{candidates:.0f} candidates and {detections:.0f} detections per image\n")
 

@@ -19,11 +19,12 @@ from ssd300.box_coder import BoxCoder
 from ssd300.data.loaders import Batch
 from ssd300.default_boxes import default_boxes_300
 from ssd300.distributed import DistributedContext
-from ssd300.engine import Precision, Trainer, cpu_has_native_bf16
 from ssd300.labels import LabelMap
 from ssd300.logging_utils import RunLogger
 from ssd300.model import SSD300
 from ssd300.optim import WarmupMultiStepSchedule, build_optimizer
+from ssd300.runtime import Runtime
+from ssd300.trainer import Trainer
 
 
 def make_batch(batch_size: int) -> Batch:
@@ -42,10 +43,11 @@ def make_trainer(backbone: str, bf16: bool, channels_last: bool) -> Trainer:
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()
-    precision = Precision("cpu", torch.bfloat16 if bf16 else None, None)
+    # bf16_available=True forces bf16 where it is emulated too (measured once, to show how slow it is).
+    runtime = Runtime.resolve("cpu", amp=bf16, channels_last=channels_last, bf16_available=True)
     return Trainer(model=model, optimizer=build_optimizer(model, 1e-3), schedule=WarmupMultiStepSchedule(1e-3, 0, []),
-                   box_coder=BoxCoder(default_boxes_300()), precision=precision, ctx=DistributedContext(),
-                   label_map=LabelMap.generic(4), logger=RunLogger(enabled=False), channels_last=channels_last)
+                   box_coder=BoxCoder(default_boxes_300()), runtime=runtime, ctx=DistributedContext(),
+                   label_map=LabelMap.generic(4), logger=RunLogger(enabled=False))
 
 
 def step_seconds(trainer: Trainer, batch: Batch) -> float:
@@ -62,8 +64,8 @@ def main() -> None:
     parser.add_argument("--backbones", nargs="+", default=["resnet18", "resnet50"])
     args = parser.parse_args()
     batch = make_batch(args.batch_size)
-    print(f"CPU training step, batch {args.batch_size}, {torch.get_num_threads()} threads, "
-          f"native bf16: {cpu_has_native_bf16()}, capability {torch.backends.cpu.get_cpu_capability()}; "
+    policy = Runtime.resolve("cpu", amp=True)
+    print(f"CPU training step, batch {args.batch_size}; the commands' policy here: {policy.describe()}; "
           f"configurations interleaved round by round so machine load hits them alike\n")
     print("| backbone | precision | layout | images/s (median) | vs fp32 NCHW |")
     print("|---|---|---|---|---|")
@@ -73,7 +75,7 @@ def main() -> None:
         times: dict[tuple[bool, bool], list[float]] = {v: [] for v in variants}
         for round_index in range(args.warmup + args.iterations):
             for variant, trainer in trainers.items():
-                emulated_bf16 = variant[0] and not cpu_has_native_bf16()
+                emulated_bf16 = variant[0] and not policy.native_bf16
                 if emulated_bf16 and round_index > args.warmup:  # ~10x slower: one timed step is enough
                     continue
                 seconds = step_seconds(trainer, batch)

@@ -13,10 +13,12 @@ from torch import nn
 
 from ssd300 import checkpoint as ckpt
 from ssd300.checkpoint import (
+    ModelSpec,
     infer_architecture,
     load_checkpoint,
     load_model,
     load_model_weights,
+    resolve_model_spec,
     model_checkpoint,
     save_checkpoint,
 )
@@ -243,8 +245,32 @@ def test_weights_that_contradict_their_metadata(model: SSD300, label_map: LabelM
     stored["category_ids"] = {i: i for i in range(5)}
     path = tmp_path / "inconsistent.pt"
     save_checkpoint(path, stored)
-    with pytest.raises(UserInputError, match=r"weights do not fit the model: 12 tensors of another shape \(e.g. conf.0.weight: \(16, 256, 3, 3\) vs \(20, 256, 3, 3\)\)"):
+    # one rule: the weights decide the architecture; stored entries that contradict them are refused
+    with pytest.raises(UserInputError, match=r"inconsistent.pt: its 'num_classes' entry \(5\) contradicts its weights \(4\)"):
         load_model(path)
+    stored["num_classes"], stored["backbone"] = 4, "resnet50"
+    save_checkpoint(path, stored)
+    with pytest.raises(UserInputError, match=r"its 'backbone' entry \('resnet50'\) contradicts its weights \('resnet18'\)"):
+        load_model(path)
+
+
+def test_resolve_model_spec_one_rule_for_checkpoint_dataset_and_flags(model: SSD300, label_map: LabelMap) -> None:
+    data = LabelMap.generic(label_map.num_classes)
+    # no checkpoint: the explicit backbone (default resnet50) and the dataset's label map
+    assert resolve_model_spec(None, data_label_map=data) == ModelSpec("resnet50", data)
+    assert resolve_model_spec(None, data_label_map=data, backbone="resnet18").backbone == "resnet18"
+    # a checkpoint: its weights decide; its label map names the classes
+    stored = model_checkpoint(model, label_map)
+    assert resolve_model_spec(stored) == ModelSpec("resnet18", label_map)
+    with pytest.raises(UserInputError, match="backbone is resnet18 but resnet34 was requested"):
+        resolve_model_spec(stored, backbone="resnet34")
+    # a bare state dict (no label map) takes the dataset's, which must have as many classes
+    bare = {"model": model.state_dict()}
+    assert resolve_model_spec(bare, data_label_map=data).label_map == data
+    with pytest.raises(UserInputError, match="has 4 classes .* but the dataset has 5"):
+        resolve_model_spec(bare, data_label_map=LabelMap.generic(label_map.num_classes + 1))
+    with pytest.raises(UserInputError, match="other category ids than the dataset's"):
+        resolve_model_spec(stored, data_label_map=LabelMap.generic(3))
 
 
 def test_missing_and_unexpected_keys_are_reported(model: SSD300, tmp_path: Path) -> None:

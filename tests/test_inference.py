@@ -12,7 +12,8 @@ from ssd300.checkpoint import model_checkpoint, save_checkpoint
 from ssd300.data.transforms import EvalTransform
 from ssd300.default_boxes import default_boxes_300
 from ssd300.errors import UserInputError
-from ssd300.inference import Detector, ImageDetections, bf16_supported_on_cpu, resolve_device
+from ssd300.inference import Detector, ImageDetections
+from ssd300.runtime import Runtime, resolve_device
 from ssd300.labels import LabelMap
 from ssd300.model import SSD300
 from ssd300.postprocess import PostProcessor
@@ -183,12 +184,25 @@ def test_to_dict_and_to_coco():
 
 def test_bf16_channels_last_path_agrees(checkpoint, images):
     fp32 = Detector.from_checkpoint(checkpoint, score_threshold=0.1)(images[0])
-    bf16 = Detector.from_checkpoint(checkpoint, score_threshold=0.1, bf16=True)(images[0])
-    assert bf16_supported_on_cpu() in (True, False)
+    # The bf16 path forced on (emulated, slower, on CPUs without native bf16), so it is checked on every CPU.
+    forced = Runtime.resolve("cpu", amp=True, bf16_available=True)
+    detector = Detector.from_checkpoint(checkpoint, score_threshold=0.1, runtime=forced)
+    assert detector.bf16 and detector.channels_last
+    bf16 = detector(images[0])
     # bfloat16 has 8 bits of mantissa: the top detections agree, to a pixel or so.
     assert bf16.labels[:3].tolist() == fp32.labels[:3].tolist()
     torch.testing.assert_close(bf16.boxes[:3], fp32.boxes[:3], atol=3.0, rtol=0)
     torch.testing.assert_close(bf16.scores[:3], fp32.scores[:3], atol=0.03, rtol=0)
+
+
+def test_amp_without_native_bf16_runs_fp32_with_a_warning(checkpoint, images, monkeypatch, caplog):
+    monkeypatch.setattr("ssd300.runtime.native_bf16", lambda: False)
+    detector = Detector.from_checkpoint(checkpoint, score_threshold=0.1, amp=True)
+    assert not detector.bf16 and detector.runtime.dtype is None
+    assert "no native bf16" in caplog.text and "fp32" in caplog.text
+    fp32 = Detector.from_checkpoint(checkpoint, score_threshold=0.1)(images[0])
+    result = detector(images[0])
+    torch.testing.assert_close(result.scores, fp32.scores)
 
 
 def test_bad_device_is_a_user_error():

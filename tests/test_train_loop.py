@@ -15,18 +15,20 @@ import torch
 
 from ssd300.box_coder import BoxCoder
 from ssd300.coco_eval import load_coco_ground_truth
-from ssd300.commands import train
-from ssd300.commands.evaluate import train_namespace
 from ssd300.data.coco import CocoDetection
 from ssd300.data.loaders import build_eval_loader, build_train_loader
 from ssd300.data.synth import generate_synthetic_dataset
 from ssd300.data.transforms import TrainTransform
 from ssd300.default_boxes import default_boxes_300
 from ssd300.distributed import DistributedContext
-from ssd300.engine import NonFiniteLossError, Precision, Trainer, evaluate, recalibrate_batchnorm
+from ssd300.batchnorm import recalibrate_batchnorm
+from ssd300.evaluation import evaluate_model
 from ssd300.logging_utils import RunLogger
 from ssd300.model import SSD300
 from ssd300.optim import WarmupMultiStepSchedule, build_optimizer
+from ssd300.runtime import Runtime
+from ssd300.trainer import NonFiniteLossError, Trainer
+from ssd300.training import TrainConfig, run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,16 +46,16 @@ def _trainer(dataset: CocoDetection, lr: float, warmup: int = 0, save_dir: Path 
     model = SSD300("resnet18", num_classes=dataset.label_map.num_classes)
     optimizer = build_optimizer(model, lr)
     return Trainer(model=model, optimizer=optimizer, schedule=WarmupMultiStepSchedule(lr, warmup, [1000]),
-                   box_coder=BoxCoder(default_boxes_300()), precision=Precision.for_device(torch.device("cpu"), False),
+                   box_coder=BoxCoder(default_boxes_300()), runtime=Runtime.resolve("cpu", amp=False),
                    ctx=DistributedContext(), label_map=dataset.label_map, logger=RunLogger(enabled=False),
-                   channels_last=False, save_dir=save_dir)
+                   save_dir=save_dir)
 
 
 def _ap50(trainer: Trainer, data_dir: Path, dataset: CocoDetection) -> float:
     loader = build_eval_loader(CocoDetection(data_dir / "train", dataset.annotation_file, train=False,
                                              label_map=dataset.label_map), 4, num_workers=0)
-    metrics = evaluate(trainer.model, loader, load_coco_ground_truth(dataset.annotation_file), dataset.label_map,
-                       ctx=trainer.ctx, precision=trainer.precision, channels_last=False)
+    metrics = evaluate_model(trainer.model, loader, load_coco_ground_truth(dataset.annotation_file),
+                             dataset.label_map, ctx=trainer.ctx, runtime=trainer.runtime, channels_last=False)
     return metrics.ap50
 
 
@@ -102,12 +104,12 @@ def test_nan_loss_stops_naming_the_iteration_and_keeps_the_checkpoint(data_dir, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_0.pt"]
 
 
-def _args(data_dir: Path, **overrides) -> object:
+def _args(data_dir: Path, **overrides) -> TrainConfig:
     base = dict(data=data_dir, backbone="resnet18", epochs=2, batch_size=2, eval_batch_size=2, seed=0,
-                num_workers=0, amp=False, evaluation=[], warmup=2, learning_rate=0.05, log_interval=1,
+                num_workers=0, amp=False, evaluation=(), warmup=2, learning_rate=0.05, log_interval=1,
                 progress=False, device="cpu")
     base.update(overrides)
-    return train_namespace(**base)
+    return TrainConfig(**base)
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -118,7 +120,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 def straight_run(data_dir, tmp_path_factory) -> Path:
     """2 epochs x 2 steps without interruption; the reference for the resume tests."""
     out = tmp_path_factory.mktemp("straight")
-    train.execute(_args(data_dir, save=out))
+    run(_args(data_dir, save=out))
     return out
 
 
@@ -137,9 +139,9 @@ def test_checkpoint_is_weights_only_with_reference_keys(straight_run):
 
 def test_resume_at_epoch_boundary_equals_a_straight_run(data_dir, straight_run, tmp_path):
     first, resumed = tmp_path / "first", tmp_path / "resumed"
-    train.execute(_args(data_dir, epochs=1, save=first))
+    run(_args(data_dir, epochs=1, save=first))
     # no --seed on resume: the checkpoint's seed (and data order) is used
-    train.execute(_args(data_dir, seed=None, checkpoint=first / "epoch_0.pt", save=resumed))
+    run(_args(data_dir, seed=None, checkpoint=first / "epoch_0.pt", save=resumed))
     assert not (resumed / "epoch_0.pt").exists()
     a, b = _weights(straight_run / "epoch_1.pt"), _weights(resumed / "epoch_1.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -171,6 +173,6 @@ def test_sigterm_writes_a_checkpoint_and_mid_epoch_resume_is_exact(data_dir, str
     assert checkpoint["iteration"] == 2 * checkpoint["epoch"] + checkpoint["batch_in_epoch"]
     assert "resume with --checkpoint" in output
 
-    train.execute(_args(data_dir, seed=None, checkpoint=interrupted / "interrupted.pt", save=resumed))
+    run(_args(data_dir, seed=None, checkpoint=interrupted / "interrupted.pt", save=resumed))
     a, b = _weights(straight_run / "epoch_1.pt"), _weights(resumed / "epoch_1.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)

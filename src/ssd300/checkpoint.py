@@ -16,6 +16,7 @@ import contextlib
 import os
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -124,14 +125,70 @@ def infer_architecture(state_dict: Mapping[str, torch.Tensor], source: str = "ch
     return backbone, int(conf0.shape[0]) // DefaultBoxesConfig().boxes_per_location[0]
 
 
-def _architecture_of(checkpoint: Mapping[str, Any], state: Mapping[str, torch.Tensor], source: str) -> tuple[str, int]:
-    """Stored ``backbone``/``num_classes`` when present (ours), else inferred from the weights."""
-    inferred = infer_architecture(state, source)
-    backbone = checkpoint.get("backbone", inferred[0])
-    num_classes = checkpoint.get("num_classes", inferred[1])
-    if not isinstance(backbone, str) or not isinstance(num_classes, int):
-        raise UserInputError(f"{source}: malformed 'backbone'/'num_classes' entries")
-    return backbone, num_classes
+def checkpoint_architecture(checkpoint: Mapping[str, Any], source: str = "checkpoint") -> tuple[str, int]:
+    """(backbone, num_classes) of a checkpoint: read from its weights, the one rule.
+
+    The weights are what gets loaded, so they decide; our stored ``backbone``/``num_classes``
+    entries must agree with them (a file whose entries contradict its weights is refused).
+    """
+    inferred = infer_architecture(model_state_dict(checkpoint, source), source)
+    for key, value in zip(("backbone", "num_classes"), inferred):
+        stored = checkpoint.get(key, value)
+        if stored != value or type(stored) is not type(value):
+            raise UserInputError(f"{source}: its '{key}' entry ({stored!r}) contradicts its weights ({value!r})")
+    return inferred
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to build: the backbone and the label map (its size is the classifier's class count)."""
+
+    backbone: str
+    label_map: LabelMap
+
+    @property
+    def num_classes(self) -> int:
+        return self.label_map.num_classes
+
+
+def resolve_model_spec(checkpoint: Mapping[str, Any] | None = None, *, source: str = "checkpoint",
+                       data_label_map: LabelMap | None = None, backbone: str | None = None,
+                       num_classes: int | None = None, default_backbone: str = "resnet50") -> ModelSpec:
+    """Decide the model's architecture and label map once, from (checkpoint, dataset, explicit choices).
+
+    * With a checkpoint, its weights decide the architecture (:func:`checkpoint_architecture`); an
+      explicit ``backbone``/``num_classes`` must agree. Its ``label_map`` names the classes; a file
+      without one (a bare state dict) takes the dataset's, else generic names.
+      ``data_label_map`` (the training data's) must have the checkpoint's category ids.
+    * Without one: ``backbone`` (default ``default_backbone``) and the dataset's label map.
+    """
+    if backbone is not None:
+        check_backbone_name(backbone)
+    if checkpoint is None:
+        if data_label_map is None:
+            raise ValueError("resolve_model_spec needs a checkpoint or a dataset label map")
+        if num_classes is not None and num_classes != data_label_map.num_classes:
+            raise UserInputError(f"the dataset has {data_label_map.num_classes} classes (incl. background) "
+                                 f"but {num_classes} were requested")
+        return ModelSpec(backbone or default_backbone, data_label_map)
+    stored = checkpoint_architecture(checkpoint, source)
+    _check_match(source, stored, backbone, num_classes)
+    if checkpoint.get("label_map") or data_label_map is None:
+        try:
+            label_map = LabelMap.from_checkpoint(checkpoint, num_classes=stored[1])
+        except ValueError as exc:
+            raise UserInputError(f"{source}: {exc}") from None
+    else:
+        if data_label_map.num_classes != stored[1]:
+            raise UserInputError(f"{source}: has {stored[1]} classes (incl. background) but the dataset has "
+                                 f"{data_label_map.num_classes}")
+        label_map = data_label_map
+    if data_label_map is not None and (label_map.num_classes != data_label_map.num_classes
+                                       or label_map.category_ids != data_label_map.category_ids):
+        raise UserInputError(
+            f"{source} was trained on {label_map.num_classes - 1} classes with other category ids than the "
+            f"dataset's ({data_label_map.num_classes - 1} classes)")
+    return ModelSpec(stored[0], label_map)
 
 
 def _check_match(source: str, stored: tuple[str, int], backbone: str | None, num_classes: int | None) -> None:
@@ -181,18 +238,10 @@ def load_model(
     """
     source = f"checkpoint {path}"
     checkpoint = load_checkpoint(path, map_location=map_location)
-    state = model_state_dict(checkpoint, source)
-    stored = _architecture_of(checkpoint, state, source)
-    if backbone is not None:
-        check_backbone_name(backbone)
-    _check_match(source, stored, backbone, num_classes)
-    model = SSD300(stored[0], stored[1])
-    _load_strict(model, state, source)
-    try:
-        label_map = LabelMap.from_checkpoint(checkpoint, num_classes=stored[1])
-    except ValueError as exc:
-        raise UserInputError(f"{source}: {exc}") from None
-    return model.to(_device_of(map_location)).eval(), label_map, checkpoint
+    spec = resolve_model_spec(checkpoint, source=source, backbone=backbone, num_classes=num_classes)
+    model = SSD300(spec.backbone, spec.num_classes)
+    _load_strict(model, model_state_dict(checkpoint, source), source)
+    return model.to(_device_of(map_location)).eval(), spec.label_map, checkpoint
 
 
 def load_model_weights(
@@ -208,16 +257,16 @@ def load_model_weights(
     else:
         source = f"checkpoint {checkpoint}"
         checkpoint = load_checkpoint(checkpoint, map_location=map_location)
-    target = _unwrap(model)
+    target = unwrap_model(model)
     state = model_state_dict(checkpoint, source)
-    stored = _architecture_of(checkpoint, state, source)
+    stored = checkpoint_architecture(checkpoint, source)
     _check_match(source, stored, getattr(target, "backbone_name", None), getattr(target, "num_classes", None))
     _load_strict(target, state, source)
     return checkpoint
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    # DataParallel/DDP keep the model in .module, torch.compile in ._orig_mod.
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The SSD300 inside DataParallel/DDP (``.module``) or ``torch.compile`` (``._orig_mod``) wrappers."""
     while True:
         inner = getattr(model, "module", None)
         if not isinstance(inner, nn.Module):
@@ -230,7 +279,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def model_checkpoint(model: nn.Module, label_map: LabelMap, **extra: Any) -> dict[str, Any]:
     """The checkpoint dict for ``model``: reference keys (``model``, ``label_map``) plus
     ``category_ids``, ``backbone``, ``num_classes``; ``extra`` (epoch, optimizer, ...) is added."""
-    inner = _unwrap(model)
+    inner = unwrap_model(model)
     num_classes = int(getattr(inner, "num_classes"))
     if label_map.num_classes != num_classes:
         raise ValueError(f"label map has {label_map.num_classes} classes but the model has {num_classes}")

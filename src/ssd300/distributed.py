@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ssd300.errors import UserInputError
+from ssd300.runtime import resolve_device
 
 T = TypeVar("T")
 
@@ -34,19 +34,6 @@ class DistributedContext:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """``None``/"auto" -> CUDA when present, else CPU; an unavailable CUDA is a user error."""
-    if name in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise UserInputError(f"--device: {name!r} is not a device ({err})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserInputError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    return device
 
 
 def init_distributed(device_name: str | None = None) -> DistributedContext:

@@ -12,9 +12,9 @@ evaluation): resize to 300x300 on uint8, then normalise batched. Post-processing
 
 Speed (CPU): BatchNorm is folded into the convolutions, the model runs channels-last, big JPEGs
 are decoded at a reduced DCT scale that still leaves >= 300 pixels (``draft=True``), and while a
-batch runs through the network the next one is decoded on a background thread. ``bf16=True`` runs
-the network in bfloat16 channels-last on the CPU (fast on CPUs with AVX-512 BF16 / AMX);
-``amp=True`` runs float16 autocast on CUDA (bfloat16 on the CPU). ``backend="onnxruntime"``
+batch runs through the network the next one is decoded on a background thread. Precision follows :mod:`ssd300.runtime`:
+``amp=True`` runs float16 autocast on CUDA, the network in bfloat16 on a CPU with native bf16
+(AVX-512 BF16 / AMX), and fp32 (with a warning) on other CPUs, where bf16 would be emulated. ``backend="onnxruntime"``
 runs the network with onnxruntime (exported in memory when the Detector is built; fp32, CPU),
 often the fastest CPU path; pre- and post-processing stay the same.
 """
@@ -40,6 +40,7 @@ from ssd300.default_boxes import default_boxes_300
 from ssd300.errors import UserInputError, one_line
 from ssd300.labels import LabelMap
 from ssd300.postprocess import PostprocessConfig, PostProcessor
+from ssd300.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -98,27 +99,6 @@ class ImageDetections:
         ]
 
 
-def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
-    """``None``/"auto" -> CUDA when available, else CPU; anything else must be a valid device."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise UserInputError(f"--device {device!r}: not a device ({exc})") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise UserInputError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-    return resolved
-
-
-def bf16_supported_on_cpu() -> bool:
-    """Whether this CPU has native bfloat16 matrix instructions (else bf16 is emulated and slow)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def load_rgb(path: PathLike, draft: bool = True) -> Image.Image:
     """Decode an image file to RGB; with ``draft`` big JPEGs decode at a reduced scale (>= 300 px).
 
@@ -167,11 +147,11 @@ class Detector:
         max_detections: Optional[int] = None,
         batch_size: int = 8,
         amp: bool = False,
-        bf16: bool = False,
         channels_last: Optional[bool] = None,
         fuse: bool = True,
         draft: bool = True,
         backend: str = "torch",
+        runtime: Optional[Runtime] = None,
     ) -> None:
         # ``postprocess`` (default PostprocessConfig()) with any single settings given changed.
         config = (postprocess or PostprocessConfig()).replace(
@@ -179,7 +159,12 @@ class Detector:
             max_detections=max_detections)
         if batch_size < 1:
             raise UserInputError(f"--batch-size must be >= 1, got {batch_size}")
-        self.device = resolve_device(device)
+        # The one runtime policy (ssd300.runtime): amp = fp16 autocast on CUDA, bf16 on a CPU with
+        # native bf16, fp32 elsewhere (emulated bf16 is 5-10x slower); channels-last for inference.
+        self.runtime = runtime or Runtime.resolve(device, amp, channels_last=channels_last)
+        self.device = self.runtime.device
+        if self.runtime.amp_fell_back:
+            log.warning("amp: this CPU has no native bf16 (emulated bf16 is 5-10x slower), so the Detector runs fp32")
         num_classes = int(getattr(model, "num_classes"))
         self.label_map = label_map or LabelMap.generic(num_classes)
         if self.label_map.num_classes != num_classes:
@@ -188,18 +173,16 @@ class Detector:
         self.draft = draft
         self.transform = EvalTransform()
         self.postprocessor = PostProcessor(default_boxes_300(), config)
-        self.amp = amp
-        self.bf16 = bf16 or (amp and self.device.type == "cpu")
-        if self.bf16 and self.device.type != "cpu":
-            raise UserInputError("bf16 is the CPU fast path; on CUDA use amp=True (--amp)")
-        # Channels-last: faster convolutions on CPUs (oneDNN) and for float16 on GPUs.
-        self.channels_last = (self.device.type == "cpu" or amp) if channels_last is None else channels_last
+        self.amp = self.runtime.amp_requested
+        # On the CPU the whole network is cast to bf16 (faster than autocast's per-op casts).
+        self.bf16 = self.runtime.dtype is torch.bfloat16 and self.device.type == "cpu"
+        self.channels_last = self.runtime.channels_last(training=False)
         if backend not in BACKENDS:
             raise UserInputError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.backend = backend
         self._session = None
         if backend == "onnxruntime":
-            if self.device.type != "cpu" or self.bf16 or amp:
+            if self.device.type != "cpu" or self.runtime.dtype is not None:
                 raise UserInputError("--backend onnxruntime runs fp32 on the CPU: use --device cpu without --amp")
             self._session = _onnxruntime_session(model)
         # Work on a copy (the caller's model keeps its mode, device and dtype). Folding BatchNorm
@@ -209,8 +192,6 @@ class Detector:
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if self.bf16:
-            if not bf16_supported_on_cpu():
-                log.warning("this CPU has no native bfloat16 support: bf16 inference will be slow")
             model = model.to(torch.bfloat16)
         self.model = model
         self._names = list(self.label_map.names)
@@ -275,9 +256,8 @@ class Detector:
     # ------------------------------------------------------------------ internals
 
     def _autocast(self) -> ContextManager[Any]:
-        if self.amp and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.float16)
-        return nullcontext()
+        # CPU bf16 casts the weights instead (see __init__); CUDA fp16 autocasts.
+        return self.runtime.autocast() if self.device.type == "cuda" else nullcontext()
 
     def _decode(self, item: Any) -> tuple[Any, Optional[str]]:
         """A path -> its decoded RGB image (PIL releases the GIL); other inputs pass through."""
@@ -369,4 +349,4 @@ def _onnxruntime_session(model: torch.nn.Module) -> Any:
         return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-__all__ = ["Detector", "ImageDetections", "ImageInput", "bf16_supported_on_cpu", "load_rgb", "resolve_device"]
+__all__ = ["Detector", "ImageDetections", "ImageInput", "load_rgb"]

@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ssd300.commands import train
-from ssd300.commands.evaluate import train_namespace
+from ssd300.backbone import BACKBONES
+from ssd300.training import RunResult, TrainConfig, train
 
 # Measured on a loaded 2-core CPU; see BENCHMARKS.md ("Training and evaluation").
 DEMO_DEFAULTS: dict[str, Any] = dict(
@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--learning-rate", "--lr", type=float, default=d["lr"],
                         help="rate for a batch of 32 (scaled by batch/32 as in the reference)")
     parser.add_argument("--warmup", type=int, default=d["warmup"])
-    parser.add_argument("--backbone", choices=train.BACKBONE_CHOICES, default="resnet18")
+    parser.add_argument("--backbone", choices=BACKBONES, default="resnet18")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--num-workers", type=int, default=1)
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True)
@@ -61,15 +61,15 @@ def run(args: argparse.Namespace) -> int:
     epochs = max(1, args.epochs)
     # Three evaluations for the mAP curve (each costs about as much as 1/4 epoch); the last one always.
     evaluation = sorted({min(1, epochs - 1), epochs // 2, epochs - 1})
-    train_args = train_namespace(
+    config = TrainConfig(
         data=data_dir, backbone=args.backbone, epochs=epochs, batch_size=args.batch_size,
         eval_batch_size=32, learning_rate=args.learning_rate, warmup=args.warmup,
-        multistep=[int(epochs * 0.75)], evaluation=evaluation, save=out, seed=args.seed,
+        multistep=(int(epochs * 0.75),), evaluation=tuple(evaluation), save=out, seed=args.seed,
         device=args.device, num_workers=args.num_workers, amp=args.amp, log_interval=10,
         json_summary=out / "metrics.json", progress=args.progress, results=out / "results.json",
-        bn_recalibration=args.bn_recalibration, no_iou_crop=not args.iou_crop,
+        bn_recalibration=args.bn_recalibration, iou_crop=args.iou_crop,
     )
-    result = train.execute(train_args)
+    result = train(config)
     figure = plot_curves(result, out / "curves.png")
     drawn = draw_predictions(result.checkpoint, data_dir, out / "predictions", count=8)
     metrics = result.last_metrics
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def plot_curves(result: train.RunResult, path: Path) -> Path:
+def plot_curves(result: RunResult, path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -124,7 +124,7 @@ def draw_predictions(checkpoint: Path | None, data_dir: Path, out_dir: Path, cou
 
     image_dir, _ = resolve_split(data_dir, "val")
     paths = sorted(image_dir.glob("*.jpg"))[:count]
-    detector = Detector.from_checkpoint(checkpoint, device="cpu")
+    detector = Detector.from_checkpoint(checkpoint, device="cpu")  # fp32: drawing 8 images needs no speed
     written = []
     for path, result in zip(paths, detector(paths)):
         canvas = draw_detection_result(open_image(path).convert("RGB"), result, score_threshold=score_threshold)

@@ -46,8 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="draw only detections scoring at least this on the annotated images (default 0.3)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
-    parser.add_argument("--amp", action="store_true",
-                        help="mixed precision: float16 autocast on CUDA, bfloat16 channels-last on the CPU")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
+                        help="mixed precision (ssd300.runtime): float16 autocast on CUDA, bfloat16 on a CPU with "
+                             "native bf16, fp32 elsewhere (default off: fp32 results)")
     parser.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
                         help="run the network with PyTorch or with onnxruntime (CPU, fp32; often faster on CPUs)")
     parser.add_argument("--strict", action="store_true",
@@ -124,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
     detector = Detector.from_checkpoint(
         args.checkpoint, device=args.device, postprocess=postprocess, batch_size=args.batch_size,
         amp=args.amp, draft=not args.full_decode, backend=args.backend)
+    print(f"ssd300 detect: {detector.runtime.describe()}", file=sys.stderr)
     label_map = detector.label_map
     out = Path(args.out)
     names = output_names(paths)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ssd300.commands import train
+from ssd300.backbone import BACKBONES
+from ssd300.training import TrainConfig, run as run_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-batch-size", "--ebs", type=int, default=32)
     parser.add_argument("--num-workers", type=int, default=None)
     parser.add_argument("--device", default=None, help="cuda, cpu (default: cuda when available)")
-    parser.add_argument("--backbone", choices=train.BACKBONE_CHOICES, default=None,
+    parser.add_argument("--backbone", choices=BACKBONES, default=None,
                         help="must match the checkpoint (default: read from it)")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--data-layout", choices=("channels_first", "channels_last"), default=None)
@@ -25,16 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    full = train_namespace(mode="evaluation", **vars(args))
-    train.execute(full)
+    layout = None if args.data_layout is None else args.data_layout == "channels_last"
+    run_config(TrainConfig(
+        mode="evaluation", checkpoint=args.checkpoint, data=args.data, val_images=args.val_images,
+        val_annotations=args.val_annotations, eval_batch_size=args.eval_batch_size, num_workers=args.num_workers,
+        device=args.device, backbone=args.backbone, amp=args.amp, channels_last=layout, results=args.results,
+        json_summary=args.json_summary))
     return 0
-
-
-def train_namespace(**overrides: object) -> argparse.Namespace:
-    """The train command's defaults with ``overrides`` applied."""
-    parser = argparse.ArgumentParser()
-    train.add_arguments(parser)
-    args = parser.parse_args([])
-    for key, value in overrides.items():
-        setattr(args, key, value)
-    return args

@@ -99,6 +99,10 @@ def run(args: argparse.Namespace) -> int:
     from ssd300.checkpoint import load_model
 
     model, label_map, _ = load_model(args.checkpoint, map_location="cpu")
+    from ssd300.runtime import Runtime
+
+    # Export traces the fp32 network on the CPU; the file's runtime picks its own precision.
+    print(f"ssd300 export: {Runtime.resolve('cpu', amp=False, channels_last=False).describe()}")
     start = time.perf_counter()
     path = export_model(model, label_map, args.out, fmt, raw=args.raw, opset=args.opset, exporter=args.exporter,
                         config=config)

@@ -1,0 +1,78 @@
+"""COCO evaluation of a model over a loader, on every rank, with gathered results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from ssd300.checkpoint import unwrap_model
+from ssd300.coco_eval import CocoMetrics, detections_to_rows, evaluate_results, merge_rank_rows, rows_to_results, \
+    write_results_json
+from ssd300.default_boxes import default_boxes_300
+from ssd300.distributed import DistributedContext, all_gather_objects, broadcast_object
+from ssd300.labels import LabelMap
+from ssd300.postprocess import PostProcessor
+from ssd300.runtime import Runtime
+
+
+@torch.no_grad()
+def predict_rows(model: nn.Module, loader: Iterable[Any], postprocessor: PostProcessor, runtime: Runtime,
+                 category_ids: tuple[int, ...], channels_last: bool,
+                 progress: Optional[Callable[[int], None]] = None) -> tuple[list[int], np.ndarray, list[str]]:
+    """Run the model over ``loader``; returns this rank's (image ids, result rows, skipped images).
+
+    The model is on ``runtime.device``; ``channels_last`` is the layout it was put in (training
+    evaluates the model in its training layout rather than converting it back and forth).
+    """
+    model.eval()
+    device = runtime.device
+    image_ids: list[int] = []
+    chunks: list[np.ndarray] = []
+    skipped: list[str] = []
+    for batch in loader:
+        skipped.extend(batch.skipped)
+        batch = batch.without_padding()
+        if len(batch) == 0:
+            continue
+        batch = batch.to(device, non_blocking=True, channels_last=channels_last)
+        with runtime.autocast():
+            locs, logits = model(batch.images)
+        detections = postprocessor(locs.float(), logits.float())
+        ids = batch.image_ids.tolist()
+        chunks.append(detections_to_rows([d.boxes for d in detections], [d.scores for d in detections],
+                                         [d.labels for d in detections], ids, batch.image_sizes.cpu(),
+                                         category_ids))
+        image_ids.extend(ids)
+        if progress is not None:
+            progress(len(ids))
+    rows = np.concatenate(chunks) if chunks else np.zeros((0, 7))
+    return image_ids, rows, skipped
+
+
+def evaluate_model(model: nn.Module, loader: Iterable[Any], coco_gt: Any, label_map: LabelMap, *,
+                   ctx: DistributedContext, runtime: Runtime, channels_last: bool, results_path: Optional[Path] = None, iou_threshold: float = 0.5,
+             log: Optional[Callable[[str], None]] = None) -> CocoMetrics:
+    """COCO evaluation over ``loader`` (all ranks take part); every rank returns the same metrics.
+
+    Post-processing uses IoU 0.5 for NMS as the reference's evaluation does (SPEC §5).
+    ``coco_gt`` is only needed on the main rank.
+    """
+    postprocessor = PostProcessor(default_boxes_300().to(ctx.device), iou_threshold=iou_threshold)
+    image_ids, rows, skipped = predict_rows(unwrap_model(model), loader, postprocessor, runtime,
+                                            label_map.category_ids, channels_last)
+    gathered = all_gather_objects((image_ids, rows, skipped))
+    metrics: Optional[CocoMetrics] = None
+    if ctx.is_main:
+        ids, merged = merge_rank_rows((g[0], g[1]) for g in gathered)
+        results = rows_to_results(merged)
+        if results_path is not None:
+            write_results_json(results, results_path)
+        all_skipped = [s for g in gathered for s in g[2]]
+        if all_skipped and log is not None:
+            log(f"evaluation skipped {len(all_skipped)} unreadable images, e.g. {all_skipped[0]}")
+        metrics = evaluate_results(coco_gt, results, image_ids=ids)
+    return broadcast_object(metrics)

@@ -1,0 +1,239 @@
+"""One training run's mutable state and loop: steps, epochs, position, checkpoints, the NaN guard, signals.
+
+The :class:`Trainer` owns model, optimizer, schedule, gradient scaler and position. Its position is
+``(epoch, batch_in_epoch, iteration)``; because every sample's augmentation comes from
+``(seed, epoch, index)`` and the schedule is a pure function of the position, restoring a
+checkpoint and skipping ``batch_in_epoch`` batches reproduces a straight run. Precision and memory
+format come from the :class:`~ssd300.runtime.Runtime`.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ssd300.batchnorm import set_frozen_batchnorm
+from ssd300.box_coder import BoxCoder
+from ssd300.checkpoint import model_checkpoint, save_checkpoint
+from ssd300.distributed import DistributedContext, capture_rng_state, restore_rng_state
+from ssd300.errors import UserInputError
+from ssd300.labels import LabelMap
+from ssd300.logging_utils import RunLogger
+from ssd300.loss import SSDLoss
+from ssd300.optim import WarmupMultiStepSchedule
+from ssd300.runtime import Runtime
+
+
+class NonFiniteLossError(UserInputError):
+    """The loss became NaN/inf; the message names the iteration. Lower --lr or raise --warmup."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM arrived; a checkpoint was written (when a save directory is set)."""
+
+
+class StopFlag:
+    """Turns SIGINT/SIGTERM into a flag the loop polls, so a checkpoint can be written first.
+
+    A second signal while stopping raises KeyboardInterrupt at once.
+    """
+
+    def __init__(self) -> None:
+        self.signal_number: Optional[int] = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopFlag":
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal_number is not None:
+            raise KeyboardInterrupt
+        self.signal_number = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_number is not None
+
+
+@dataclass
+class TrainPosition:
+    epoch: int = 0            # the epoch being run (== number of completed epochs between epochs)
+    batch_in_epoch: int = 0   # batches of ``epoch`` already done
+    iteration: int = 0        # global optimizer steps done
+
+
+@dataclass
+class Trainer:
+    model: nn.Module                      # possibly DDP-wrapped
+    optimizer: torch.optim.Optimizer
+    schedule: WarmupMultiStepSchedule
+    box_coder: BoxCoder
+    runtime: Runtime
+    ctx: DistributedContext
+    label_map: LabelMap
+    logger: RunLogger
+    loss_fn: nn.Module = field(default_factory=SSDLoss)
+    frozen_batchnorm: bool = False
+    save_dir: Optional[Path] = None
+    run_args: dict[str, Any] = field(default_factory=dict)
+    position: TrainPosition = field(default_factory=TrainPosition)
+    loss_history: list[tuple[int, float]] = field(default_factory=list)
+    scaler: Optional[torch.amp.GradScaler] = None  # from the runtime (fp16 only) unless given
+
+    def __post_init__(self) -> None:
+        if self.scaler is None:
+            self.scaler = self.runtime.grad_scaler()
+
+    @property
+    def channels_last(self) -> bool:
+        return self.runtime.channels_last(training=True)
+
+    # -- one step ----------------------------------------------------------------------------
+
+    def train_step(self, batch: Any, stop: Optional[StopFlag] = None) -> tuple[float, bool]:
+        """One optimizer step; returns (loss averaged over ranks, stop requested on any rank)."""
+        device = self.ctx.device
+        batch = batch.to(device, non_blocking=True, channels_last=self.channels_last)
+        lr = self.schedule.apply(self.optimizer, self.position.epoch, self.position.iteration)
+        with torch.no_grad():
+            loc_targets, labels = self.box_coder.encode(batch.boxes, batch.labels, batch.num_boxes)
+        with self.runtime.autocast():
+            locs, logits = self.model(batch.images)
+        loss = self.loss_fn(locs, logits, loc_targets, labels)
+
+        # Ranks must agree on stopping (NaN or a signal) at the same step, or the others would hang
+        # in the next all-reduce; the flags ride on one small all-reduce with the loss.
+        flags = torch.stack([loss.detach().float(),
+                             torch.tensor(float(stop.requested if stop else 0.0), device=loss.device)])
+        work = dist.all_reduce(flags, async_op=True) if self.ctx.distributed else None
+
+        self.optimizer.zero_grad(set_to_none=True)
+        scaler = self.scaler
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        if work is not None:
+            work.wait()
+        loss_value, stop_votes = flags.tolist()  # syncs; GradScaler.step would sync here anyway
+        loss_value /= self.ctx.world_size
+        if not np.isfinite(loss_value):
+            raise NonFiniteLossError(
+                f"loss is {loss_value} at iteration {self.position.iteration} (epoch {self.position.epoch + 1}, "
+                f"learning rate {lr:.3g}); stopped without updating the weights or writing a checkpoint; "
+                "try a lower --lr or a longer --warmup")
+        if scaler is not None:
+            scaler.step(self.optimizer)
+            scaler.update()
+        else:
+            self.optimizer.step()
+        self.position.iteration += 1
+        self.position.batch_in_epoch += 1
+        return loss_value, stop_votes > 0
+
+    # -- epochs ------------------------------------------------------------------------------
+
+    def train_epoch(self, loader: Any, total_epochs: int, stop: Optional[StopFlag] = None) -> None:
+        epoch = self.position.epoch
+        loader.set_epoch(epoch)
+        self.model.train()
+        if self.frozen_batchnorm:
+            set_frozen_batchnorm(self.model)
+        iterations = len(loader)
+        skip = self.position.batch_in_epoch
+        batches: Iterable[Any] = islice(iter(loader), skip, None) if skip else loader
+        self.logger.start_epoch(epoch, total_epochs, iterations, initial=skip)
+        tick = time.perf_counter()
+        for batch in batches:
+            batch_size = len(batch)
+            loss, stop_now = self.train_step(batch, stop)
+            now = time.perf_counter()
+            images_per_second = batch_size * self.ctx.world_size / max(now - tick, 1e-9)
+            tick = now
+            self.loss_history.append((self.position.iteration, loss))
+            self.logger.step(epoch=epoch, iteration=self.position.iteration - 1,
+                             batch_in_epoch=self.position.batch_in_epoch - 1, iterations_in_epoch=iterations,
+                             loss=loss, lr=self.optimizer.param_groups[0]["lr"],
+                             images_per_second=images_per_second)
+            if stop_now:
+                self.logger.end_epoch()
+                path = self.save("interrupted.pt")
+                where = f"; checkpoint written to {path} (resume with --checkpoint {path})" if path else ""
+                message = f"stopped by signal at iteration {self.position.iteration}{where}"
+                self.logger.info(message)
+                raise TrainingInterrupted(message)
+        self.logger.end_epoch()
+        self.position.epoch += 1
+        self.position.batch_in_epoch = 0
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Reference keys (model, epoch, iteration, optimizer, scheduler, label_map) plus ours."""
+        return model_checkpoint(
+            self.model, self.label_map,
+            epoch=self.position.epoch,
+            iteration=self.position.iteration,
+            batch_in_epoch=self.position.batch_in_epoch,
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.schedule.state_dict(),
+            scaler=self.scaler.state_dict() if self.scaler is not None else {},
+            args=_plain_args(self.run_args),
+            rng=capture_rng_state(),
+        )
+
+    def save(self, name: str) -> Optional[Path]:
+        """Atomically write a checkpoint into the save directory (main rank only)."""
+        if self.save_dir is None or not self.ctx.is_main:
+            return None
+        path = self.save_dir / name
+        save_checkpoint(path, self.state_dict())
+        return path
+
+    def load_training_state(self, checkpoint: dict[str, Any]) -> bool:
+        """Restore optimizer, schedule, scaler, position and RNG from a checkpoint (weights are
+        loaded separately). Returns False for a weights-only checkpoint (fine-tuning starts at 0)."""
+        if "optimizer" not in checkpoint:
+            return False
+        try:
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+        except (ValueError, KeyError) as err:
+            raise UserInputError(f"--checkpoint: its optimizer state does not fit this model/recipe ({err})") from None
+        if isinstance(checkpoint.get("scheduler"), dict):
+            self.schedule.load_state_dict(checkpoint["scheduler"])
+        if self.scaler is not None and checkpoint.get("scaler"):
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        self.position = TrainPosition(epoch=int(checkpoint.get("epoch", 0)),
+                                      batch_in_epoch=int(checkpoint.get("batch_in_epoch", 0)),
+                                      iteration=int(checkpoint.get("iteration", 0)))
+        if isinstance(checkpoint.get("rng"), dict):
+            restore_rng_state(checkpoint["rng"])
+        return True
+
+
+def _plain_args(args: dict[str, Any]) -> dict[str, Any]:
+    """Arguments as plain data (paths -> str) so the checkpoint stays weights_only-loadable."""
+    out: dict[str, Any] = {}
+    for key, value in args.items():
+        if isinstance(value, Path):
+            value = str(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        if value is None or isinstance(value, (bool, int, float, str, list)):
+            out[key] = value
+    return out

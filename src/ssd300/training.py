@@ -1,0 +1,470 @@
+"""Training as a library: a validated :class:`TrainConfig` and :func:`train` / :func:`evaluate`.
+
+>>> from ssd300 import TrainConfig, train
+>>> result = train(TrainConfig(data="runs/synth", backbone="resnet18", epochs=2, batch_size=8, save="runs/x"))
+>>> result.last_metrics["AP50"], result.checkpoint
+
+``ssd300 train`` / ``evaluate`` / ``demo`` only turn their flags into a :class:`TrainConfig`. The
+defaults are the reference's (SPEC §6-7). ``mode`` selects what :func:`run` does: ``training``
+(train, evaluating after the ``evaluation`` epochs), ``evaluation`` (COCO metrics of
+``checkpoint``), ``benchmark-training`` / ``benchmark-inference`` (images/s). Under ``torchrun``
+every process calls the same function with the same config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from ssd300.backbone import BACKBONES
+from ssd300.errors import UserInputError
+
+MODES = ("training", "evaluation", "benchmark-training", "benchmark-inference")
+DEFAULT_EVALUATION = (21, 31, 37, 42, 48, 53, 59, 64)
+DEFAULT_MULTISTEP = (43, 54)
+TRAINING_MODES = ("training", "benchmark-training")
+
+PathArg = Union[str, "os.PathLike[str]", None]
+
+
+def flag_of(name: str) -> str:
+    """A config field as its command-line flag: ``batch_size`` -> ``--batch-size``."""
+    return {"iou_crop": "--no-iou-crop", "channels_last": "--data-layout"}.get(name, "--" + name.replace("_", "-"))
+
+
+def _named(name: str) -> str:
+    return f"{name} ({flag_of(name)})"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training, evaluation or benchmark run needs; validated when built.
+
+    Paths may be given as strings. Any problem raises :class:`~ssd300.errors.UserInputError`
+    naming the field (and its flag), before any work starts.
+    """
+
+    # data: a dataset folder, or explicit image folders + COCO-format annotation files
+    data: Optional[Path] = None
+    train_images: Optional[Path] = None
+    train_annotations: Optional[Path] = None
+    val_images: Optional[Path] = None
+    val_annotations: Optional[Path] = None
+    num_workers: Optional[int] = None       # data loading processes per rank (None: min(8, CPUs))
+    dali: bool = False                       # the DALI training pipeline
+    strict_images: bool = False              # stop at the first undecodable image instead of skipping it
+    iou_crop: bool = True                    # the SSD random IoU crop (the reference always crops)
+    # run
+    mode: str = "training"
+    epochs: int = 65
+    batch_size: int = 32                     # images per process and step
+    eval_batch_size: int = 32
+    seed: Optional[int] = None               # base seed (rank r uses seed + r); None: the checkpoint's, else random
+    checkpoint: Optional[Path] = None        # resume from / start from / the model to evaluate
+    save: Optional[Path] = None              # folder for epoch_<n>.pt, log.jsonl, results.json
+    evaluation: tuple[int, ...] = DEFAULT_EVALUATION  # epochs (0-based) after which to evaluate
+    device: Optional[str] = None             # None: cuda when available, else cpu
+    # recipe
+    learning_rate: float = 2.6e-3            # for a global batch of 32; scaled by world size x batch / 32
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup: int = 0                          # linear warmup iterations (published runs: 300)
+    multistep: tuple[int, ...] = DEFAULT_MULTISTEP
+    bn_recalibration: int = 0                # batches to recompute BatchNorm statistics over before evaluating
+    freeze_bn: bool = False
+    # model and precision (see ssd300.runtime)
+    backbone: Optional[str] = None           # None: the checkpoint's, else resnet50
+    backbone_path: Optional[Path] = None     # ImageNet weights (torchvision state-dict file)
+    amp: bool = True
+    allow_tf32: bool = True
+    channels_last: Optional[bool] = None     # None: the runtime policy
+    # benchmark
+    benchmark_iterations: int = 20
+    benchmark_warmup: int = 20
+    # logging
+    log_interval: int = 20
+    json_summary: Optional[Path] = None
+    log_file: Optional[Path] = None          # None: <save>/log.jsonl when save is set
+    results: Optional[Path] = None           # None: <save>/results.json when save is set
+    tensorboard: Optional[Path] = None
+    progress: Optional[bool] = None          # None: when stderr is a terminal
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, (str, os.PathLike)) and "Path" in str(f.type):
+                object.__setattr__(self, f.name, Path(value))
+            elif f.name in ("evaluation", "multistep"):
+                object.__setattr__(self, f.name, tuple(int(v) for v in value))
+        self._validate()
+
+    def _validate(self) -> None:
+        if self.mode not in MODES:
+            raise UserInputError(f"{_named('mode')} must be one of {', '.join(MODES)}, got {self.mode!r}")
+        for name in ("batch_size", "eval_batch_size", "log_interval", "benchmark_iterations"):
+            if getattr(self, name) < 1:
+                raise UserInputError(f"{_named(name)} must be >= 1, got {getattr(self, name)}")
+        for name in ("epochs", "bn_recalibration", "benchmark_warmup", "warmup"):
+            if getattr(self, name) < 0:
+                raise UserInputError(f"{_named(name)} must be >= 0, got {getattr(self, name)}")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise UserInputError(f"{_named('num_workers')} must be >= 0, got {self.num_workers}")
+        if not self.learning_rate > 0:
+            raise UserInputError(f"{_named('learning_rate')} must be > 0, got {self.learning_rate}")
+        if not 0 <= self.momentum < 1:
+            raise UserInputError(f"{_named('momentum')} must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise UserInputError(f"{_named('weight_decay')} must be >= 0, got {self.weight_decay}")
+        for name in ("multistep", "evaluation"):
+            if any(e < 0 for e in getattr(self, name)):
+                raise UserInputError(f"{_named(name)} takes epoch numbers >= 0, got {list(getattr(self, name))}")
+        if self.backbone is not None and self.backbone not in BACKBONES:
+            raise UserInputError(f"{_named('backbone')} must be one of {', '.join(BACKBONES)}, "
+                                 f"got {self.backbone!r}")
+        if self.mode in TRAINING_MODES and self.batch_size < 2 and not self.freeze_bn:
+            raise UserInputError(f"{_named('batch_size')} 1: BatchNorm needs at least 2 images per process to "
+                                 "train (use a larger batch, or freeze_bn / --freeze-bn)")
+        if self.mode == "evaluation" and self.checkpoint is None:
+            raise UserInputError(f"mode 'evaluation' needs {_named('checkpoint')}: the model to evaluate")
+        if self.dali and not self.iou_crop:
+            raise UserInputError(f"{_named('iou_crop')} applies to the PyTorch loader; the DALI pipeline always crops")
+        if self.dali and self.mode not in TRAINING_MODES:
+            raise UserInputError(f"{_named('dali')} is a training loader; it does nothing in mode {self.mode!r}")
+        if self.dali:
+            from ssd300.data.dali import dali_available
+
+            if not dali_available():
+                raise UserInputError(f"{_named('dali')}: NVIDIA DALI is not installed (pip install nvidia-dali-cuda120)")
+        for name in ("checkpoint", "backbone_path"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise UserInputError(f"{_named(name)} {path}: file not found")
+        if self.save is not None and self.save.exists() and not self.save.is_dir():
+            raise UserInputError(f"{_named('save')} {self.save}: exists and is not a folder")
+
+    @property
+    def needs_train_data(self) -> bool:
+        return self.mode in TRAINING_MODES
+
+    @property
+    def needs_val_data(self) -> bool:
+        return self.mode in ("evaluation", "benchmark-inference") or (
+            self.mode == "training" and any(e < self.epochs for e in self.evaluation))
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        """A copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class DataPaths:
+    train_images: Optional[Path] = None
+    train_annotations: Optional[Path] = None
+    val_images: Optional[Path] = None
+    val_annotations: Optional[Path] = None
+
+
+def resolve_data(config: TrainConfig) -> DataPaths:
+    """The ``data`` folder's splits or the explicit ``train_*``/``val_*`` paths (not both)."""
+    explicit = {"train_images": config.train_images, "train_annotations": config.train_annotations,
+                "val_images": config.val_images, "val_annotations": config.val_annotations}
+    given = [flag_of(name) for name, value in explicit.items() if value is not None]
+    if config.data is not None and given:
+        raise UserInputError(f"--data and {given[0]} contradict each other: give a dataset folder or explicit paths")
+    paths = DataPaths()
+    if config.data is not None:
+        from ssd300.data.coco import resolve_split
+
+        if config.needs_train_data:
+            paths.train_images, paths.train_annotations = resolve_split(config.data, "train")
+        if config.needs_val_data:
+            paths.val_images, paths.val_annotations = resolve_split(config.data, "val")
+        return paths
+    for split, needed in (("train", config.needs_train_data), ("val", config.needs_val_data)):
+        images, annotations = explicit[f"{split}_images"], explicit[f"{split}_annotations"]
+        if (images is None) != (annotations is None):
+            missing = f"--{split}-annotations" if annotations is None else f"--{split}-images"
+            raise UserInputError(f"{missing} is missing (--{split}-images and --{split}-annotations go together)")
+        if needed and images is None:
+            raise UserInputError(f"no {split} data: give --data FOLDER or --{split}-images and --{split}-annotations")
+        if images is not None and annotations is not None:
+            if not images.is_dir():
+                raise UserInputError(f"--{split}-images {images}: folder not found")
+            if not annotations.is_file():
+                raise UserInputError(f"--{split}-annotations {annotations}: file not found")
+            setattr(paths, f"{split}_images", images)
+            setattr(paths, f"{split}_annotations", annotations)
+    return paths
+
+
+@dataclass
+class RunResult:
+    """What a run produced."""
+
+    mode: str
+    evaluations: list[dict[str, Any]] = field(default_factory=list)   # one entry per evaluation
+    loss_history: list[tuple[int, float]] = field(default_factory=list)  # (iteration, loss)
+    benchmark: dict[str, float] = field(default_factory=dict)
+    checkpoint: Optional[Path] = None       # the last checkpoint written
+    metrics: Any = None                     # the last evaluation's CocoMetrics
+    trainer: Any = None                     # the ssd300.trainer.Trainer of training runs
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def last_metrics(self) -> dict[str, Any]:
+        return self.evaluations[-1] if self.evaluations else {}
+
+
+def run(config: TrainConfig) -> RunResult:
+    """Run ``config.mode``; returns what was produced. All ranks call this under torchrun."""
+    paths = resolve_data(config)
+    from ssd300.distributed import init_distributed, shutdown_distributed
+
+    ctx = init_distributed(config.device)
+    try:
+        return _Run(config, paths, ctx).execute()
+    finally:
+        shutdown_distributed()
+
+
+def train(config: TrainConfig) -> RunResult:
+    """Train (or benchmark training, per ``config.mode``); see :func:`run`."""
+    if config.mode not in TRAINING_MODES:
+        raise UserInputError(f"train() runs mode 'training' or 'benchmark-training', not {config.mode!r}; "
+                             "use evaluate() or run()")
+    return run(config)
+
+
+def evaluate(config: TrainConfig) -> Any:
+    """COCO metrics (:class:`~ssd300.coco_eval.CocoMetrics`) of ``config.checkpoint`` on the validation data."""
+    return run(config.replace(mode="evaluation")).metrics
+
+
+class _Run:
+    """One run's pieces, built in order; each step is a method so ``execute`` reads as the recipe."""
+
+    def __init__(self, config: TrainConfig, paths: DataPaths, ctx: Any) -> None:
+        from ssd300.checkpoint import load_checkpoint
+        from ssd300.distributed import broadcast_object, seed_everything
+        from ssd300.logging_utils import RunLogger
+        from ssd300.runtime import Runtime
+
+        self.config, self.paths, self.ctx = config, paths, ctx
+        self.checkpoint = load_checkpoint(config.checkpoint) if config.checkpoint is not None else None
+        stored_args = self.checkpoint.get("args", {}) if self.checkpoint is not None else {}
+        seed = config.seed if config.seed is not None else stored_args.get("seed")
+        if seed is None:
+            seed = int.from_bytes(os.urandom(4), "little") % 2**31
+        self.seed = int(broadcast_object(seed))  # every rank needs the same base seed for the data order
+        seed_everything(self.seed, ctx.rank)
+        self.runtime = Runtime.resolve(ctx.device, config.amp, channels_last=config.channels_last,
+                                       allow_tf32=config.allow_tf32).configure()
+        self.channels_last = self.runtime.channels_last(training=config.mode in TRAINING_MODES)
+        self.workers = config.num_workers if config.num_workers is not None else min(8, os.cpu_count() or 1)
+        self.save_dir = config.save
+        log_file = config.log_file or (self.save_dir / "log.jsonl" if self.save_dir is not None else None)
+        self.logger = RunLogger(enabled=ctx.is_main, jsonl_path=log_file, tensorboard_dir=config.tensorboard,
+                                log_interval=config.log_interval, progress=config.progress)
+        self.results_path = config.results or (self.save_dir / "results.json" if self.save_dir is not None else None)
+        self.result = RunResult(mode=config.mode)
+
+    # ------------------------------------------------------------------ building
+
+    def build_data_and_model(self) -> None:
+        import torch
+
+        from ssd300.checkpoint import load_model_weights, resolve_model_spec
+        from ssd300.coco_eval import load_coco_ground_truth
+        from ssd300.data.coco import CocoDetection
+        from ssd300.data.transforms import TrainTransform
+        from ssd300.model import SSD300
+
+        config, paths = self.config, self.paths
+        self.train_set = self.val_set = None
+        if paths.train_annotations is not None:
+            self.train_set = CocoDetection(paths.train_images, paths.train_annotations, train=True, seed=self.seed,
+                                           strict=config.strict_images, transform=TrainTransform(crop=config.iou_crop))
+        data_label_map = self.train_set.label_map if self.train_set is not None else None
+        if self.checkpoint is None and data_label_map is None and paths.val_annotations is not None:
+            data_label_map = CocoDetection(paths.val_images, paths.val_annotations, train=False).label_map
+        self.spec = resolve_model_spec(self.checkpoint, source=f"checkpoint {config.checkpoint}",
+                                       data_label_map=data_label_map, backbone=config.backbone)
+        if paths.val_annotations is not None:
+            self.val_set = CocoDetection(paths.val_images, paths.val_annotations, train=False,
+                                         label_map=self.spec.label_map, strict=config.strict_images)
+        self.coco_gt = load_coco_ground_truth(paths.val_annotations) if (
+            self.val_set is not None and self.ctx.is_main) else None
+        model = SSD300(self.spec.backbone, num_classes=self.spec.num_classes,
+                       backbone_path=config.backbone_path if self.checkpoint is None else None)
+        if self.checkpoint is not None:
+            load_model_weights(model, self.checkpoint)  # one-line error when it does not fit
+        model.to(self.ctx.device)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.model: Any = model
+
+    def build_trainer(self) -> Any:
+        from torch import nn
+
+        from ssd300.box_coder import BoxCoder
+        from ssd300.default_boxes import default_boxes_300
+        from ssd300.optim import WarmupMultiStepSchedule, build_optimizer, scaled_learning_rate
+        from ssd300.trainer import Trainer
+
+        config, ctx = self.config, self.ctx
+        if ctx.distributed:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        self.lr = scaled_learning_rate(config.learning_rate, ctx.world_size, config.batch_size)
+        optimizer = build_optimizer(self.model, self.lr, config.momentum, config.weight_decay)
+        run_args = {**dataclasses.asdict(config), "seed": self.seed, "backbone": self.spec.backbone}
+        trainer = Trainer(model=self.model, optimizer=optimizer,
+                          schedule=WarmupMultiStepSchedule(self.lr, config.warmup, list(config.multistep)),
+                          box_coder=BoxCoder(default_boxes_300().to(ctx.device)), runtime=self.runtime, ctx=ctx,
+                          label_map=self.spec.label_map, logger=self.logger, frozen_batchnorm=config.freeze_bn,
+                          save_dir=self.save_dir, run_args=run_args)
+        if self.checkpoint is not None and config.mode == "training":
+            if trainer.load_training_state(self.checkpoint):
+                self.logger.info(f"resumed from {config.checkpoint}: epoch {trainer.position.epoch + 1}, "
+                                 f"iteration {trainer.position.iteration}")
+            else:
+                self.logger.info(f"starting from the weights of {config.checkpoint} (no optimizer state: fine-tuning)")
+        self.result.trainer = trainer
+        return trainer
+
+    def build_train_loader(self) -> Any:
+        from ssd300.data.loaders import build_train_loader
+
+        config, ctx = self.config, self.ctx
+        if config.dali:
+            from ssd300.data.dali import build_dali_train_loader
+
+            loader = build_dali_train_loader(
+                self.train_set, config.batch_size, num_threads=self.workers, seed=self.seed, rank=ctx.rank,
+                world_size=ctx.world_size, device_id=ctx.device.index if ctx.device.type == "cuda" else None)
+        else:
+            loader = build_train_loader(self.train_set, config.batch_size, num_workers=self.workers, seed=self.seed,
+                                        rank=ctx.rank, world_size=ctx.world_size)
+        if len(loader) == 0:
+            raise UserInputError(f"{self.paths.train_annotations}: {len(self.train_set)} training images are fewer "
+                                 f"than --batch-size {config.batch_size} x {ctx.world_size} processes")
+        self.logger.info(f"{len(self.train_set)} training images, {len(loader)} iterations per epoch, "
+                         f"learning rate {self.lr:.4g} (= {config.learning_rate:g} x {ctx.world_size} x "
+                         f"{config.batch_size}/32)")
+        return loader
+
+    def eval_loader(self) -> Any:
+        from ssd300.data.loaders import build_eval_loader
+
+        return build_eval_loader(self.val_set, self.config.eval_batch_size, num_workers=self.workers,
+                                 rank=self.ctx.rank, world_size=self.ctx.world_size)
+
+    # ------------------------------------------------------------------ steps
+
+    def run_evaluation(self, epoch: int, iteration: int, train_loader: Any = None) -> None:
+        from ssd300.evaluation import evaluate_model
+
+        start = time.perf_counter()
+        if train_loader is not None and self.config.bn_recalibration > 0:
+            self.recalibrate(train_loader)
+        metrics = evaluate_model(self.model, self.eval_loader(), self.coco_gt, self.spec.label_map, ctx=self.ctx,
+                                 runtime=self.runtime, channels_last=self.channels_last,
+                                 results_path=self.results_path, log=self.logger.info)
+        seconds = time.perf_counter() - start
+        self.logger.info(metrics.summary)
+        self.logger.info(f"epoch {epoch + 1}: AP {metrics.ap:.4f}  AP50 {metrics.ap50:.4f}  ({seconds:.1f} s, "
+                         f"{metrics.num_images} images)")
+        self.logger.evaluation(epoch=epoch, iteration=iteration, metrics=metrics.as_dict(), seconds=seconds)
+        self.result.evaluations.append({"epoch": epoch, "iteration": iteration, **metrics.as_dict()})
+        self.result.metrics = metrics
+
+    def recalibrate(self, train_loader: Any) -> None:
+        import torch
+
+        from ssd300.batchnorm import recalibrate_batchnorm
+        from ssd300.checkpoint import unwrap_model
+
+        inner = unwrap_model(self.model)
+        used = recalibrate_batchnorm(inner, islice(iter(train_loader), self.config.bn_recalibration),
+                                     self.ctx.device, self.channels_last)
+        if self.ctx.distributed:  # one set of statistics for every rank: rank 0's
+            for buffer in inner.buffers():
+                torch.distributed.broadcast(buffer, 0)
+        self.logger.info(f"BatchNorm statistics recomputed over {used} training batches")
+
+    def train_epochs(self, trainer: Any, loader: Any) -> None:
+        from ssd300.trainer import StopFlag
+
+        if self.save_dir is None:
+            self.logger.info("no save folder (--save): checkpoints will not be written")
+        evaluation_epochs = set(self.config.evaluation)
+        with StopFlag() as stop:
+            while trainer.position.epoch < self.config.epochs:
+                epoch = trainer.position.epoch
+                trainer.train_epoch(loader, self.config.epochs, stop)
+                # Evaluate before saving: bn_recalibration changes the BatchNorm statistics, and the
+                # checkpoint should hold the model that was evaluated.
+                if epoch in evaluation_epochs:
+                    self.run_evaluation(epoch, trainer.position.iteration, loader)
+                path = trainer.save(f"epoch_{epoch}.pt")
+                if path is not None:
+                    self.result.checkpoint = path
+                    self.logger.info(f"checkpoint: {path}")
+
+    def execute(self) -> RunResult:
+        from ssd300.benchmarking import benchmark_inference, benchmark_training
+
+        config, result = self.config, self.result
+        try:
+            self.build_data_and_model()
+            self.logger.info(f"ssd300 {config.mode}: {self.spec.backbone}, {self.spec.num_classes - 1} classes, "
+                             f"{self.ctx.world_size} process(es), seed {self.seed}")
+            self.logger.info(self.runtime.describe())
+            if config.mode == "evaluation":
+                assert self.checkpoint is not None
+                self.run_evaluation(int(self.checkpoint.get("epoch", 0)) - 1, int(self.checkpoint.get("iteration", 0)))
+            elif config.mode == "benchmark-inference":
+                result.benchmark = benchmark_inference(self.model, self.eval_loader(), ctx=self.ctx,
+                                                       runtime=self.runtime, warmup=config.benchmark_warmup,
+                                                       iterations=config.benchmark_iterations,
+                                                       channels_last=self.channels_last)
+                self.logger.info(_format_benchmark("inference", result.benchmark))
+            else:
+                trainer = self.build_trainer()
+                loader = self.build_train_loader()
+                if config.mode == "benchmark-training":
+                    result.benchmark = benchmark_training(trainer, loader, warmup=config.benchmark_warmup,
+                                                          iterations=config.benchmark_iterations)
+                    self.logger.info(_format_benchmark("training", result.benchmark))
+                else:
+                    self.train_epochs(trainer, loader)
+                result.loss_history = trainer.loss_history
+        finally:
+            self.logger.close()
+        self.write_summary()
+        return result
+
+    def write_summary(self) -> None:
+        from ssd300.logging_utils import write_json
+
+        result = self.result
+        result.summary = {"mode": self.config.mode, "seed": self.seed, "backbone": self.spec.backbone,
+                          "world_size": self.ctx.world_size, "precision": self.runtime.precision,
+                          "runtime": self.runtime.describe(), "evaluations": result.evaluations, **result.benchmark}
+        if result.loss_history:
+            result.summary["final_loss"] = result.loss_history[-1][1]
+            result.summary["iterations"] = result.loss_history[-1][0]
+        if result.evaluations:
+            result.summary.update(AP=result.last_metrics["AP"], AP50=result.last_metrics["AP50"])
+        if self.config.json_summary is not None and self.ctx.is_main:
+            write_json(self.config.json_summary, result.summary)
+
+
+def _format_benchmark(kind: str, figures: dict[str, float]) -> str:
+    parts = [f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items()]
+    return f"benchmark-{kind}: " + ", ".join(parts)
