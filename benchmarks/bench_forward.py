@@ -32,6 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from ssd300.model import SSD300  # noqa: E402
+from ssd300.runtime import Runtime  # noqa: E402
 
 CL = torch.channels_last
 
@@ -43,11 +44,6 @@ class Row:
     batch: int
     seconds: float  # median per batch
     note: str = ""
-
-
-def native_bf16() -> bool:
-    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    return bool(check()) if check is not None else False
 
 
 def time_interleaved(calls: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
@@ -88,11 +84,11 @@ def main() -> None:
     torch.manual_seed(0)
     model = SSD300("resnet50", num_classes=81).eval()
     gflop = count_gflop_per_image(model)
-    bf16_native = native_bf16()
+    policy = Runtime.resolve("cpu", amp=True)
+    bf16_native = policy.native_bf16
     bf16_batch = args.batch_size if bf16_native else 1
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16: {bf16_native}")
+    print(f"torch {torch.__version__}; the commands' policy here: {policy.describe()}")
     print(f"one forward (1 image): {gflop:.2f} GFLOP (2 x conv MACs, FlopCounterMode)")
 
     model_cl = copy.deepcopy(model).to(memory_format=CL)
