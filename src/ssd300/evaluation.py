@@ -75,4 +75,6 @@ def evaluate_model(model: nn.Module, loader: Iterable[Any], coco_gt: Any, label_
         if all_skipped and log is not None:
             log(f"evaluation skipped {len(all_skipped)} unreadable images, e.g. {all_skipped[0]}")
         metrics = evaluate_results(coco_gt, results, image_ids=ids)
-    return broadcast_object(metrics)
+    metrics = broadcast_object(metrics)
+    assert metrics is not None
+    return metrics

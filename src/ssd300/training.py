@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 from ssd300.backbone import BACKBONES
 from ssd300.errors import UserInputError
@@ -29,7 +29,6 @@ DEFAULT_EVALUATION = (21, 31, 37, 42, 48, 53, 59, 64)
 DEFAULT_MULTISTEP = (43, 54)
 TRAINING_MODES = ("training", "benchmark-training")
 
-PathArg = Union[str, "os.PathLike[str]", None]
 
 
 def flag_of(name: str) -> str:
@@ -95,12 +94,13 @@ class TrainConfig:
     progress: Optional[bool] = None          # None: when stderr is a terminal
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, (str, os.PathLike)) and "Path" in str(f.type):
-                object.__setattr__(self, f.name, Path(value))
-            elif f.name in ("evaluation", "multistep"):
-                object.__setattr__(self, f.name, tuple(int(v) for v in value))
+        # Frozen, so normalising str paths and lists goes through object.__setattr__.
+        for name in _PATH_FIELDS:
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Path):
+                object.__setattr__(self, name, Path(value))
+        for name in ("evaluation", "multistep"):
+            object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
         self._validate()
 
     def _validate(self) -> None:
@@ -161,19 +161,25 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
+_PATH_FIELDS = ("data", "train_images", "train_annotations", "val_images", "val_annotations", "checkpoint", "save",
+                "backbone_path", "json_summary", "log_file", "results", "tensorboard")
+
+
+Split = tuple[Path, Path]  # (image folder, COCO-format annotation file)
+
+
 @dataclass
 class DataPaths:
-    train_images: Optional[Path] = None
-    train_annotations: Optional[Path] = None
-    val_images: Optional[Path] = None
-    val_annotations: Optional[Path] = None
+    train: Optional[Split] = None
+    val: Optional[Split] = None
 
 
 def resolve_data(config: TrainConfig) -> DataPaths:
     """The ``data`` folder's splits or the explicit ``train_*``/``val_*`` paths (not both)."""
-    explicit = {"train_images": config.train_images, "train_annotations": config.train_annotations,
-                "val_images": config.val_images, "val_annotations": config.val_annotations}
-    given = [flag_of(name) for name, value in explicit.items() if value is not None]
+    explicit = {"train": (config.train_images, config.train_annotations),
+                "val": (config.val_images, config.val_annotations)}
+    given = [f"--{split}-{kind}" for split, pair in explicit.items()
+             for kind, value in zip(("images", "annotations"), pair) if value is not None]
     if config.data is not None and given:
         raise UserInputError(f"--data and {given[0]} contradict each other: give a dataset folder or explicit paths")
     paths = DataPaths()
@@ -181,12 +187,12 @@ def resolve_data(config: TrainConfig) -> DataPaths:
         from ssd300.data.coco import resolve_split
 
         if config.needs_train_data:
-            paths.train_images, paths.train_annotations = resolve_split(config.data, "train")
+            paths.train = resolve_split(config.data, "train")
         if config.needs_val_data:
-            paths.val_images, paths.val_annotations = resolve_split(config.data, "val")
+            paths.val = resolve_split(config.data, "val")
         return paths
     for split, needed in (("train", config.needs_train_data), ("val", config.needs_val_data)):
-        images, annotations = explicit[f"{split}_images"], explicit[f"{split}_annotations"]
+        images, annotations = explicit[split]
         if (images is None) != (annotations is None):
             missing = f"--{split}-annotations" if annotations is None else f"--{split}-images"
             raise UserInputError(f"{missing} is missing (--{split}-images and --{split}-annotations go together)")
@@ -197,8 +203,7 @@ def resolve_data(config: TrainConfig) -> DataPaths:
                 raise UserInputError(f"--{split}-images {images}: folder not found")
             if not annotations.is_file():
                 raise UserInputError(f"--{split}-annotations {annotations}: file not found")
-            setattr(paths, f"{split}_images", images)
-            setattr(paths, f"{split}_annotations", annotations)
+            setattr(paths, split, (images, annotations))
     return paths
 
 
@@ -252,7 +257,7 @@ class _Run:
         from ssd300.checkpoint import load_checkpoint
         from ssd300.distributed import broadcast_object, seed_everything
         from ssd300.logging_utils import RunLogger
-        from ssd300.runtime import Runtime
+        from ssd300.runtime import Runtime, default_workers
 
         self.config, self.paths, self.ctx = config, paths, ctx
         self.checkpoint = load_checkpoint(config.checkpoint) if config.checkpoint is not None else None
@@ -265,7 +270,7 @@ class _Run:
         self.runtime = Runtime.resolve(ctx.device, config.amp, channels_last=config.channels_last,
                                        allow_tf32=config.allow_tf32).configure()
         self.channels_last = self.runtime.channels_last(training=config.mode in TRAINING_MODES)
-        self.workers = config.num_workers if config.num_workers is not None else min(8, os.cpu_count() or 1)
+        self.workers = config.num_workers if config.num_workers is not None else default_workers()
         self.save_dir = config.save
         log_file = config.log_file or (self.save_dir / "log.jsonl" if self.save_dir is not None else None)
         self.logger = RunLogger(enabled=ctx.is_main, jsonl_path=log_file, tensorboard_dir=config.tensorboard,
@@ -285,20 +290,21 @@ class _Run:
         from ssd300.model import SSD300
 
         config, paths = self.config, self.paths
-        self.train_set = self.val_set = None
-        if paths.train_annotations is not None:
-            self.train_set = CocoDetection(paths.train_images, paths.train_annotations, train=True, seed=self.seed,
-                                           strict=config.strict_images, transform=TrainTransform(crop=config.iou_crop))
+        self.train_set: Optional[CocoDetection] = None
+        self.val_set: Optional[CocoDetection] = None
+        if paths.train is not None:
+            self.train_set = CocoDetection(*paths.train, train=True, seed=self.seed, strict=config.strict_images,
+                                           transform=TrainTransform(crop=config.iou_crop))
         data_label_map = self.train_set.label_map if self.train_set is not None else None
-        if self.checkpoint is None and data_label_map is None and paths.val_annotations is not None:
-            data_label_map = CocoDetection(paths.val_images, paths.val_annotations, train=False).label_map
+        if self.checkpoint is None and data_label_map is None and paths.val is not None:
+            data_label_map = CocoDetection(*paths.val, train=False).label_map
         self.spec = resolve_model_spec(self.checkpoint, source=f"checkpoint {config.checkpoint}",
                                        data_label_map=data_label_map, backbone=config.backbone)
-        if paths.val_annotations is not None:
-            self.val_set = CocoDetection(paths.val_images, paths.val_annotations, train=False,
-                                         label_map=self.spec.label_map, strict=config.strict_images)
-        self.coco_gt = load_coco_ground_truth(paths.val_annotations) if (
-            self.val_set is not None and self.ctx.is_main) else None
+        if paths.val is not None:
+            self.val_set = CocoDetection(*paths.val, train=False, label_map=self.spec.label_map,
+                                         strict=config.strict_images)
+        self.coco_gt = load_coco_ground_truth(paths.val[1]) if (
+            paths.val is not None and self.ctx.is_main) else None
         model = SSD300(self.spec.backbone, num_classes=self.spec.num_classes,
                        backbone_path=config.backbone_path if self.checkpoint is None else None)
         if self.checkpoint is not None:
@@ -340,20 +346,22 @@ class _Run:
     def build_train_loader(self) -> Any:
         from ssd300.data.loaders import build_train_loader
 
-        config, ctx = self.config, self.ctx
+        config, ctx, train_set = self.config, self.ctx, self.train_set
+        assert train_set is not None and self.paths.train is not None  # training modes resolve train data
+        loader: Any
         if config.dali:
             from ssd300.data.dali import build_dali_train_loader
 
             loader = build_dali_train_loader(
-                self.train_set, config.batch_size, num_threads=self.workers, seed=self.seed, rank=ctx.rank,
+                train_set, config.batch_size, num_threads=self.workers, seed=self.seed, rank=ctx.rank,
                 world_size=ctx.world_size, device_id=ctx.device.index if ctx.device.type == "cuda" else None)
         else:
-            loader = build_train_loader(self.train_set, config.batch_size, num_workers=self.workers, seed=self.seed,
+            loader = build_train_loader(train_set, config.batch_size, num_workers=self.workers, seed=self.seed,
                                         rank=ctx.rank, world_size=ctx.world_size)
         if len(loader) == 0:
-            raise UserInputError(f"{self.paths.train_annotations}: {len(self.train_set)} training images are fewer "
+            raise UserInputError(f"{self.paths.train[1]}: {len(train_set)} training images are fewer "
                                  f"than --batch-size {config.batch_size} x {ctx.world_size} processes")
-        self.logger.info(f"{len(self.train_set)} training images, {len(loader)} iterations per epoch, "
+        self.logger.info(f"{len(train_set)} training images, {len(loader)} iterations per epoch, "
                          f"learning rate {self.lr:.4g} (= {config.learning_rate:g} x {ctx.world_size} x "
                          f"{config.batch_size}/32)")
         return loader
@@ -361,6 +369,7 @@ class _Run:
     def eval_loader(self) -> Any:
         from ssd300.data.loaders import build_eval_loader
 
+        assert self.val_set is not None  # evaluating modes resolve validation data
         return build_eval_loader(self.val_set, self.config.eval_batch_size, num_workers=self.workers,
                                  rank=self.ctx.rank, world_size=self.ctx.world_size)
 
