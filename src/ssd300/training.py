@@ -21,8 +21,28 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+from torch import nn
+
 from ssd300.backbone import BACKBONES
+from ssd300.batchnorm import recalibrate_batchnorm
+from ssd300.benchmarking import benchmark_inference, benchmark_training
+from ssd300.box_coder import BoxCoder
+from ssd300.checkpoint import load_checkpoint, load_model_weights, resolve_model_spec, unwrap_model
+from ssd300.coco_eval import CocoMetrics, load_coco_ground_truth
+from ssd300.data.coco import CocoDetection, resolve_split
+from ssd300.data.loaders import build_eval_loader, build_train_loader
+from ssd300.data.transforms import TrainTransform
+from ssd300.default_boxes import default_boxes_300
+from ssd300.distributed import DistributedContext, broadcast_object, init_distributed, seed_everything, \
+    shutdown_distributed
 from ssd300.errors import UserInputError
+from ssd300.evaluation import evaluate_model
+from ssd300.logging_utils import RunLogger, write_json
+from ssd300.model import SSD300
+from ssd300.optim import WarmupMultiStepSchedule, build_optimizer, scaled_learning_rate
+from ssd300.runtime import Runtime, default_workers
+from ssd300.trainer import StopFlag, Trainer
 
 MODES = ("training", "evaluation", "benchmark-training", "benchmark-inference")
 DEFAULT_EVALUATION = (21, 31, 37, 42, 48, 53, 59, 64)
@@ -184,8 +204,6 @@ def resolve_data(config: TrainConfig) -> DataPaths:
         raise UserInputError(f"--data and {given[0]} contradict each other: give a dataset folder or explicit paths")
     paths = DataPaths()
     if config.data is not None:
-        from ssd300.data.coco import resolve_split
-
         if config.needs_train_data:
             paths.train = resolve_split(config.data, "train")
         if config.needs_val_data:
@@ -216,8 +234,8 @@ class RunResult:
     loss_history: list[tuple[int, float]] = field(default_factory=list)  # (iteration, loss)
     benchmark: dict[str, float] = field(default_factory=dict)
     checkpoint: Optional[Path] = None       # the last checkpoint written
-    metrics: Any = None                     # the last evaluation's CocoMetrics
-    trainer: Any = None                     # the ssd300.trainer.Trainer of training runs
+    metrics: Optional[CocoMetrics] = None   # the last evaluation's
+    trainer: Optional[Trainer] = None       # of training runs
     summary: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -228,8 +246,6 @@ class RunResult:
 def run(config: TrainConfig) -> RunResult:
     """Run ``config.mode``; returns what was produced. All ranks call this under torchrun."""
     paths = resolve_data(config)
-    from ssd300.distributed import init_distributed, shutdown_distributed
-
     ctx = init_distributed(config.device)
     try:
         return _Run(config, paths, ctx).execute()
@@ -245,7 +261,7 @@ def train(config: TrainConfig) -> RunResult:
     return run(config)
 
 
-def evaluate(config: TrainConfig) -> Any:
+def evaluate(config: TrainConfig) -> Optional[CocoMetrics]:
     """COCO metrics (:class:`~ssd300.coco_eval.CocoMetrics`) of ``config.checkpoint`` on the validation data."""
     return run(config.replace(mode="evaluation")).metrics
 
@@ -253,12 +269,7 @@ def evaluate(config: TrainConfig) -> Any:
 class _Run:
     """One run's pieces, built in order; each step is a method so ``execute`` reads as the recipe."""
 
-    def __init__(self, config: TrainConfig, paths: DataPaths, ctx: Any) -> None:
-        from ssd300.checkpoint import load_checkpoint
-        from ssd300.distributed import broadcast_object, seed_everything
-        from ssd300.logging_utils import RunLogger
-        from ssd300.runtime import Runtime, default_workers
-
+    def __init__(self, config: TrainConfig, paths: DataPaths, ctx: DistributedContext) -> None:
         self.config, self.paths, self.ctx = config, paths, ctx
         self.checkpoint = load_checkpoint(config.checkpoint) if config.checkpoint is not None else None
         stored_args = self.checkpoint.get("args", {}) if self.checkpoint is not None else {}
@@ -281,14 +292,6 @@ class _Run:
     # ------------------------------------------------------------------ building
 
     def build_data_and_model(self) -> None:
-        import torch
-
-        from ssd300.checkpoint import load_model_weights, resolve_model_spec
-        from ssd300.coco_eval import load_coco_ground_truth
-        from ssd300.data.coco import CocoDetection
-        from ssd300.data.transforms import TrainTransform
-        from ssd300.model import SSD300
-
         config, paths = self.config, self.paths
         self.train_set: Optional[CocoDetection] = None
         self.val_set: Optional[CocoDetection] = None
@@ -314,14 +317,7 @@ class _Run:
             model.to(memory_format=torch.channels_last)
         self.model: Any = model
 
-    def build_trainer(self) -> Any:
-        from torch import nn
-
-        from ssd300.box_coder import BoxCoder
-        from ssd300.default_boxes import default_boxes_300
-        from ssd300.optim import WarmupMultiStepSchedule, build_optimizer, scaled_learning_rate
-        from ssd300.trainer import Trainer
-
+    def build_trainer(self) -> Trainer:
         config, ctx = self.config, self.ctx
         if ctx.distributed:
             self.model = nn.parallel.DistributedDataParallel(
@@ -344,8 +340,6 @@ class _Run:
         return trainer
 
     def build_train_loader(self) -> Any:
-        from ssd300.data.loaders import build_train_loader
-
         config, ctx, train_set = self.config, self.ctx, self.train_set
         assert train_set is not None and self.paths.train is not None  # training modes resolve train data
         loader: Any
@@ -367,8 +361,6 @@ class _Run:
         return loader
 
     def eval_loader(self) -> Any:
-        from ssd300.data.loaders import build_eval_loader
-
         assert self.val_set is not None  # evaluating modes resolve validation data
         return build_eval_loader(self.val_set, self.config.eval_batch_size, num_workers=self.workers,
                                  rank=self.ctx.rank, world_size=self.ctx.world_size)
@@ -376,8 +368,6 @@ class _Run:
     # ------------------------------------------------------------------ steps
 
     def run_evaluation(self, epoch: int, iteration: int, train_loader: Any = None) -> None:
-        from ssd300.evaluation import evaluate_model
-
         start = time.perf_counter()
         if train_loader is not None and self.config.bn_recalibration > 0:
             self.recalibrate(train_loader)
@@ -393,11 +383,6 @@ class _Run:
         self.result.metrics = metrics
 
     def recalibrate(self, train_loader: Any) -> None:
-        import torch
-
-        from ssd300.batchnorm import recalibrate_batchnorm
-        from ssd300.checkpoint import unwrap_model
-
         inner = unwrap_model(self.model)
         used = recalibrate_batchnorm(inner, islice(iter(train_loader), self.config.bn_recalibration),
                                      self.ctx.device, self.channels_last)
@@ -406,9 +391,7 @@ class _Run:
                 torch.distributed.broadcast(buffer, 0)
         self.logger.info(f"BatchNorm statistics recomputed over {used} training batches")
 
-    def train_epochs(self, trainer: Any, loader: Any) -> None:
-        from ssd300.trainer import StopFlag
-
+    def train_epochs(self, trainer: Trainer, loader: Any) -> None:
         if self.save_dir is None:
             self.logger.info("no save folder (--save): checkpoints will not be written")
         evaluation_epochs = set(self.config.evaluation)
@@ -426,8 +409,6 @@ class _Run:
                     self.logger.info(f"checkpoint: {path}")
 
     def execute(self) -> RunResult:
-        from ssd300.benchmarking import benchmark_inference, benchmark_training
-
         config, result = self.config, self.result
         try:
             self.build_data_and_model()
@@ -459,8 +440,6 @@ class _Run:
         return result
 
     def write_summary(self) -> None:
-        from ssd300.logging_utils import write_json
-
         result = self.result
         result.summary = {"mode": self.config.mode, "seed": self.seed, "backbone": self.spec.backbone,
                           "world_size": self.ctx.world_size, "precision": self.runtime.precision,
