@@ -125,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
     detector = Detector.from_checkpoint(
         args.checkpoint, device=args.device, postprocess=postprocess, batch_size=args.batch_size,
         amp=args.amp, draft=not args.full_decode, backend=args.backend)
+    detector.runtime.configure()  # process-wide settings (TF32, cuDNN autotuning), as train does
     print(f"ssd300 detect: {detector.runtime.describe()}", file=sys.stderr)
     label_map = detector.label_map
     out = Path(args.out)
