@@ -45,7 +45,7 @@ from ssd300.export import export_model
 from ssd300.inference import Detector, load_rgb
 from ssd300.runtime import Runtime
 from ssd300.labels import LabelMap
-from ssd300.model import NUM_DEFAULTS, SSD300
+from ssd300.model import SSD300
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -97,7 +97,7 @@ def calibrated_model(paths: list[str], candidates: int, logit_std: float = 3.0) 
         low, high = (mid, high) if count(mid) > candidates else (low, mid)
     shift = (low + high) / 2
     with torch.no_grad():
-        for head, nd in zip(model.conf, NUM_DEFAULTS):
+        for head, nd in zip(model.conf, model.boxes_per_location):
             head.weight.mul_(scale)
             head.bias.mul_(scale)
             # Conf channels are class-major (class * nd + box), so the background's are the first nd.

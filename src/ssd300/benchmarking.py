@@ -11,7 +11,7 @@ from torch import nn
 from ssd300.checkpoint import unwrap_model
 from ssd300.default_boxes import default_boxes_300
 from ssd300.distributed import DistributedContext, all_reduce_sum
-from ssd300.postprocess import PostProcessor
+from ssd300.postprocess import COCO_EVAL, PostProcessor
 from ssd300.runtime import Runtime
 from ssd300.trainer import Trainer
 
@@ -57,7 +57,7 @@ def benchmark_inference(model: nn.Module, loader: Any, *, ctx: DistributedContex
                         warmup: int, iterations: int, channels_last: bool) -> dict[str, float]:
     """Inference images/s: forward only, and end-to-end (host->device copy + forward + decode/NMS)."""
     model = unwrap_model(model).eval()
-    postprocessor = PostProcessor(default_boxes_300().to(ctx.device), iou_threshold=0.5)
+    postprocessor = PostProcessor(default_boxes_300().to(ctx.device), COCO_EVAL)
     batches = _cycle(loader)
     host_batches = [next(batches) for _ in range(max(1, min(iterations, 8)))]
     device_batches = [b.to(ctx.device, channels_last=channels_last) for b in host_batches]

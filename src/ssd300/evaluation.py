@@ -15,7 +15,7 @@ from ssd300.coco_eval import CocoMetrics, detections_to_rows, evaluate_results, 
 from ssd300.default_boxes import default_boxes_300
 from ssd300.distributed import DistributedContext, all_gather_objects, broadcast_object
 from ssd300.labels import LabelMap
-from ssd300.postprocess import PostProcessor
+from ssd300.postprocess import COCO_EVAL, PostprocessConfig, PostProcessor
 from ssd300.runtime import Runtime
 
 
@@ -54,14 +54,15 @@ def predict_rows(model: nn.Module, loader: Iterable[Any], postprocessor: PostPro
 
 
 def evaluate_model(model: nn.Module, loader: Iterable[Any], coco_gt: Any, label_map: LabelMap, *,
-                   ctx: DistributedContext, runtime: Runtime, channels_last: bool, results_path: Optional[Path] = None, iou_threshold: float = 0.5,
-             log: Optional[Callable[[str], None]] = None) -> CocoMetrics:
+                   ctx: DistributedContext, runtime: Runtime, channels_last: bool, results_path: Optional[Path] = None,
+                   postprocess: PostprocessConfig = COCO_EVAL, log: Optional[Callable[[str], None]] = None) -> CocoMetrics:
     """COCO evaluation over ``loader`` (all ranks take part); every rank returns the same metrics.
 
-    Post-processing uses IoU 0.5 for NMS as the reference's evaluation does (SPEC §5).
+    Post-processing defaults to :data:`~ssd300.postprocess.COCO_EVAL` (NMS IoU 0.5, as the reference's
+    evaluation, SPEC §5).
     ``coco_gt`` is only needed on the main rank.
     """
-    postprocessor = PostProcessor(default_boxes_300().to(ctx.device), iou_threshold=iou_threshold)
+    postprocessor = PostProcessor(default_boxes_300().to(ctx.device), postprocess)
     image_ids, rows, skipped = predict_rows(unwrap_model(model), loader, postprocessor, runtime,
                                             label_map.category_ids, channels_last)
     gathered = all_gather_objects((image_ids, rows, skipped))

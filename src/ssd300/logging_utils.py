@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional, TextIO
 
-from ssd300.files import json_ready, write_json  # noqa: F401  (write_json re-exported for callers)
+from ssd300.files import json_ready
 
 
 class RunLogger:

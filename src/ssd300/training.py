@@ -38,7 +38,8 @@ from ssd300.distributed import DistributedContext, broadcast_object, init_distri
     shutdown_distributed
 from ssd300.errors import UserInputError
 from ssd300.evaluation import evaluate_model
-from ssd300.logging_utils import RunLogger, write_json
+from ssd300.files import write_json
+from ssd300.logging_utils import RunLogger
 from ssd300.model import SSD300
 from ssd300.optim import WarmupMultiStepSchedule, build_optimizer, scaled_learning_rate
 from ssd300.runtime import Runtime, default_workers
