@@ -27,13 +27,14 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -113,8 +114,20 @@ class Report:
         return None
 
 
+def _one_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+
+
 def _fmt(value: Optional[float], digits: int = 1) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
+
+
+class OutOfTime(Exception):
+    """SIGTERM arrived (the caller's time limit): stop measuring, print what was measured."""
+
+
+# Measurements stop at this perf_counter() time (set from --budget-s in main()).
+DEADLINE = float("inf")
 
 
 def sync(device: torch.device) -> None:
@@ -137,7 +150,8 @@ def timed_loop(step: Callable[[int], int], device: torch.device, warmup: int, it
         images += step(warmup + i)
         sync(device)
         times.append(time.perf_counter() - tick)
-        if time.perf_counter() - start > seconds and len(times) >= 2:
+        now = time.perf_counter()
+        if (now - start > seconds and len(times) >= 2) or now > DEADLINE:
             break
     elapsed = time.perf_counter() - start
     return images / elapsed, 1000.0 * statistics.median(times)
@@ -203,7 +217,6 @@ def part_train(settings: Settings, report: Report) -> None:
         rate, ms = measure_training(trainer, lambda i: batches[i % len(batches)], settings)
         report.add(Row("train", "train", f"model bound (batches on the device), {describe(trainer)}", batch_size,
                        rate, ms))
-        del batches
     _release(settings.device)
 
 
@@ -294,7 +307,6 @@ def part_dali(settings: Settings, report: Report, root: Path) -> None:
         rate, ms = measure_training(trainer, lambda i: next(stream), settings)
         report.add(Row("dali_train", "dali", f"training through the DALI {where} loader, {describe(trainer)}",
                        batch_size, rate, ms))
-        del loader, stream
     _release(settings.device)
 
 
@@ -427,26 +439,33 @@ def part_infer(settings: Settings, report: Report, root: Path) -> None:
         rate, ms = timed_loop(lambda i: (detector.predict_tensor(images), batch_size)[1], device, settings.warmup,
                               settings.iterations, settings.seconds_per_measure)
         report.add(Row("infer_forward", "infer", f"forward only, {precision}, BatchNorm folded", batch_size, rate, ms))
-        for (key, name), pipeline in pipelines.items():
+        for (key, name), pipeline in list(pipelines.items()):
             def step(i: int) -> int:
                 start = (i * batch_size) % len(paths)
                 chunk = [paths[(start + k) % len(paths)] for k in range(batch_size)]
                 return len(pipeline(chunk))
 
-            rate, ms = timed_loop(step, device, min(settings.warmup, 3), settings.iterations,
-                                  settings.seconds_per_measure)
+            try:
+                rate, ms = timed_loop(step, device, min(settings.warmup, 3), settings.iterations,
+                                      settings.seconds_per_measure)
+            except OutOfTime:
+                raise
+            except Exception as error:  # noqa: BLE001 - one broken path must not hide the others
+                report.skipped.append(f"infer, {name}: FAILED at batch {batch_size}: {_one_line(error)}")
+                del pipelines[(key, name)]
+                continue
             report.add(Row(key, "infer", name, batch_size, rate, ms, f"({candidates:.0f} candidates/image)"))
     batch_size = settings.infer_batches[-1]
     chunk = [paths[k % len(paths)] for k in range(batch_size)]
     report.profile[f"Detector, batch {batch_size} (ms)"] = detector_profile(detector, chunk, device)
     stages: dict[str, list[float]] = {}
-    nvjpeg = next(p for (key, _), p in pipelines.items() if key == "infer_nvjpeg")
+    nvjpeg = next((p for (key, _), p in pipelines.items() if key == "infer_nvjpeg"), None)
     repeats = 1 if settings.smoke else 3
-    for _ in range(repeats):
-        nvjpeg(chunk, stages)
-    report.profile[f"nvJPEG path, batch {batch_size} (ms, median of {repeats})"] = {
-        name: 1000.0 * statistics.median(values) for name, values in stages.items()}
-    del detector, model
+    if nvjpeg is not None:
+        for _ in range(repeats):
+            nvjpeg(chunk, stages)
+        report.profile[f"nvJPEG path, batch {batch_size} (ms, median of {repeats})"] = {
+            name: 1000.0 * statistics.median(values) for name, values in stages.items()}
     _release(device)
 
 
@@ -531,7 +550,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     settings = settings_for(args.smoke)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-    deadline = time.perf_counter() + args.budget_s
+    global DEADLINE
+    deadline = DEADLINE = time.perf_counter() + args.budget_s
+
+    def out_of_time(signum: int, frame: Any) -> None:
+        raise OutOfTime
+
+    signal.signal(signal.SIGTERM, out_of_time)
     configure_backends(settings.device, allow_tf32=True)  # the train command's defaults
     report = Report()
     info = environment(settings.device)
@@ -564,8 +589,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                     part_dali(settings, report, root)
                 else:
                     part_compile(settings, report)
+            except OutOfTime:
+                report.skipped.append(f"{part}: stopped by SIGTERM (time limit); later parts not run")
+                break
             except Exception as error:  # noqa: BLE001 - report the part as failed, go on with the others
-                report.skipped.append(f"{part}: FAILED: {type(error).__name__}: {' '.join(str(error).split())[:300]}")
+                report.skipped.append(f"{part}: FAILED: {_one_line(error)}")
                 print(f"gpu_check: part {part} failed", file=sys.stderr)
                 import traceback
 
