@@ -326,7 +326,10 @@ def test_dali_gpu_pipeline_targets_equal_cpu_pipeline(tmp_path):
     for epoch in range(2):
         for loader in loaders.values():
             loader.set_epoch(epoch)
-        for cpu_batch, gpu_batch in zip(loaders[None], loaders[0]):
+        # Each epoch read to its end on both pipelines (DALI resets a pipeline at the epoch's end).
+        cpu_batches, gpu_batches = list(loaders[None]), list(loaders[0])
+        assert len(cpu_batches) == len(gpu_batches) == 4
+        for cpu_batch, gpu_batch in zip(cpu_batches, gpu_batches):
             assert gpu_batch.images.is_cuda and gpu_batch.images.dtype == torch.uint8
             assert gpu_batch.images.shape == cpu_batch.images.shape == (4, 3, 300, 300)
             assert torch.equal(gpu_batch.image_ids, cpu_batch.image_ids)
