@@ -563,6 +563,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"gpu_check: {info}", file=sys.stderr, flush=True)
     # Share of what is left that each part may use (the compile part takes the rest, if enough).
     shares = {"train": 0.3, "infer": 0.35, "dali": 0.6, "compile": 1.0}
+    longest_measure = settings.seconds_per_measure
     with tempfile.TemporaryDirectory(prefix="ssd300-gpu-check-") as tmp:
         root: Optional[Path] = None
         for part in PARTS:
@@ -576,7 +577,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             if left < 10 and not settings.smoke:
                 report.skipped.append(f"{part}: skipped (budget spent)")
                 continue
-            settings.seconds_per_measure = min(settings.seconds_per_measure, max(2.0, left * shares[part] / 8))
+            settings.seconds_per_measure = min(longest_measure, max(2.0, left * shares[part] / 8))
             start = time.perf_counter()
             try:
                 if part in ("infer", "dali") and root is None:
