@@ -45,7 +45,7 @@ from ssd300.distributed import DistributedContext
 from ssd300.engine import Precision, Trainer, configure_backends
 from ssd300.labels import LabelMap
 from ssd300.logging_utils import RunLogger
-from ssd300.model import NUM_DEFAULTS, SSD300
+from ssd300.model import SSD300
 from ssd300.optim import WarmupMultiStepSchedule, build_optimizer
 
 PARTS = ("train", "infer", "dali", "compile")
@@ -171,8 +171,9 @@ def synthetic_batches(count: int, batch_size: int, device: torch.device, boxes_p
         wh = 0.05 + torch.rand(batch_size, boxes_per_image, 2, generator=g) * 0.4
         boxes = torch.cat((xy, (xy + wh).clamp(max=1.0)), dim=2)
         counts = torch.randint(1, boxes_per_image + 1, (batch_size,), generator=g)
-        batch = Batch(images=images, boxes=boxes, labels=torch.randint(1, 81, (batch_size, boxes_per_image), generator=g),
-                      num_boxes=counts, image_ids=torch.arange(batch_size), image_sizes=torch.full((batch_size, 2), 300),
+        labels = torch.randint(1, 81, (batch_size, boxes_per_image), generator=g)
+        batch = Batch(images=images, boxes=boxes, labels=labels, num_boxes=counts,
+                      image_ids=torch.arange(batch_size), image_sizes=torch.full((batch_size, 2), 300),
                       is_padding=torch.zeros(batch_size, dtype=torch.bool))
         moved = batch.to(device)  # everything but the images, which stay uint8
         batches.append(replace(moved, images=images.to(device)))
@@ -341,14 +342,15 @@ def calibrate(model: SSD300, images: torch.Tensor, candidates: float = 400.0, lo
         low, high = (mid, high) if count(mid) > candidates else (low, mid)
     shift = (low + high) / 2
     with torch.no_grad():
-        for head, nd in zip(model.conf, NUM_DEFAULTS):
+        for head in model.conf:
             head.weight.mul_(scale)
             head.bias.mul_(scale)
-            head.bias[:nd] += shift  # conf channels are class-major: the background's are the first nd
+            # Conf channels are class-major (class * boxes per cell + box): the background's come first.
+            head.bias[: head.out_channels // model.num_classes] += shift
     return count(shift)
 
 
-def nvjpeg_pipeline(detector: Any, device: torch.device) -> Callable[[list[str]], list]:
+def nvjpeg_pipeline(detector: Any, device: torch.device) -> Callable[..., list]:
     """Files -> detections with the JPEGs decoded by nvJPEG and resized on the GPU (float
     antialiased bilinear, like the uint8 CPU resize up to rounding); network and post-processing
     are the Detector's."""
@@ -386,7 +388,7 @@ def nvjpeg_pipeline(detector: Any, device: torch.device) -> Callable[[list[str]]
     return run
 
 
-def detector_pipeline(detector: Any) -> Callable[[list[str]], list]:
+def detector_pipeline(detector: Any) -> Callable[..., list]:
     def run(paths: list[str], stages: Optional[dict[str, list[float]]] = None) -> list:
         return [result for _, result in detector.detect_files(paths, on_error="raise")]
 
@@ -431,8 +433,10 @@ def part_infer(settings: Settings, report: Report, root: Path) -> None:
     gpu = device.type == "cuda"
     detector = Detector(model.cpu(), LabelMap.coco2017(), device=device, amp=gpu, batch_size=1)
     precision = "fp16, channels-last" if gpu else "fp32"
-    pipelines = {("infer_detector", "end to end, Detector (PIL decode on a thread)"): detector_pipeline(detector),
-                 ("infer_nvjpeg", "end to end, nvJPEG decode + resize on the device"): nvjpeg_pipeline(detector, device)}
+    pipelines = {
+        ("infer_detector", "end to end, Detector (PIL decode on a thread)"): detector_pipeline(detector),
+        ("infer_nvjpeg", "end to end, nvJPEG decode + resize on the device"): nvjpeg_pipeline(detector, device),
+    }
     for batch_size in settings.infer_batches:
         detector.batch_size = batch_size
         images = torch.randn(batch_size, 3, 300, 300, device=device)
@@ -571,7 +575,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 continue
             left = deadline - time.perf_counter()
             if part == "compile" and left < settings.compile_min_seconds:
-                reason = "smoke run" if settings.smoke else f"{left:.0f} s left, needs {settings.compile_min_seconds:.0f}"
+                needs = f"{left:.0f} s left, needs {settings.compile_min_seconds:.0f}"
+                reason = "smoke run" if settings.smoke else needs
                 report.skipped.append(f"compile: skipped ({reason})")
                 continue
             if left < 10 and not settings.smoke:
