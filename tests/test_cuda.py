@@ -99,6 +99,15 @@ def make_trainer(device: torch.device, amp: bool, backbone: str = "resnet50", lr
                    logger=RunLogger(enabled=False), channels_last=channels_last, save_dir=save_dir)
 
 
+# The two places that know where a Trainer keeps its precision settings.
+def grad_scaler(trainer: Trainer) -> torch.amp.GradScaler | None:
+    return trainer.precision.scaler
+
+
+def set_grad_scaler(trainer: Trainer, scaler: torch.amp.GradScaler) -> None:
+    trainer.precision.scaler = scaler
+
+
 def parameters(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
 
@@ -110,9 +119,9 @@ def gradients(trainer: Trainer) -> dict[str, torch.Tensor]:
 def amp_step(trainer: Trainer, batch: Batch) -> float:
     """One AMP step that the scaler did not skip (the first scale, 2**16, may overflow fp16)."""
     for _ in range(8):
-        scale = trainer.precision.scaler.get_scale()
+        scale = grad_scaler(trainer).get_scale()
         loss, _ = trainer.train_step(batch)
-        if trainer.precision.scaler.get_scale() >= scale:  # lowered only when the step was skipped
+        if grad_scaler(trainer).get_scale() >= scale:  # lowered only when the step was skipped
             return loss
     raise AssertionError("GradScaler skipped 8 steps in a row")
 
@@ -135,8 +144,7 @@ def test_amp_training_steps_match_fp32(no_tf32):
     the loss, every parameter's gradient (unscaled) and the weights after the update agree to
     fp16 accuracy."""
     fp32, amp = make_trainer(GPU, amp=False), make_trainer(GPU, amp=True)
-    assert amp.precision.dtype == torch.float16 and amp.precision.scaler is not None
-    assert fp32.precision.dtype is None
+    assert grad_scaler(amp) is not None and grad_scaler(fp32) is None
     for step in range(2):
         batch = synthetic_batch(8, seed=step)
         loss_fp32, _ = fp32.train_step(batch)
@@ -159,19 +167,19 @@ def test_amp_training_steps_match_fp32(no_tf32):
 def test_grad_scaler_skips_a_step_whose_gradients_overflow():
     trainer = make_trainer(GPU, amp=True, backbone="resnet18")
     # A scale this large overflows every fp16 activation gradient while the loss stays finite.
-    trainer.precision.scaler = torch.amp.GradScaler("cuda", init_scale=2.0**100)
+    set_grad_scaler(trainer, torch.amp.GradScaler("cuda", init_scale=2.0**100))
     before = parameters(trainer)
     batch = synthetic_batch(4)
     loss, _ = trainer.train_step(batch)
     assert torch.isfinite(torch.tensor(loss))
-    assert trainer.precision.scaler.get_scale() == 2.0**99  # backed off by 0.5
+    assert grad_scaler(trainer).get_scale() == 2.0**99  # backed off by 0.5
     assert all(torch.equal(p, before[n]) for n, p in parameters(trainer).items()), "a skipped step changed weights"
     assert not trainer.optimizer.state, "a skipped step created momentum"
     for _ in range(100):  # the scaler halves the scale until the gradients fit, then steps
         trainer.train_step(batch)
         if trainer.optimizer.state:
             break
-    assert trainer.optimizer.state and trainer.precision.scaler.get_scale() < 2.0**99
+    assert trainer.optimizer.state and grad_scaler(trainer).get_scale() < 2.0**99
     assert any(not torch.equal(p, before[n]) for n, p in parameters(trainer).items())
 
 
