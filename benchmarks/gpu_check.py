@@ -9,9 +9,11 @@ Parts, most important first, each time-boxed so that the whole fits ``--budget-s
    batch 1, 8 and 64: forward only, and end to end from JPEG files (decode + preprocess + forward
    + NMS + results on the host), once with the Detector's own decoding (PIL on a thread) and once
    with nvJPEG (``torchvision.io.decode_jpeg`` on the GPU), plus a per-stage profile at batch 64;
-3. ``dali``: the DALI GPU training loader on synthetic JPEGs (640x480): the loader alone, and
-   training through it (pipeline bound), batch 64 and 128, against the model-bound rate;
-4. ``compile``: training at batch 128 with ``torch.compile`` (only if the budget left allows).
+3. ``loader``: training through the PyTorch DataLoader (CPU workers, pinned memory) on synthetic
+   JPEGs (640x480), batch 64 and 128, against the model-bound rate;
+4. ``dali``: the DALI GPU training loader on the same JPEGs: the loader alone, and training
+   through it (pipeline bound), batch 64 and 128, against the model-bound rate;
+5. ``compile``: training at batch 128 with ``torch.compile`` (only if the budget left allows).
 
 Prints one table with the issue's goals marked met/missed and writes ``gpu_check.json`` under
 ``--out`` (default: ``$OUT`` when set). ``--smoke`` runs every code path with tiny sizes on the
@@ -48,7 +50,7 @@ from ssd300.logging_utils import RunLogger
 from ssd300.model import SSD300
 from ssd300.optim import WarmupMultiStepSchedule, build_optimizer
 
-PARTS = ("train", "infer", "dali", "compile")
+PARTS = ("train", "infer", "loader", "dali", "compile")
 # The issue's goals (published for NVIDIA's code on 1x A100 80GB, AMP: training 724 img/s at
 # batch 128, inference 1058 img/s at batch 64).
 TRAIN_GOAL = 1450.0           # img/s, training at batch 128, model bound
@@ -280,6 +282,26 @@ def make_dataset(folder: Path, settings: Settings) -> Path:
 
 
 # ----------------------------------------------------------------------------- DALI
+
+
+def part_loader(settings: Settings, report: Report, root: Path) -> None:
+    """Training through the PyTorch DataLoader (workers decode + augment on the CPU, pinned
+    memory on CUDA), as ``ssd300 train`` without ``--dali``: how far the CPU pipeline keeps up."""
+    from ssd300.data.coco import CocoDetection
+    from ssd300.data.loaders import build_train_loader
+
+    dataset = CocoDetection.from_root(root, "train", train=True)
+    workers = 0 if settings.smoke else min(8, os.cpu_count() or 1)  # the train command's default
+    trainer = make_trainer(settings)
+    for batch_size in settings.train_batches:
+        loader = build_train_loader(dataset, batch_size, num_workers=workers, seed=0)
+        stream = _endless(loader)
+        rate, ms = measure_training(trainer, lambda i: next(stream), settings, warmup=min(settings.warmup, 4))
+        model_bound = report.rate("train", batch_size)
+        ratio = f"({rate / model_bound:.2f} x model bound)" if model_bound else ""
+        report.add(Row("loader_train", "loader", f"training through the PyTorch DataLoader, {workers} workers, "
+                       f"{describe(trainer)}", batch_size, rate, ms, ratio))
+    _release(settings.device)
 
 
 def part_dali(settings: Settings, report: Report, root: Path) -> None:
@@ -566,7 +588,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     info = environment(settings.device)
     print(f"gpu_check: {info}", file=sys.stderr, flush=True)
     # Share of what is left that each part may use (the compile part takes the rest, if enough).
-    shares = {"train": 0.3, "infer": 0.35, "dali": 0.6, "compile": 1.0}
+    shares = {"train": 0.3, "infer": 0.35, "loader": 0.3, "dali": 0.5, "compile": 1.0}
     longest_measure = settings.seconds_per_measure
     with tempfile.TemporaryDirectory(prefix="ssd300-gpu-check-") as tmp:
         root: Optional[Path] = None
@@ -585,12 +607,14 @@ def main(argv: Optional[list[str]] = None) -> int:
             settings.seconds_per_measure = min(longest_measure, max(2.0, left * shares[part] / 8))
             start = time.perf_counter()
             try:
-                if part in ("infer", "dali") and root is None:
+                if part in ("infer", "loader", "dali") and root is None:
                     root = make_dataset(Path(tmp), settings)
                 if part == "train":
                     part_train(settings, report)
                 elif part == "infer":
                     part_infer(settings, report, root)
+                elif part == "loader":
+                    part_loader(settings, report, root)
                 elif part == "dali":
                     part_dali(settings, report, root)
                 else:

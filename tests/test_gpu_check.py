@@ -58,7 +58,7 @@ def test_without_a_gpu_it_says_so_and_smokes_every_code_path(tmp_path):
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["smoke"] is True and report["environment"]["device"] == "cpu"
     measured = {row["key"] for row in report["rows"]}
-    assert {"train", "infer_forward", "infer_detector", "infer_nvjpeg"} <= measured
+    assert {"train", "infer_forward", "infer_detector", "infer_nvjpeg", "loader_train"} <= measured
     from ssd300.data.dali import dali_available
 
     if dali_available():
