@@ -44,7 +44,8 @@ from ssd300.box_coder import BoxCoder
 from ssd300.data.loaders import Batch
 from ssd300.default_boxes import default_boxes_300
 from ssd300.distributed import DistributedContext
-from ssd300.engine import Precision, Trainer, configure_backends
+from ssd300.runtime import Runtime
+from ssd300.trainer import Trainer
 from ssd300.labels import LabelMap
 from ssd300.logging_utils import RunLogger
 from ssd300.model import SSD300
@@ -188,14 +189,15 @@ def make_trainer(settings: Settings, compiled: bool = False) -> Trainer:
     torch.manual_seed(0)
     model = SSD300(settings.backbone, num_classes=81).to(device)
     # AMP is fp16 + GradScaler on CUDA; the CPU smoke stays in fp32 (bf16 is emulated on AVX2 CPUs).
-    amp = channels_last = device.type == "cuda"
-    if channels_last:
+    amp = device.type == "cuda"
+    runtime = Runtime.resolve(device, amp, channels_last=amp)
+    if runtime.channels_last(training=True):
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, 1e-3)
     trainer = Trainer(model=model, optimizer=optimizer, schedule=WarmupMultiStepSchedule(1e-3, 0, []),
-                      box_coder=BoxCoder(default_boxes_300().to(device)), precision=Precision.for_device(device, amp),
+                      box_coder=BoxCoder(default_boxes_300().to(device)), runtime=runtime,
                       ctx=DistributedContext(device=device), label_map=LabelMap.generic(81),
-                      logger=RunLogger(enabled=False), channels_last=channels_last)
+                      logger=RunLogger(enabled=False))
     if compiled:
         trainer.model = torch.compile(model)
     trainer.model.train()
@@ -238,7 +240,7 @@ def part_compile(settings: Settings, report: Report) -> None:
 
 
 def describe(trainer: Trainer) -> str:
-    return f"{trainer.precision.name}, {'channels-last' if trainer.channels_last else 'NCHW'}"
+    return f"{trainer.runtime.precision}, {'channels-last' if trainer.channels_last else 'NCHW'}"
 
 
 def _release(device: torch.device) -> None:
@@ -583,7 +585,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise OutOfTime
 
     signal.signal(signal.SIGTERM, out_of_time)
-    configure_backends(settings.device, allow_tf32=True)  # the train command's defaults
+    Runtime.resolve(settings.device, amp=True).configure()  # the train command's defaults (TF32, cuDNN autotune)
     report = Report()
     info = environment(settings.device)
     print(f"gpu_check: {info}", file=sys.stderr, flush=True)

@@ -52,7 +52,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 export PYTHONPATH="$repo/src${site:+:$site}${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
-if ! import_error="$("$PYTHON" -c "import torch, torchvision, numpy, PIL, ssd300.engine" 2>&1)"; then
+if ! import_error="$("$PYTHON" -c "import torch, torchvision, numpy, PIL, ssd300.training" 2>&1)"; then
     log "the package does not import with $PYTHON:"; echo "$import_error"; exit 1
 fi
 missing="$("$PYTHON" - <<'EOF'

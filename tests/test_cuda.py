@@ -32,7 +32,8 @@ from ssd300.box_coder import BoxCoder
 from ssd300.data.loaders import Batch
 from ssd300.default_boxes import default_boxes_300
 from ssd300.distributed import DistributedContext
-from ssd300.engine import Precision, Trainer
+from ssd300.runtime import Runtime
+from ssd300.trainer import Trainer
 from ssd300.labels import LabelMap
 from ssd300.logging_utils import RunLogger
 from ssd300.model import SSD300
@@ -90,22 +91,22 @@ def make_trainer(device: torch.device, amp: bool, backbone: str = "resnet50", lr
     """A Trainer as ``ssd300 train`` builds it (channels-last on CUDA), weights from seed 0."""
     torch.manual_seed(0)
     model = SSD300(backbone, num_classes=5).to(device)
-    channels_last = device.type == "cuda"
-    if channels_last:
+    runtime = Runtime.resolve(device, amp, channels_last=device.type == "cuda")
+    if runtime.channels_last(training=True):
         model = model.to(memory_format=torch.channels_last)
     return Trainer(model=model, optimizer=build_optimizer(model, lr), schedule=WarmupMultiStepSchedule(lr, 0, []),
-                   box_coder=BoxCoder(default_boxes_300().to(device)), precision=Precision.for_device(device, amp),
+                   box_coder=BoxCoder(default_boxes_300().to(device)), runtime=runtime,
                    ctx=DistributedContext(device=device), label_map=LabelMap.generic(5),
-                   logger=RunLogger(enabled=False), channels_last=channels_last, save_dir=save_dir)
+                   logger=RunLogger(enabled=False), save_dir=save_dir)
 
 
 # The two places that know where a Trainer keeps its precision settings.
 def grad_scaler(trainer: Trainer) -> torch.amp.GradScaler | None:
-    return trainer.precision.scaler
+    return trainer.scaler
 
 
 def set_grad_scaler(trainer: Trainer, scaler: torch.amp.GradScaler) -> None:
-    trainer.precision.scaler = scaler
+    trainer.scaler = scaler
 
 
 def parameters(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -536,7 +537,7 @@ def test_torchrun_training_and_nccl(tmp_path):
                "--bs", "8", "--seed", "0", "--num-workers", "2", "--device", "cuda", "--evaluation",
                "--no-progress", "--save", str(save), "--json-summary", str(save / "summary.json")], env)
     summary = json.loads((save / "summary.json").read_text())
-    assert summary["precision"] == "fp16 (AMP)" and summary["world_size"] == 1
+    assert summary["precision"] == "fp16" and summary["world_size"] == 1
     assert summary["iterations"] == 2 and torch.isfinite(torch.tensor(summary["final_loss"]))
     assert (save / "epoch_0.pt").is_file()
 
