@@ -209,3 +209,150 @@ def test_dataset_reads_real_photographs_in_several_formats(tmp_path):
         got = evaluation[index].image.permute(1, 2, 0).numpy()
         assert np.abs(got.astype(int) - reference.astype(int)).max() <= 1  # PIL's bilinear, within rounding
         assert evaluation[index].image_size == (images[index]["width"], images[index]["height"])
+
+
+# ----------------------------------------------------------------------------- the flat index vs a plain oracle
+
+
+def _oracle_records(data, label_map, *, skip_empty):
+    """The per-image implementation the flat index replaced: group annotations by image, xywh ->
+    clipped ltrb pixels, drop crowd and boxes under 1 px, count what was left out."""
+    to_label = label_map.category_id_to_label()
+    counts = {"images": 0, "annotations": 0, "crowd": 0, "small": 0, "empty": 0}
+    per_image = {}
+    for ann in data["annotations"]:
+        counts["annotations"] += 1
+        if ann.get("iscrowd", 0):
+            counts["crowd"] += 1
+            continue
+        if ann["category_id"] not in to_label:
+            raise UserInputError(f"category id {ann['category_id']} is not in the model's label map")
+        per_image.setdefault(ann["image_id"], []).append((ann["bbox"], to_label[ann["category_id"]]))
+    records = []
+    for img in data["images"]:
+        counts["images"] += 1
+        width, height = int(round(img["width"])), int(round(img["height"]))
+        entries = per_image.get(img["id"], [])
+        boxes = np.zeros((len(entries), 4), dtype=np.float32)
+        labels = np.zeros(len(entries), dtype=np.int64)
+        for j, ((x, y, w, h), label) in enumerate(entries):
+            boxes[j] = (x, y, x + w, y + h)
+            labels[j] = label
+        boxes[:, 0::2] = np.clip(boxes[:, 0::2], 0, width)
+        boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0, height)
+        usable = ((boxes[:, 2] - boxes[:, 0]) >= 1) & ((boxes[:, 3] - boxes[:, 1]) >= 1)
+        counts["small"] += int((~usable).sum())
+        boxes, labels = boxes[usable], labels[usable]
+        if len(boxes) == 0:
+            counts["empty"] += 1
+            if skip_empty:
+                continue
+        records.append((int(img["id"]), str(img["file_name"]), width, height, boxes, labels))
+    return records, counts
+
+
+def _random_annotations(num_images=60, seed=0):
+    """Shuffled image ids and annotation order, crowd boxes, boxes under 1 px, boxes outside the
+    image, images without annotations, non-contiguous category ids, int and float numbers,
+    float image ids equal to an int, non-ASCII file names."""
+    rng = np.random.default_rng(seed)
+    ids = rng.permutation(np.arange(1000, 1000 + num_images)).tolist()
+    images = []
+    for n, image_id in enumerate(ids):
+        width = int(rng.integers(20, 90)) if n % 3 else float(rng.uniform(20, 90))  # some fractional sizes
+        images.append({"id": image_id, "file_name": f"{n}_é_{image_id}.png", "width": width,
+                       "height": int(rng.integers(20, 90)), "license": 1})
+    annotations = []
+    for image in images:
+        if rng.random() < 0.15:
+            continue                                    # no annotations at all
+        for _ in range(int(rng.integers(1, 6))):
+            w, h = float(rng.uniform(0, 40)), float(rng.uniform(0, 40))
+            if rng.random() < 0.15:
+                w = float(rng.uniform(0, 1))            # under 1 px
+            x, y = float(rng.uniform(-10, 80)), float(rng.uniform(-10, 80))  # may stick out
+            bbox = [x, y, w, h] if rng.random() < 0.7 else [int(x), int(y), int(w), int(h)]
+            ann = {"id": len(annotations) + 1, "image_id": image["id"], "category_id": int(rng.choice([42, 7, 90])),
+                   "bbox": bbox, "area": w * h, "segmentation": [[x, y, x + w, y, x + w, y + h]]}
+            if rng.random() < 0.1:
+                ann["iscrowd"] = 1
+            elif rng.random() < 0.3:
+                ann["iscrowd"] = 0
+            if rng.random() < 0.05:
+                ann["image_id"] = float(image["id"])
+            annotations.append(ann)
+    order = rng.permutation(len(annotations))
+    return {"images": images, "annotations": [annotations[i] for i in order],
+            "categories": [{"id": 42, "name": "cat"}, {"id": 7, "name": "dog"}, {"id": 90, "name": "emu"}]}
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_flat_index_yields_the_per_image_records_and_counts(tmp_path, train, seed):
+    data = _random_annotations(seed=seed)
+    (tmp_path / "train").mkdir()
+    for image in data["images"]:
+        Image.fromarray(_grey(4, 4)).save(tmp_path / "train" / image["file_name"])
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(data))
+    dataset = CocoDetection(tmp_path / "train", path, train=train)
+    expected, counts = _oracle_records(data, dataset.label_map, skip_empty=train)
+    assert counts["crowd"] > 0 and counts["small"] > 0 and counts["empty"] > 0  # every skip is exercised
+    stats = dataset.stats
+    assert (stats.images, stats.annotations, stats.crowd_boxes, stats.small_boxes, stats.images_without_boxes) == \
+        (counts["images"], counts["annotations"], counts["crowd"], counts["small"], counts["empty"])
+    assert len(dataset) == len(expected) and dataset.image_ids == [r[0] for r in expected]
+    for i, (image_id, file_name, width, height, boxes, labels) in enumerate(expected):
+        record = dataset.records[i]
+        assert (record.image_id, record.file_name, record.width, record.height) == (image_id, file_name, width, height)
+        np.testing.assert_array_equal(record.boxes, boxes)   # same float32 arithmetic: exact
+        np.testing.assert_array_equal(record.labels, labels)
+        assert dataset.path_of(i) == tmp_path / "train" / file_name
+
+
+def test_first_unknown_category_is_named_as_before(tmp_path):
+    from ssd300.labels import LabelMap
+
+    data = _random_annotations(seed=3)
+    (tmp_path / "train").mkdir()
+    for image in data["images"]:
+        Image.fromarray(_grey(4, 4)).save(tmp_path / "train" / image["file_name"])
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(data))
+    only_cat = LabelMap.from_categories([(42, "cat")])
+    with pytest.raises(UserInputError) as expected:
+        _oracle_records(data, only_cat, skip_empty=True)
+    with pytest.raises(UserInputError) as got:
+        CocoDetection(tmp_path / "train", path, train=True, label_map=only_cat)
+    assert str(got.value) == str(expected.value)
+
+
+def _reachable_objects(root) -> int:
+    """Python objects reachable from ``root`` (a forked worker touches each one's refcount)."""
+    import gc
+    import types
+
+    seen, stack = set(), [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or isinstance(obj, (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType)):
+            continue
+        seen.add(id(obj))
+        stack.extend(gc.get_referents(obj))
+    return len(seen)
+
+
+def test_dataset_holds_no_per_image_python_objects(tmp_path):
+    sizes = {}
+    for num_images in (10, 200):
+        root = tmp_path / str(num_images)
+        names = [(f"{i}.png", _grey()) for i in range(num_images)]
+        path = _write_dataset(root, names[:1], [])
+        data = json.loads(path.read_text())
+        data["images"] = [{"id": i + 1, "file_name": n, "width": 60, "height": 40} for i, (n, _) in enumerate(names)]
+        data["annotations"] = [_ann(i + 1, i + 1, 1, [1, 1, 20, 20]) for i in range(num_images)]
+        path.write_text(json.dumps(data))
+        dataset = CocoDetection(root / "train", path, train=True)
+        assert len(dataset) == num_images
+        sizes[num_images] = _reachable_objects(dataset)
+    assert sizes[200] == sizes[10]
