@@ -113,3 +113,15 @@ def test_train_batches_feed_the_box_coder(data_root):
     loc_targets, labels = coder.encode(batch.boxes, batch.labels, batch.num_boxes)
     assert loc_targets.shape == (4, 4, 8732) and labels.shape == (4, 8732)
     assert int((labels > 0).sum()) >= int(batch.num_boxes.sum())  # every object matched at least once
+
+
+def test_collate_in_a_worker_stacks_images_straight_into_shared_memory(monkeypatch):
+    """In a worker the batch is built in shared memory (no copy on the way out, and no batch-sized
+    heap buffers that fragmented each worker's heap by ~150 MB)."""
+    samples = [Sample(torch.full((3, 300, 300), i, dtype=torch.uint8), torch.zeros(1, 4),
+                      torch.ones(1, dtype=torch.int64), i, (10, 10)) for i in range(3)]
+    assert not collate(samples).images.is_shared()
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())
+    images = collate(samples).images
+    assert images.is_shared()
+    assert torch.equal(images, torch.stack([s.image for s in samples]))

@@ -105,13 +105,14 @@ class _EpochSource:
                     break
             if data is None:
                 raise UserInputError(f"{self.dataset.image_dir}: 16 images in a row could not be read")
-            record = self.dataset.records[index]
-            scale = np.array([record.width, record.height] * 2, dtype=np.float32)
+            annotation_index = self.dataset.index
+            width, height = annotation_index.size(index)
+            pixel_boxes, image_labels = annotation_index.targets(index)
             files.append(np.frombuffer(data, dtype=np.uint8))
-            boxes.append(np.ascontiguousarray(record.boxes / scale, dtype=np.float32))
-            labels.append(record.labels.astype(np.int32))
-            ids.append(np.array([record.image_id], dtype=np.int64))
-            sizes.append(np.array([record.width, record.height], dtype=np.int64))
+            boxes.append(np.ascontiguousarray(pixel_boxes / np.array([width, height] * 2, dtype=np.float32)))
+            labels.append(image_labels.astype(np.int32))
+            ids.append(np.array([annotation_index.image_id(index)], dtype=np.int64))
+            sizes.append(np.array([width, height], dtype=np.int64))
         self.skipped.append(self._current_skips)
         return files, boxes, labels, ids, sizes
 

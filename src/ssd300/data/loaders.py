@@ -96,7 +96,7 @@ def collate(samples: Sequence[Optional[Sample]]) -> Batch:
         k = len(sample.boxes)
         boxes[i, :k] = sample.boxes
         labels[i, :k] = sample.labels
-    images = torch.stack([s.image for s in kept]) if kept else torch.zeros((0, 3, 300, 300), dtype=torch.uint8)
+    images = _stack_images([s.image for s in kept])
     return Batch(
         images=images,
         boxes=boxes,
@@ -107,6 +107,20 @@ def collate(samples: Sequence[Optional[Sample]]) -> Batch:
         is_padding=torch.tensor([s.is_padding for s in kept], dtype=torch.bool),
         skipped=skipped,
     )
+
+
+def _stack_images(images: list[torch.Tensor]) -> torch.Tensor:
+    """Stack into one tensor; in a DataLoader worker, straight into shared memory (as
+    ``default_collate`` does): the batch then crosses to the main process without a copy, and the
+    worker's heap does not grow with fragments of batch-sized buffers (it grew ~150 MB per worker)."""
+    if not images:
+        return torch.zeros((0, 3, 300, 300), dtype=torch.uint8)
+    first = images[0]
+    if torch.utils.data.get_worker_info() is None:
+        return torch.stack(images)
+    storage = first._typed_storage()._new_shared(len(images) * first.numel(), device=first.device)
+    out = first.new(storage).resize_(len(images), *first.shape)
+    return torch.stack(images, out=out)
 
 
 class EpochSampler(Sampler):
