@@ -1,0 +1,230 @@
+"""COCO at train2017 scale: annotation load time and peak memory, loader workers' private memory.
+
+Builds (once, deterministically, in a cache folder) an instances json shaped like COCO's
+train2017: 118,287 images, ~866k boxes with COCO's category ids, polygon segmentations, ~1 %
+crowd boxes and ~1 % images without boxes (~245 MB). Every image is a hard link to one of a few
+640x480 JPEGs, so the folder costs almost no disk. Then it prints:
+
+* ``CocoDetection(...)`` load time and peak RSS, each in a fresh process (nothing else loaded
+  there that could hide or inflate the figure), with and without the index cache;
+* a training loader with ``--workers`` workers: each worker's private memory (USS from
+  ``/proc/PID/smaps_rollup``) after its first batch and after ``--samples`` samples, and img/s.
+
+    .venv/bin/python benchmarks/bench_coco_scale.py [--images 118287] [--samples 3000] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+TRAIN2017_IMAGES = 118_287
+BOXES_PER_IMAGE = 7.33       # train2017: 860,001 boxes / 117,266 non-empty images
+EMPTY_FRACTION = 0.0086      # train2017: 1,021 images without annotations
+CROWD_FRACTION = 0.0105      # train2017: ~9k crowd annotations
+FORMAT = "v1"                # bump when the generated content changes
+
+
+def default_root(images: int) -> Path:
+    return Path(tempfile.gettempdir()) / f"ssd300-bench-coco-scale-{FORMAT}-{images}"
+
+
+def _jpegs(folder: Path, count: int = 4) -> list[Path]:
+    """A few 640x480 JPEGs cut from scikit-image's photographs (real JPEG statistics)."""
+    import skimage.data as data
+    from PIL import Image
+
+    photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
+    paths = []
+    for i in range(count):
+        image = Image.fromarray(photos[i % len(photos)]).resize((640, 480), Image.BILINEAR)
+        path = folder / f"source_{i}.jpg"
+        image.save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def build_dataset(root: Path, images: int = TRAIN2017_IMAGES, seed: int = 0) -> Path:
+    """The train2017-shaped set under ``root`` (``train2017/`` + ``annotations/``); reused when built."""
+    stamp = root / "COMPLETE"
+    if stamp.is_file() and stamp.read_text() == f"{FORMAT} {images} {seed}":
+        return root
+    if root.exists():
+        shutil.rmtree(root)
+    (root / "train2017").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    from ssd300.labels import COCO_CATEGORIES
+
+    rng = np.random.default_rng(seed)
+    sources = _jpegs(root)
+    width, height = 640, 480
+    counts = np.where(rng.random(images) < EMPTY_FRACTION, 0,
+                      1 + rng.poisson(BOXES_PER_IMAGE - 1, images))
+    total = int(counts.sum())
+    image_of = np.repeat(np.arange(images), counts)
+    w = rng.uniform(2, width, total) * rng.uniform(0.05, 1.0, total)
+    h = rng.uniform(2, height, total) * rng.uniform(0.05, 1.0, total)
+    x, y = rng.uniform(0, width - w), rng.uniform(0, height - h)
+    tiny = rng.random(total) < 0.002            # a few boxes under 1 px, as in COCO
+    w[tiny] *= 0.01
+    category = np.array([c for c, _ in COCO_CATEGORIES])[rng.integers(0, len(COCO_CATEGORIES), total)]
+    crowd = rng.random(total) < CROWD_FRACTION
+    image_entries = []
+    for i in range(images):
+        name = f"{i + 1:012d}.jpg"
+        os.link(sources[i % len(sources)], root / "train2017" / name)
+        image_entries.append({"license": 3, "file_name": name,
+                              "coco_url": f"http://images.cocodataset.org/train2017/{name}",
+                              "height": height, "width": width, "date_captured": "2013-11-14 11:18:45",
+                              "flickr_url": f"http://farm4.staticflickr.com/3153/{i + 1}_0123456789_z.jpg",
+                              "id": i + 1})
+    annotations = []
+    for j in range(total):
+        bx, by, bw, bh = (round(float(v), 2) for v in (x[j], y[j], w[j], h[j]))
+        if crowd[j]:
+            segmentation: object = {"counts": [int(v) for v in rng.integers(0, 400, 24)], "size": [height, width]}
+        else:
+            segmentation = [[bx, by, round(bx + bw / 2, 2), by, bx + bw, by, bx + bw, round(by + bh / 2, 2),
+                             bx + bw, by + bh, bx, by + bh, bx, round(by + bh / 2, 2)]]
+        annotations.append({"segmentation": segmentation, "area": round(bw * bh, 4), "iscrowd": int(crowd[j]),
+                            "image_id": int(image_of[j]) + 1, "bbox": [bx, by, bw, bh],
+                            "category_id": int(category[j]), "id": j + 1})
+    data = {"info": {"description": "synthetic train2017-shaped set"}, "licenses": [],
+            "images": image_entries, "annotations": annotations,
+            "categories": [{"supercategory": "thing", "id": c, "name": n} for c, n in COCO_CATEGORIES]}
+    (root / "annotations" / "instances_train2017.json").write_text(json.dumps(data, separators=(",", ":")))
+    stamp.write_text(f"{FORMAT} {images} {seed}")
+    return root
+
+
+# ----------------------------------------------------------------------------- measurements
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def uss_mb(pid: int) -> float:
+    """Private (unshared) memory of a process: Private_Clean + Private_Dirty (+ swapped)."""
+    total = 0
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith(("Private_Clean:", "Private_Dirty:", "Private_Hugetlb:", "Swap:")):
+                total += int(line.split()[1])
+    return total / 1024
+
+
+def measure_load(root: Path, cache_dir: str | None) -> dict[str, float]:
+    """In this (fresh) process: import, then time CocoDetection on the big json."""
+    import ssd300.data.coco as coco  # imports torch etc. before the baseline RSS is read
+
+    before = _rss_mb()
+    start = time.perf_counter()
+    kwargs = {} if cache_dir is None else {"cache_dir": None if cache_dir == "off" else Path(cache_dir)}
+    dataset = coco.CocoDetection.from_root(root, "train", **kwargs)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "rss_before_mb": before, "rss_after_mb": _rss_mb(), "peak_rss_mb": _peak_rss_mb(),
+            "images": len(dataset)}
+
+
+def load_in_subprocess(root: Path, cache_dir: str | None) -> dict[str, float]:
+    command = [sys.executable, __file__, "--measure-load", str(root)]
+    if cache_dir is not None:
+        command += ["--cache-dir", cache_dir]
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def measure_workers(root: Path, samples: int, workers: int, batch_size: int) -> dict[str, object]:
+    import torch
+
+    from ssd300.data.coco import CocoDetection
+    from ssd300.data.loaders import build_train_loader
+
+    torch.set_num_threads(1)
+    dataset = CocoDetection.from_root(root, "train")
+    loader = build_train_loader(dataset, batch_size, num_workers=workers, seed=0, persistent_workers=True)
+    loader.set_epoch(0)
+    iterator = iter(loader)
+    next(iterator)
+    pids = [w.pid for w in iterator._workers]  # noqa: SLF001 - the benchmark inspects the worker processes
+    at_start = [uss_mb(p) for p in pids]
+    seen = 0
+    start = time.perf_counter()
+    while seen < samples:
+        seen += len(next(iterator))
+    rate = seen / (time.perf_counter() - start)
+    after = [uss_mb(p) for p in pids]
+    del iterator, loader
+    return {"uss_start": at_start, "uss_after": after, "samples": seen, "img_s": rate}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=TRAIN2017_IMAGES)
+    parser.add_argument("--root", type=Path, default=None, help="where to build/reuse the set (default: temp dir)")
+    parser.add_argument("--samples", type=int, default=3000, help="samples read before the second USS reading")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3, help="load-time repeats (median)")
+    parser.add_argument("--measure-load", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure_load is not None:
+        print(json.dumps(measure_load(args.measure_load, args.cache_dir)))
+        return
+
+    root = args.root or default_root(args.images)
+    start = time.perf_counter()
+    build_dataset(root, args.images)
+    json_path = root / "annotations" / "instances_train2017.json"
+    print(f"set: {root} ({args.images} images, {json_path.stat().st_size / 1e6:.0f} MB json; "
+          f"ready in {time.perf_counter() - start:.0f} s)")
+
+    with tempfile.TemporaryDirectory() as cache:
+        variants = {"json parse (no cache)": "off", "index cache, first load (parse + write)": cache,
+                    "index cache, later loads": cache}
+        print("\n| CocoDetection load | seconds (median) | RSS before | RSS after | peak RSS |")
+        print("|---|---:|---:|---:|---:|")
+        for name, cache_dir in variants.items():
+            repeats = 1 if "first load" in name else args.repeats
+            runs = []
+            for _ in range(repeats):
+                if "first load" in name:
+                    shutil.rmtree(cache, ignore_errors=True)
+                runs.append(load_in_subprocess(root, cache_dir))
+            mid = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
+            print(f"| {name} | {statistics.median(r['seconds'] for r in runs):.2f} | "
+                  f"{mid['rss_before_mb']:.0f} MB | {mid['rss_after_mb']:.0f} MB | "
+                  f"{max(r['peak_rss_mb'] for r in runs):.0f} MB |")
+
+    result = measure_workers(root, args.samples, args.workers, args.batch_size)
+    print(f"\nTraining loader, {args.workers} workers, batch {args.batch_size}: {result['img_s']:.0f} img/s over "
+          f"{result['samples']} samples")
+    print("| worker | USS after first batch | USS after the samples | growth |")
+    print("|---|---:|---:|---:|")
+    for i, (a, b) in enumerate(zip(result["uss_start"], result["uss_after"])):
+        print(f"| {i} | {a:.0f} MB | {b:.0f} MB | {b - a:+.0f} MB |")
+
+
+if __name__ == "__main__":
+    main()
