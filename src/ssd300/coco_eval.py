@@ -1,8 +1,12 @@
-"""Detections -> COCO results json -> pycocotools' bbox summary.
+"""Detections -> COCO results json -> the COCO bbox summary (faster-coco-eval or pycocotools).
 
 Detections are kept as one float64 array of rows ``[image_id, x, y, w, h, score, category_id]``
 (pixels of the original image), which is cheap to gather across ranks and to de-duplicate when a
 distributed sampler padded its shard by repeating images.
+
+Backends: faster-coco-eval (a C++ port of pycocotools' algorithm with the same 12 numbers, ~7x
+faster on 5,000 images) when installed (extra ``eval``), pycocotools otherwise; choose one with
+``backend=`` / ``--eval-backend``.
 """
 
 from __future__ import annotations
@@ -13,13 +17,16 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
 
+from ssd300.errors import UserInputError
 from ssd300.files import write_json
 from ssd300.postprocess import boxes_to_pixels, clip_boxes
+
+EVAL_BACKENDS: tuple[str, ...] = ("faster-coco-eval", "pycocotools")
 
 STAT_NAMES: tuple[str, ...] = (
     "AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
@@ -31,12 +38,19 @@ ROW_WIDTH = 7
 
 @dataclass
 class CocoMetrics:
-    """pycocotools' 12 bbox statistics (-1 where undefined) and its printed summary."""
+    """The 12 COCO bbox statistics (-1 where undefined), the printed summary, and per-class AP.
+
+    ``per_class`` maps each ground-truth category id to ``{"AP": ..., "AP50": ...}`` (area all,
+    100 detections; -1 for a category without ground truth in the evaluated images), taken from
+    the accumulated precision array as pycocotools' summary does for all classes together.
+    """
 
     stats: list[float] = field(default_factory=lambda: [0.0] * len(STAT_NAMES))
     summary: str = ""
     num_images: int = 0
     num_detections: int = 0
+    per_class: dict[int, dict[str, float]] = field(default_factory=dict)
+    backend: str = ""
 
     @property
     def ap(self) -> float:
@@ -111,41 +125,100 @@ def write_results_json(results: list[dict[str, Any]], path: str | os.PathLike[st
     return write_json(path, results)
 
 
-def load_coco_ground_truth(annotation_file: str | os.PathLike[str]) -> Any:
-    """pycocotools ``COCO`` object, without its "loading annotations" chatter."""
+def faster_coco_eval_available() -> bool:
+    try:
+        import faster_coco_eval  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_eval_backend(backend: Optional[str] = None) -> str:
+    """``None``/"auto": faster-coco-eval when installed, else pycocotools; a named one must be there."""
+    if backend in (None, "auto"):
+        return "faster-coco-eval" if faster_coco_eval_available() else "pycocotools"
+    if backend not in EVAL_BACKENDS:
+        raise UserInputError(f"--eval-backend {backend}: choose one of auto, {', '.join(EVAL_BACKENDS)}")
+    if backend == "faster-coco-eval" and not faster_coco_eval_available():
+        raise UserInputError("--eval-backend faster-coco-eval: not installed (pip install 'ssd300[eval]')")
+    return backend
+
+
+def load_coco_ground_truth(annotation_file: str | os.PathLike[str], backend: Optional[str] = None) -> Any:
+    """The backend's ``COCO`` ground-truth object (see :func:`resolve_eval_backend`), quietly."""
+    if resolve_eval_backend(backend) == "faster-coco-eval":
+        from faster_coco_eval import COCO as FasterCOCO
+
+        return FasterCOCO(str(annotation_file), print_function=lambda *_: None)
     from pycocotools.coco import COCO
 
     with contextlib.redirect_stdout(io.StringIO()):
         return COCO(str(annotation_file))
 
 
+def backend_of(coco_gt: Any) -> str:
+    """Which backend a ground-truth object from :func:`load_coco_ground_truth` belongs to."""
+    return "faster-coco-eval" if type(coco_gt).__module__.startswith("faster_coco_eval") else "pycocotools"
+
+
 def evaluate_results(coco_gt: Any, results: list[dict[str, Any]] | str | os.PathLike[str],
                      image_ids: Sequence[int] | None = None) -> CocoMetrics:
-    """Run pycocotools' bbox evaluation; ``results`` is a list of result dicts or a json path.
+    """COCO bbox evaluation with ``coco_gt``'s backend; ``results`` is a list of result dicts or a
+    json path.
 
     ``image_ids`` restricts the evaluation to the images that were actually run (default: all
     images of the ground truth, as pycocotools does).
     """
-    from pycocotools.cocoeval import COCOeval
-
+    backend = backend_of(coco_gt)
     if not isinstance(results, list):
         with open(results) as f:
             results = json.load(f)
     evaluated = sorted(int(i) for i in (image_ids if image_ids is not None else coco_gt.getImgIds()))
     if not results:  # pycocotools cannot load an empty result list; every metric is then 0
-        return CocoMetrics(summary=_empty_summary(), num_images=len(evaluated), num_detections=0)
-    buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer):
-        coco_dt = coco_gt.loadRes(results)
-        evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        return CocoMetrics(summary=_empty_summary(), num_images=len(evaluated), num_detections=0, backend=backend)
+    if backend == "faster-coco-eval":
+        from faster_coco_eval import COCOeval_faster
+
+        lines: list[str] = []
+        evaluator = COCOeval_faster(coco_gt, coco_gt.loadRes(results), iouType="bbox", print_function=lines.append)
         evaluator.params.imgIds = evaluated
         evaluator.evaluate()
         evaluator.accumulate()
-    summary_buffer = io.StringIO()
-    with contextlib.redirect_stdout(summary_buffer):
         evaluator.summarize()
-    return CocoMetrics(stats=[float(s) for s in evaluator.stats], summary=summary_buffer.getvalue().rstrip(),
-                       num_images=len(evaluated), num_detections=len(results))
+        # the same 12 lines as pycocotools (it adds AR@0.5 and AR@0.75, and progress lines)
+        summary = "\n".join([line for line in lines if line.lstrip().startswith("Average")][:len(STAT_NAMES)])
+    else:
+        from pycocotools.cocoeval import COCOeval
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            evaluator = COCOeval(coco_gt, coco_gt.loadRes(results), iouType="bbox")
+            evaluator.params.imgIds = evaluated
+            evaluator.evaluate()
+            evaluator.accumulate()
+        summary_buffer = io.StringIO()
+        with contextlib.redirect_stdout(summary_buffer):
+            evaluator.summarize()
+        summary = summary_buffer.getvalue().rstrip()
+    return CocoMetrics(stats=[float(s) for s in evaluator.stats[:len(STAT_NAMES)]], summary=summary,
+                       num_images=len(evaluated), num_detections=len(results),
+                       per_class=per_class_ap(evaluator.eval["precision"], evaluator.params.catIds,
+                                              evaluator.params.iouThrs),
+                       backend=backend)
+
+
+def per_class_ap(precision: np.ndarray, category_ids: Sequence[int], iou_thresholds: Sequence[float]
+                 ) -> dict[int, dict[str, float]]:
+    """AP (IoU 0.50:0.95) and AP50 per category from the accumulated precision array
+    ``[T, R, K, A, M]`` (area "all" = 0, most detections = last), averaging the defined (> -1)
+    entries as pycocotools' summary does; -1 where none is defined."""
+    at_50 = int(np.argmin(np.abs(np.asarray(iou_thresholds) - 0.5)))
+
+    def mean_defined(values: np.ndarray) -> float:
+        defined = values[values > -1]
+        return float(defined.mean()) if defined.size else -1.0
+
+    return {int(cid): {"AP": mean_defined(precision[:, :, k, 0, -1]), "AP50": mean_defined(precision[at_50, :, k, 0, -1])}
+            for k, cid in enumerate(category_ids)}
 
 
 def _empty_summary() -> str:

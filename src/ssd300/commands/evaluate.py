@@ -15,6 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-images", type=Path, help="validation image folder (instead of --data)")
     parser.add_argument("--val-annotations", type=Path, help="validation COCO-format json (instead of --data)")
     parser.add_argument("--eval-batch-size", "--ebs", type=int, default=32)
+    parser.add_argument("--eval-backend", choices=("auto", "faster-coco-eval", "pycocotools"), default="auto",
+                        help="COCO evaluation library (auto: faster-coco-eval when installed, else pycocotools)")
     parser.add_argument("--num-workers", type=int, default=None)
     parser.add_argument("--device", default=None, help="cuda, cpu (default: cuda when available)")
     parser.add_argument("--backbone", choices=BACKBONES, default=None,
