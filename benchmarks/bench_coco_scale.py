@@ -6,7 +6,7 @@ crowd boxes and ~1 % images without boxes (~245 MB). Every image is a hard link 
 640x480 JPEGs, so the folder costs almost no disk. Then it prints:
 
 * ``CocoDetection(...)`` load time and peak RSS, each in a fresh process (nothing else loaded
-  there that could hide or inflate the figure), with and without the index cache;
+  there that could hide or inflate the figure);
 * a training loader with ``--workers`` workers: each worker's private memory (USS from
   ``/proc/PID/smaps_rollup``) after its first batch and after ``--samples`` samples, and img/s.
 
@@ -20,7 +20,6 @@ import json
 import os
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -133,23 +132,20 @@ def uss_mb(pid: int) -> float:
     return total / 1024
 
 
-def measure_load(root: Path, cache_dir: str | None) -> dict[str, float]:
+def measure_load(root: Path) -> dict[str, float]:
     """In this (fresh) process: import, then time CocoDetection on the big json."""
     import ssd300.data.coco as coco  # imports torch etc. before the baseline RSS is read
 
     before = _rss_mb()
     start = time.perf_counter()
-    kwargs = {} if cache_dir is None else {"cache_dir": None if cache_dir == "off" else Path(cache_dir)}
-    dataset = coco.CocoDetection.from_root(root, "train", **kwargs)
+    dataset = coco.CocoDetection.from_root(root, "train")
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "rss_before_mb": before, "rss_after_mb": _rss_mb(), "peak_rss_mb": _peak_rss_mb(),
             "images": len(dataset)}
 
 
-def load_in_subprocess(root: Path, cache_dir: str | None) -> dict[str, float]:
+def load_in_subprocess(root: Path) -> dict[str, float]:
     command = [sys.executable, __file__, "--measure-load", str(root)]
-    if cache_dir is not None:
-        command += ["--cache-dir", cache_dir]
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -187,10 +183,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="load-time repeats (median)")
     parser.add_argument("--measure-load", type=Path, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure_load is not None:
-        print(json.dumps(measure_load(args.measure_load, args.cache_dir)))
+        print(json.dumps(measure_load(args.measure_load)))
         return
 
     root = args.root or default_root(args.images)
@@ -200,22 +195,11 @@ def main() -> None:
     print(f"set: {root} ({args.images} images, {json_path.stat().st_size / 1e6:.0f} MB json; "
           f"ready in {time.perf_counter() - start:.0f} s)")
 
-    with tempfile.TemporaryDirectory() as cache:
-        variants = {"json parse (no cache)": "off", "index cache, first load (parse + write)": cache,
-                    "index cache, later loads": cache}
-        print("\n| CocoDetection load | seconds (median) | RSS before | RSS after | peak RSS |")
-        print("|---|---:|---:|---:|---:|")
-        for name, cache_dir in variants.items():
-            repeats = 1 if "first load" in name else args.repeats
-            runs = []
-            for _ in range(repeats):
-                if "first load" in name:
-                    shutil.rmtree(cache, ignore_errors=True)
-                runs.append(load_in_subprocess(root, cache_dir))
-            mid = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
-            print(f"| {name} | {statistics.median(r['seconds'] for r in runs):.2f} | "
-                  f"{mid['rss_before_mb']:.0f} MB | {mid['rss_after_mb']:.0f} MB | "
-                  f"{max(r['peak_rss_mb'] for r in runs):.0f} MB |")
+    runs = [load_in_subprocess(root) for _ in range(args.repeats)]
+    mid = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
+    print(f"\nCocoDetection(train) load, median of {args.repeats} fresh processes: {mid['seconds']:.2f} s; "
+          f"RSS {mid['rss_before_mb']:.0f} MB before (torch imported) -> {mid['rss_after_mb']:.0f} MB after; "
+          f"peak RSS {max(r['peak_rss_mb'] for r in runs):.0f} MB")
 
     result = measure_workers(root, args.samples, args.workers, args.batch_size)
     print(f"\nTraining loader, {args.workers} workers, batch {args.batch_size}: {result['img_s']:.0f} img/s over "

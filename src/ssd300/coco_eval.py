@@ -106,7 +106,8 @@ def merge_rank_rows(per_rank: Iterable[tuple[Sequence[int], np.ndarray]]) -> tup
         seen.update(new_ids)
         ids_out.extend(new_ids)
         if len(rows):
-            chunks.append(rows[np.isin(rows[:, 0].astype(np.int64), np.asarray(new_ids, dtype=np.int64))])
+            keep = np.isin(rows[:, 0].astype(np.int64), np.asarray(new_ids, dtype=np.int64))
+            chunks.append(rows if keep.all() else rows[keep])  # no copy of a rank without duplicates
     merged = np.concatenate(chunks) if chunks else np.zeros((0, ROW_WIDTH))
     return ids_out, merged
 

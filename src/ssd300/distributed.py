@@ -89,6 +89,36 @@ def all_gather_objects(obj: T) -> list[T]:
     return gathered
 
 
+def gather_arrays(array: np.ndarray, device: torch.device, dst: int = 0) -> list[np.ndarray] | None:
+    """Every rank's ``array`` (same dtype and trailing shape, any length) on rank ``dst``, in rank
+    order; ``None`` on the other ranks; ``[array]`` without a process group.
+
+    Tensors, not pickles, and only to ``dst``: ``all_gather_object`` pickled every rank's rows and
+    sent them to every rank, holding several copies of all detections on each.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return [array]
+    world_size = dist.get_world_size()
+    tensor = torch.from_numpy(np.ascontiguousarray(array)).to(device)
+    length = torch.tensor([tensor.shape[0]], dtype=torch.int64, device=device)
+    lengths = [torch.zeros_like(length) for _ in range(world_size)]
+    dist.all_gather(lengths, length)
+    counts = [int(n.item()) for n in lengths]
+    longest = max(1, *counts)
+    if tensor.shape[0] == longest:
+        padded = tensor
+    else:
+        padded = torch.zeros((longest, *tensor.shape[1:]), dtype=tensor.dtype, device=device)
+        padded[: tensor.shape[0]] = tensor
+    del tensor
+    if dist.get_rank() != dst:
+        dist.gather(padded, dst=dst)
+        return None
+    buffers = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.gather(padded, gather_list=buffers, dst=dst)
+    return [buffer[:count].cpu().numpy() for buffer, count in zip(buffers, counts)]
+
+
 def broadcast_object(obj: T, src: int = 0) -> T:
     if not (dist.is_available() and dist.is_initialized()):
         return obj
