@@ -8,7 +8,8 @@ crowd boxes and ~1 % images without boxes (~245 MB). Every image is a hard link 
 * ``CocoDetection(...)`` load time and peak RSS, each in a fresh process (nothing else loaded
   there that could hide or inflate the figure);
 * a training loader with ``--workers`` workers: each worker's private memory (USS from
-  ``/proc/PID/smaps_rollup``) after its first batch and after ``--samples`` samples, and img/s.
+  ``/proc/PID/smaps``, less the shared-memory batches in flight) after its first batch and after
+  ``--samples`` samples, and img/s.
 
     .venv/bin/python benchmarks/bench_coco_scale.py [--images 118287] [--samples 3000] [--workers 2]
 """
@@ -122,14 +123,21 @@ def _rss_mb() -> float:
     return float("nan")
 
 
-def uss_mb(pid: int) -> float:
-    """Private (unshared) memory of a process: Private_Clean + Private_Dirty (+ swapped)."""
-    total = 0
-    with open(f"/proc/{pid}/smaps_rollup") as f:
+def uss_mb(pid: int) -> tuple[float, float]:
+    """(private memory of a process (USS: Private_Clean + Private_Dirty), the part of it in shared
+    memory segments): the latter are batches in flight to the main process, not growth."""
+    total = in_flight = 0
+    shm = False
+    with open(f"/proc/{pid}/smaps") as f:
         for line in f:
-            if line.startswith(("Private_Clean:", "Private_Dirty:", "Private_Hugetlb:", "Swap:")):
-                total += int(line.split()[1])
-    return total / 1024
+            fields = line.split()
+            if fields and not fields[0].endswith(":"):     # a mapping's header line
+                path = fields[5] if len(fields) > 5 else ""
+                shm = path.startswith("/dev/shm") or "torch_" in path
+            elif fields and fields[0] in ("Private_Clean:", "Private_Dirty:"):
+                total += int(fields[1])
+                in_flight += int(fields[1]) if shm else 0
+    return total / 1024, in_flight / 1024
 
 
 def measure_load(root: Path) -> dict[str, float]:
@@ -204,10 +212,12 @@ def main() -> None:
     result = measure_workers(root, args.samples, args.workers, args.batch_size)
     print(f"\nTraining loader, {args.workers} workers, batch {args.batch_size}: {result['img_s']:.0f} img/s over "
           f"{result['samples']} samples")
-    print("| worker | USS after first batch | USS after the samples | growth |")
-    print("|---|---:|---:|---:|")
-    for i, (a, b) in enumerate(zip(result["uss_start"], result["uss_after"])):
-        print(f"| {i} | {a:.0f} MB | {b:.0f} MB | {b - a:+.0f} MB |")
+    print("USS = private memory (smaps Private_Clean + Private_Dirty), less the shared-memory batches in flight")
+    print("| worker | USS after first batch | USS after the samples | growth | batches in flight (not counted) |")
+    print("|---|---:|---:|---:|---:|")
+    for i, ((a, a_shm), (b, b_shm)) in enumerate(zip(result["uss_start"], result["uss_after"])):
+        print(f"| {i} | {a - a_shm:.0f} MB | {b - b_shm:.0f} MB | {(b - b_shm) - (a - a_shm):+.0f} MB | "
+              f"{a_shm:.0f} / {b_shm:.0f} MB |")
 
 
 if __name__ == "__main__":

@@ -129,25 +129,34 @@ def build_dali_pipeline(source: _EpochSource, batch_size: int, *, num_threads: i
         files, boxes, labels, ids, sizes = fn.external_source(
             source=source, num_outputs=5, batch=True, dtype=[types.UINT8, types.FLOAT, types.INT32,
                                                               types.INT64, types.INT64])
-        crop_begin, crop_size, boxes, labels = fn.random_bbox_crop(
-            boxes, labels, device="cpu", aspect_ratio=list(CROP_ASPECT), thresholds=IOU_THRESHOLDS,
-            scaling=list(CROP_SCALE), bbox_layout="xyXY", allow_no_crop=True, num_attempts=1)
-        images = fn.decoders.image_slice(files, crop_begin, crop_size, device="mixed" if gpu else "cpu",
-                                         output_type=types.RGB, adjust_orientation=False)
-        flip = fn.random.coin_flip(probability=0.5)
-        boxes = fn.bb_flip(boxes, ltrb=True, horizontal=flip, device="cpu")
-        images = fn.resize(images, resize_x=INPUT_SIZE, resize_y=INPUT_SIZE,
-                           min_filter=types.INTERP_TRIANGULAR, mag_filter=types.INTERP_LINEAR)
-        hue_degrees = HUE * 360.0
-        images = fn.hsv(images, dtype=types.UINT8,
-                        hue=fn.random.uniform(range=[-hue_degrees, hue_degrees]),
-                        saturation=fn.random.uniform(range=[1 - SATURATION, 1 + SATURATION]))
-        images = fn.brightness_contrast(images,
-                                        brightness=fn.random.uniform(range=[1 - BRIGHTNESS, 1 + BRIGHTNESS]),
-                                        contrast=fn.random.uniform(range=[1 - CONTRAST, 1 + CONTRAST]))
-        images = fn.crop_mirror_normalize(images, mirror=flip, dtype=types.UINT8, output_layout="CHW")
+        images, boxes, labels = ssd_augmentation(files, boxes, labels, gpu=gpu)
         pipe.set_outputs(images, boxes, labels, ids, sizes)
     return pipe
+
+
+def ssd_augmentation(files: Any, boxes: Any, labels: Any, *, gpu: bool) -> tuple[Any, Any, Any]:
+    """The SSD training augmentation as DALI graph nodes: encoded files + normalised ltrb boxes +
+    labels -> uint8 CHW 300x300 images, boxes, labels (call inside a ``with pipe:`` block)."""
+    dali = _require_dali()
+    fn, types = dali.fn, dali.types
+    crop_begin, crop_size, boxes, labels = fn.random_bbox_crop(
+        boxes, labels, device="cpu", aspect_ratio=list(CROP_ASPECT), thresholds=IOU_THRESHOLDS,
+        scaling=list(CROP_SCALE), bbox_layout="xyXY", allow_no_crop=True, num_attempts=1)
+    images = fn.decoders.image_slice(files, crop_begin, crop_size, device="mixed" if gpu else "cpu",
+                                     output_type=types.RGB, adjust_orientation=False)
+    flip = fn.random.coin_flip(probability=0.5)
+    boxes = fn.bb_flip(boxes, ltrb=True, horizontal=flip, device="cpu")
+    images = fn.resize(images, resize_x=INPUT_SIZE, resize_y=INPUT_SIZE,
+                       min_filter=types.INTERP_TRIANGULAR, mag_filter=types.INTERP_LINEAR)
+    hue_degrees = HUE * 360.0
+    images = fn.hsv(images, dtype=types.UINT8,
+                    hue=fn.random.uniform(range=[-hue_degrees, hue_degrees]),
+                    saturation=fn.random.uniform(range=[1 - SATURATION, 1 + SATURATION]))
+    images = fn.brightness_contrast(images,
+                                    brightness=fn.random.uniform(range=[1 - BRIGHTNESS, 1 + BRIGHTNESS]),
+                                    contrast=fn.random.uniform(range=[1 - CONTRAST, 1 + CONTRAST]))
+    images = fn.crop_mirror_normalize(images, mirror=flip, dtype=types.UINT8, output_layout="CHW")
+    return images, boxes, labels
 
 
 class DaliTrainLoader:
