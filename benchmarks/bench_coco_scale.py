@@ -6,7 +6,8 @@ crowd boxes and ~1 % images without boxes (~245 MB). Every image is a hard link 
 640x480 JPEGs, so the folder costs almost no disk. Then it prints:
 
 * ``CocoDetection(...)`` load time and peak RSS, each in a fresh process (nothing else loaded
-  there that could hide or inflate the figure);
+  there that could hide or inflate the figure): parsing without the index cache, the first load
+  with a cache (parse + write) and a later one (read the cached index);
 * a training loader with ``--workers`` workers: each worker's private memory (USS from
   ``/proc/PID/smaps``, less the shared-memory batches in flight) after its first batch and after
   ``--samples`` samples, and img/s.
@@ -140,20 +141,20 @@ def uss_mb(pid: int) -> tuple[float, float]:
     return total / 1024, in_flight / 1024
 
 
-def measure_load(root: Path) -> dict[str, float]:
+def measure_load(root: Path, cache_dir: str) -> dict[str, float]:
     """In this (fresh) process: import, then time CocoDetection on the big json."""
     import ssd300.data.coco as coco  # imports torch etc. before the baseline RSS is read
 
     before = _rss_mb()
     start = time.perf_counter()
-    dataset = coco.CocoDetection.from_root(root, "train")
+    dataset = coco.CocoDetection.from_root(root, "train", cache_dir=None if cache_dir == "off" else Path(cache_dir))
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "rss_before_mb": before, "rss_after_mb": _rss_mb(), "peak_rss_mb": _peak_rss_mb(),
             "images": len(dataset)}
 
 
-def load_in_subprocess(root: Path) -> dict[str, float]:
-    command = [sys.executable, __file__, "--measure-load", str(root)]
+def load_in_subprocess(root: Path, cache_dir: str) -> dict[str, float]:
+    command = [sys.executable, __file__, "--measure-load", str(root), "--cache-dir", cache_dir]
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -165,7 +166,7 @@ def measure_workers(root: Path, samples: int, workers: int, batch_size: int) -> 
     from ssd300.data.loaders import build_train_loader
 
     torch.set_num_threads(1)
-    dataset = CocoDetection.from_root(root, "train")
+    dataset = CocoDetection.from_root(root, "train", cache_dir=None)
     loader = build_train_loader(dataset, batch_size, num_workers=workers, seed=0, persistent_workers=True)
     loader.set_epoch(0)
     iterator = iter(loader)
@@ -191,9 +192,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="load-time repeats (median)")
     parser.add_argument("--measure-load", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--cache-dir", default="off", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure_load is not None:
-        print(json.dumps(measure_load(args.measure_load)))
+        print(json.dumps(measure_load(args.measure_load, args.cache_dir)))
         return
 
     root = args.root or default_root(args.images)
@@ -203,11 +205,21 @@ def main() -> None:
     print(f"set: {root} ({args.images} images, {json_path.stat().st_size / 1e6:.0f} MB json; "
           f"ready in {time.perf_counter() - start:.0f} s)")
 
-    runs = [load_in_subprocess(root) for _ in range(args.repeats)]
-    mid = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
-    print(f"\nCocoDetection(train) load, median of {args.repeats} fresh processes: {mid['seconds']:.2f} s; "
-          f"RSS {mid['rss_before_mb']:.0f} MB before (torch imported) -> {mid['rss_after_mb']:.0f} MB after; "
-          f"peak RSS {max(r['peak_rss_mb'] for r in runs):.0f} MB")
+    print(f"\n| CocoDetection(train) load, fresh process | seconds (median of {args.repeats}) | RSS before "
+          "(torch imported) | RSS after | peak RSS |")
+    print("|---|---:|---:|---:|---:|")
+    with tempfile.TemporaryDirectory() as cache:
+        variants = {"no index cache (parse)": "off", "cache, first load (parse + write)": cache,
+                    "cache, later loads": cache}
+        for name, cache_dir in variants.items():
+            runs = []
+            for _ in range(1 if "first" in name else args.repeats):
+                if "first" in name:
+                    shutil.rmtree(cache, ignore_errors=True)
+                runs.append(load_in_subprocess(root, cache_dir))
+            mid = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
+            print(f"| {name} | {mid['seconds']:.2f} | {mid['rss_before_mb']:.0f} MB | {mid['rss_after_mb']:.0f} MB | "
+                  f"{max(r['peak_rss_mb'] for r in runs):.0f} MB |")
 
     result = measure_workers(root, args.samples, args.workers, args.batch_size)
     print(f"\nTraining loader, {args.workers} workers, batch {args.batch_size}: {result['img_s']:.0f} img/s over "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -356,3 +357,81 @@ def test_dataset_holds_no_per_image_python_objects(tmp_path):
         assert len(dataset) == num_images
         sizes[num_images] = _reachable_objects(dataset)
     assert sizes[200] == sizes[10]
+
+
+# ----------------------------------------------------------------------------- the index cache
+
+
+def _cache_case(tmp_path, monkeypatch):
+    import ssd300.data.coco as coco
+
+    monkeypatch.setattr(coco, "CACHE_MIN_BYTES", 0)  # cache even a tiny file
+    data = _random_annotations(seed=5)
+    (tmp_path / "train").mkdir()
+    for image in data["images"]:
+        Image.fromarray(_grey(4, 4)).save(tmp_path / "train" / image["file_name"])
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(data))
+    return coco, data, path
+
+
+def _same_dataset(a, b):
+    assert a.image_ids == b.image_ids and a.stats == b.stats and a.label_map == b.label_map
+    for name in ("image_ids", "sizes", "name_offsets", "name_bytes", "box_offsets", "boxes", "labels", "rows"):
+        np.testing.assert_array_equal(getattr(a.index, name), getattr(b.index, name))
+
+
+def test_index_cache_is_used_for_the_same_content_and_never_when_it_changed(tmp_path, monkeypatch):
+    coco, _, path = _cache_case(tmp_path, monkeypatch)
+    cache = tmp_path / "cache"
+    uncached = CocoDetection(tmp_path / "train", path, train=True, cache_dir=None)
+    first = CocoDetection(tmp_path / "train", path, train=True, cache_dir=cache)
+    assert len(list(cache.glob("*.npz"))) == 1 and not list(cache.glob("*.tmp"))
+    assert not (tmp_path / "instances.json.npz").exists() and sorted(p.name for p in tmp_path.iterdir()) == \
+        ["cache", "instances.json", "train"]                          # nothing next to the user's file
+    _same_dataset(first, uncached)
+
+    def no_parse(*args, **kwargs):
+        raise AssertionError("parsed although the index was cached")
+    monkeypatch.setattr(coco, "_parse_json", no_parse)
+    _same_dataset(CocoDetection(tmp_path / "train", path, train=True, cache_dir=cache), uncached)
+    monkeypatch.undo()
+    monkeypatch.setattr(coco, "CACHE_MIN_BYTES", 0)
+
+    # same size and mtime, different content (one character of the last file name): a new entry
+    stat = path.stat()
+    text = path.read_text()
+    at = text.rindex('"file_name": "') + len('"file_name": "')
+    path.write_text(text[:at] + ("7" if text[at] != "7" else "8") + text[at + 1:])
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size
+    again = CocoDetection(tmp_path / "train", path, train=True, cache_dir=cache)
+    reparsed = CocoDetection(tmp_path / "train", path, train=True, cache_dir=None)
+    _same_dataset(again, reparsed)
+    assert not np.array_equal(reparsed.index.name_bytes, uncached.index.name_bytes)
+    assert len(list(cache.glob("*.npz"))) == 2
+
+
+def test_broken_or_unwritable_cache_falls_back_to_parsing(tmp_path, monkeypatch):
+    coco, _, path = _cache_case(tmp_path, monkeypatch)
+    expected = CocoDetection(tmp_path / "train", path, train=True, cache_dir=None)
+    cache = tmp_path / "cache"
+    CocoDetection(tmp_path / "train", path, train=True, cache_dir=cache)
+    (entry,) = cache.glob("*.npz")
+    entry.write_bytes(entry.read_bytes()[:100])                      # truncated
+    _same_dataset(CocoDetection(tmp_path / "train", path, train=True, cache_dir=cache), expected)
+    _same_dataset(CocoDetection(tmp_path / "train", path, train=True, cache_dir=cache), expected)  # rewritten
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    _same_dataset(CocoDetection(tmp_path / "train", path, train=True, cache_dir=blocker / "cache"), expected)
+
+
+def test_an_invalid_file_is_never_cached(tmp_path, monkeypatch):
+    coco, data, path = _cache_case(tmp_path, monkeypatch)
+    data["annotations"][3]["bbox"] = [1, 2, -3, 4]
+    path.write_text(json.dumps(data))
+    cache = tmp_path / "cache"
+    for _ in range(2):
+        with pytest.raises(UserInputError, match=r"annotations\[3\].*negative width or height"):
+            CocoDetection(tmp_path / "train", path, train=True, cache_dir=cache)
+    assert not cache.exists() or not list(cache.iterdir())

@@ -7,10 +7,14 @@ logged with its path and skipped (counted in the batch), or fatal with ``strict=
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
 import math
+import os
+import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
@@ -120,16 +124,26 @@ def read_annotation_file(path: PathLike) -> dict[str, Any]:
     return data
 
 
-def _parse_json(path: Path) -> Any:
+def _read_bytes(path: Path) -> bytes:
     if not path.is_file():
         raise UserInputError(f"{path}: annotation file does not exist")
     try:
-        raw = path.read_bytes()
-        # json.load's own decoding (UTF-8/16/32, BOM), done here so the bytes are freed before parsing
+        return path.read_bytes()
+    except OSError as err:
+        raise UserInputError(f"{path}: not a readable JSON file ({err})") from None
+
+
+def _parse_json(path: Path, raw: Optional[bytes] = None) -> Any:
+    raw = _read_bytes(path) if raw is None else raw
+    try:
+        # json.load's own decoding (UTF-8/16/32, BOM), done here so the bytes can go before parsing
         text = raw.decode(json.detect_encoding(raw), "surrogatepass")
-        del raw
+    except UnicodeDecodeError as err:
+        raise UserInputError(f"{path}: not a readable JSON file ({err})") from None
+    del raw
+    try:
         return json.loads(text, object_pairs_hook=_keep_used_keys)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except json.JSONDecodeError as err:
         raise UserInputError(f"{path}: not a readable JSON file ({err})") from None
 
 
@@ -422,10 +436,83 @@ def build_index(parsed: ParsedAnnotations, label_map: LabelMap, *, skip_empty: b
     return AnnotationIndex(**{name: _read_only(array) for name, array in fields.items()})
 
 
-def load_annotations(path: PathLike) -> ParsedAnnotations:
-    """Read, validate and index a COCO instances json (UserInputError at the first bad entry)."""
+# ----------------------------------------------------------------------------- the index cache
+
+CACHE_FORMAT = 1                      # bump whenever parse_annotations' output changes
+CACHE_MIN_BYTES = 16 * 2**20          # smaller files parse faster than the cache would load
+_ARRAY_FIELDS = ("image_ids", "sizes", "name_offsets", "name_bytes", "box_offsets", "boxes", "category_ids",
+                 "category_order")
+
+
+def default_cache_dir() -> Path:
+    """``$SSD300_CACHE_DIR``, else ``$XDG_CACHE_HOME/ssd300/annotation-index`` (``~/.cache/...``)."""
+    if os.environ.get("SSD300_CACHE_DIR"):
+        return Path(os.environ["SSD300_CACHE_DIR"]).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
+    return base / "ssd300" / "annotation-index"
+
+
+def load_annotations(path: PathLike, cache_dir: Union[PathLike, None, str] = "auto") -> ParsedAnnotations:
+    """Read, validate and index a COCO instances json (UserInputError at the first bad entry).
+
+    Files of ``CACHE_MIN_BYTES`` or more are cached as their index (an .npz of ~30 MB for
+    train2017) in ``cache_dir`` ("auto": :func:`default_cache_dir`; ``None``: no cache), named by
+    the file's content hash: a later load of the same content skips parsing and validation, and
+    any change of content is a different entry, so a stale index is never used. Nothing is
+    written next to the annotation file; an unwritable cache folder only means no caching.
+    """
     path = Path(path)
-    return parse_annotations(_parse_json(path), path)
+    raw = _read_bytes(path)
+    if cache_dir is None or len(raw) < CACHE_MIN_BYTES:
+        return parse_annotations(_parse_json(path, raw), path)
+    folder = default_cache_dir() if cache_dir == "auto" else Path(cache_dir)
+    digest = hashlib.blake2b(raw, digest_size=20).hexdigest()
+    entry = folder / f"{digest}.v{CACHE_FORMAT}.npz"
+    cached = _load_cached(entry, digest, len(raw))
+    if cached is not None:
+        log.info("%s: index read from the cache %s", path, entry)
+        return cached
+    parsed = parse_annotations(_parse_json(path, raw), path)
+    _store_cached(parsed, entry, digest, len(raw))
+    return parsed
+
+
+def _load_cached(entry: Path, digest: str, size: int) -> Optional[ParsedAnnotations]:
+    try:
+        with np.load(entry, allow_pickle=False) as saved:
+            meta = json.loads(saved["meta"].tobytes().decode("utf-8"))
+            if (meta.get("format"), meta.get("digest"), meta.get("size")) != (CACHE_FORMAT, digest, size):
+                return None
+            arrays = {name: saved[name] for name in _ARRAY_FIELDS}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, EOFError, TypeError, zipfile.BadZipFile) as err:
+        # a truncated or foreign file: parse again (and replace it)
+        log.warning("ignoring unreadable annotation index cache %s (%s)", entry, _short(err))
+        return None
+    return ParsedAnnotations(categories=tuple((int(c), str(n)) for c, n in meta["categories"]),
+                             num_annotations=int(meta["num_annotations"]), num_crowd=int(meta["num_crowd"]),
+                             **arrays)
+
+
+def _store_cached(parsed: ParsedAnnotations, entry: Path, digest: str, size: int) -> None:
+    """Write atomically (temp file + rename in the cache folder); any OSError: no cache, said once."""
+    meta = {"format": CACHE_FORMAT, "digest": digest, "size": size, "categories": list(parsed.categories),
+            "num_annotations": parsed.num_annotations, "num_crowd": parsed.num_crowd}
+    tmp: Optional[Path] = None
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=entry.parent, prefix=entry.name, suffix=".tmp", delete=False) as f:
+            tmp = Path(f.name)
+            np.savez(f, meta=np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8),
+                     **{name: getattr(parsed, name) for name in _ARRAY_FIELDS})
+        os.replace(tmp, entry)
+        tmp = None
+    except OSError as err:
+        log.info("annotation index not cached in %s (%s)", entry.parent, _short(err))
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
 def _read_only(array: np.ndarray) -> np.ndarray:
@@ -477,17 +564,19 @@ class CocoDetection(torch.utils.data.Dataset):
     ``(seed, epoch, index)``, so results do not depend on the number of workers or ranks.
     A missing/undecodable image is logged and reported in ``Sample.skipped``; in training the
     next image takes its place, in evaluation ``__getitem__`` returns ``None`` (the collate drops
-    it). ``strict=True`` raises UserInputError instead.
+    it). ``strict=True`` raises UserInputError instead. ``cache_dir``: where a big annotation
+    file's index is cached (see :func:`load_annotations`; ``None`` disables it).
     """
 
     def __init__(self, image_dir: PathLike, annotation_file: PathLike, *, train: bool,
                  label_map: Optional[LabelMap] = None, seed: int = 0, strict: bool = False,
-                 transform: Optional[Callable[..., Any]] = None) -> None:
+                 transform: Optional[Callable[..., Any]] = None,
+                 cache_dir: Union[PathLike, None, str] = "auto") -> None:
         self.image_dir = Path(image_dir)
         self.annotation_file = Path(annotation_file)
         if not self.image_dir.is_dir():
             raise UserInputError(f"{self.image_dir}: image folder does not exist")
-        parsed = load_annotations(self.annotation_file)
+        parsed = load_annotations(self.annotation_file, cache_dir=cache_dir)
         self.label_map = label_map if label_map is not None else LabelMap.from_categories(parsed.categories)
         self.train = train
         self.seed = int(seed)
