@@ -393,7 +393,7 @@ def test_index_cache_is_used_for_the_same_content_and_never_when_it_changed(tmp_
 
     def no_parse(*args, **kwargs):
         raise AssertionError("parsed although the index was cached")
-    monkeypatch.setattr(coco, "_parse_json", no_parse)
+    monkeypatch.setattr(coco, "_parse_text", no_parse)
     _same_dataset(CocoDetection(tmp_path / "train", path, train=True, cache_dir=cache), uncached)
     monkeypatch.undo()
     monkeypatch.setattr(coco, "CACHE_MIN_BYTES", 0)
