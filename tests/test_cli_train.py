@@ -104,11 +104,13 @@ def test_checkpoint_that_does_not_fit_the_model(capsys, data_dir, checkpoint, tm
 def test_evaluate_reference_checkpoint_equals_train_mode_evaluation(capsys, data_dir, checkpoint, tmp_path):
     summary_a, summary_b = tmp_path / "a.json", tmp_path / "b.json"
     assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(data_dir), "--device", "cpu",
-                 "--num-workers", "0", "--json-summary", str(summary_a), "--results", str(tmp_path / "r.json")]) == 0
+                 "--num-workers", "0", "--json-summary", str(summary_a), "--results", str(tmp_path / "r.json"),
+                 "--eval-backend", "pycocotools"]) == 0
     out = capsys.readouterr()
     assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in out.err + out.out
+    assert "images, pycocotools)" in out.err + out.out               # the log line names the backend
     assert main(["--mode", "evaluation", "--checkpoint", str(checkpoint), "--data", str(data_dir), "--device", "cpu",
-                 "--num-workers", "0", "--json-summary", str(summary_b), "--no-amp"]) == 0
+                 "--num-workers", "0", "--json-summary", str(summary_b), "--no-amp"]) == 0  # auto backend
     a, b = json.loads(summary_a.read_text()), json.loads(summary_b.read_text())
     assert a["AP"] == b["AP"] and a["AP50"] == b["AP50"]
     results = json.loads((tmp_path / "r.json").read_text())
