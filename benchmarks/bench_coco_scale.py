@@ -43,8 +43,8 @@ def default_root(images: int) -> Path:
 
 def _jpegs(folder: Path, count: int = 4) -> list[Path]:
     """A few 640x480 JPEGs cut from scikit-image's photographs (real JPEG statistics)."""
-    import skimage.data as data
     from PIL import Image
+    from skimage import data
 
     photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
     paths = []
@@ -143,7 +143,7 @@ def uss_mb(pid: int) -> tuple[float, float]:
 
 def measure_load(root: Path, cache_dir: str) -> dict[str, float]:
     """In this (fresh) process: import, then time CocoDetection on the big json."""
-    import ssd300.data.coco as coco  # imports torch etc. before the baseline RSS is read
+    from ssd300.data import coco  # imports torch etc. before the baseline RSS is read
 
     before = _rss_mb()
     start = time.perf_counter()
@@ -171,7 +171,7 @@ def measure_workers(root: Path, samples: int, workers: int, batch_size: int) -> 
     loader.set_epoch(0)
     iterator = iter(loader)
     next(iterator)
-    pids = [w.pid for w in iterator._workers]  # noqa: SLF001 - the benchmark inspects the worker processes
+    pids = [w.pid for w in iterator._workers]  # private attribute: the benchmark inspects the workers
     at_start = [uss_mb(p) for p in pids]
     seen = 0
     start = time.perf_counter()

@@ -66,7 +66,12 @@ def make_results(gt: dict, seed: int = 1) -> list[dict]:
 
 
 def bench_backends(images: int, repeats: int) -> None:
-    from ssd300.coco_eval import EVAL_BACKENDS, evaluate_results, faster_coco_eval_available, load_coco_ground_truth
+    from ssd300.coco_eval import (
+        EVAL_BACKENDS,
+        evaluate_results,
+        faster_coco_eval_available,
+        load_coco_ground_truth,
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         gt_path = Path(tmp) / "instances_val.json"
