@@ -502,7 +502,7 @@ def _load_cached(entry: Path, digest: str, size: int) -> Optional[ParsedAnnotati
         return None
     except (OSError, ValueError, KeyError, EOFError, TypeError, zipfile.BadZipFile) as err:
         # a truncated or foreign file: parse again (and replace it)
-        log.warning("ignoring unreadable annotation index cache %s (%s)", entry, _short(err))
+        log.warning("ignoring unreadable annotation index cache %s (%s)", entry, one_line(err))
         return None
     return ParsedAnnotations(categories=tuple((int(c), str(n)) for c, n in meta["categories"]),
                              num_annotations=int(meta["num_annotations"]), num_crowd=int(meta["num_crowd"]),
@@ -523,7 +523,7 @@ def _store_cached(parsed: ParsedAnnotations, entry: Path, digest: str, size: int
         os.replace(tmp, entry)
         tmp = None
     except OSError as err:
-        log.info("annotation index not cached in %s (%s)", entry.parent, _short(err))
+        log.info("annotation index not cached in %s (%s)", entry.parent, one_line(err))
     finally:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
