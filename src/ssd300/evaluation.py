@@ -13,7 +13,7 @@ from ssd300.checkpoint import unwrap_model
 from ssd300.coco_eval import CocoMetrics, detections_to_rows, evaluate_results, merge_rank_rows, rows_to_results, \
     write_results_json
 from ssd300.default_boxes import default_boxes_300
-from ssd300.distributed import DistributedContext, all_gather_objects, broadcast_object
+from ssd300.distributed import DistributedContext, all_gather_objects, broadcast_object, gather_arrays
 from ssd300.labels import LabelMap
 from ssd300.postprocess import COCO_EVAL, PostprocessConfig, PostProcessor
 from ssd300.runtime import Runtime
@@ -65,14 +65,18 @@ def evaluate_model(model: nn.Module, loader: Iterable[Any], coco_gt: Any, label_
     postprocessor = PostProcessor(default_boxes_300().to(ctx.device), postprocess)
     image_ids, rows, skipped = predict_rows(unwrap_model(model), loader, postprocessor, runtime,
                                             label_map.category_ids, channels_last)
-    gathered = all_gather_objects((image_ids, rows, skipped))
+    # Detections travel as arrays to rank 0 only (not pickles to every rank); skips are few and small.
+    gathered_ids = gather_arrays(np.asarray(image_ids, dtype=np.int64), ctx.device)
+    gathered_rows = gather_arrays(rows, ctx.device)
+    gathered = all_gather_objects(skipped)
     metrics: Optional[CocoMetrics] = None
     if ctx.is_main:
-        ids, merged = merge_rank_rows((g[0], g[1]) for g in gathered)
+        assert gathered_ids is not None and gathered_rows is not None
+        ids, merged = merge_rank_rows(zip(gathered_ids, gathered_rows))
         results = rows_to_results(merged)
         if results_path is not None:
             write_results_json(results, results_path)
-        all_skipped = [s for g in gathered for s in g[2]]
+        all_skipped = [s for g in gathered for s in g]
         if all_skipped and log is not None:
             log(f"evaluation skipped {len(all_skipped)} unreadable images, e.g. {all_skipped[0]}")
         metrics = evaluate_results(coco_gt, results, image_ids=ids)

@@ -29,7 +29,7 @@ from ssd300.batchnorm import recalibrate_batchnorm
 from ssd300.benchmarking import benchmark_inference, benchmark_training
 from ssd300.box_coder import BoxCoder
 from ssd300.checkpoint import load_checkpoint, load_model_weights, resolve_model_spec, unwrap_model
-from ssd300.coco_eval import CocoMetrics, load_coco_ground_truth
+from ssd300.coco_eval import EVAL_BACKENDS, CocoMetrics, load_coco_ground_truth
 from ssd300.data.coco import CocoDetection, resolve_split
 from ssd300.data.loaders import build_eval_loader, build_train_loader
 from ssd300.data.transforms import TrainTransform
@@ -84,6 +84,7 @@ class TrainConfig:
     epochs: int = 65
     batch_size: int = 32                     # images per process and step
     eval_batch_size: int = 32
+    eval_backend: str = "auto"             # COCO evaluation library: auto (faster-coco-eval when installed), ...
     seed: Optional[int] = None               # base seed (rank r uses seed + r); None: the checkpoint's, else random
     checkpoint: Optional[Path] = None        # resume from / start from / the model to evaluate
     save: Optional[Path] = None              # folder for epoch_<n>.pt, log.jsonl, results.json
@@ -127,6 +128,9 @@ class TrainConfig:
     def _validate(self) -> None:
         if self.mode not in MODES:
             raise UserInputError(f"{_named('mode')} must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.eval_backend not in ("auto", *EVAL_BACKENDS):
+            raise UserInputError(f"{_named('eval_backend')} must be one of auto, {', '.join(EVAL_BACKENDS)}, "
+                                 f"got {self.eval_backend!r}")
         for name in ("batch_size", "eval_batch_size", "log_interval", "benchmark_iterations"):
             if getattr(self, name) < 1:
                 raise UserInputError(f"{_named(name)} must be >= 1, got {getattr(self, name)}")
@@ -307,7 +311,7 @@ class _Run:
         if paths.val is not None:
             self.val_set = CocoDetection(*paths.val, train=False, label_map=self.spec.label_map,
                                          strict=config.strict_images)
-        self.coco_gt = load_coco_ground_truth(paths.val[1]) if (
+        self.coco_gt = load_coco_ground_truth(paths.val[1], backend=config.eval_backend) if (
             paths.val is not None and self.ctx.is_main) else None
         model = SSD300(self.spec.backbone, num_classes=self.spec.num_classes,
                        backbone_path=config.backbone_path if self.checkpoint is None else None)
@@ -378,7 +382,7 @@ class _Run:
         seconds = time.perf_counter() - start
         self.logger.info(metrics.summary)
         self.logger.info(f"epoch {epoch + 1}: AP {metrics.ap:.4f}  AP50 {metrics.ap50:.4f}  ({seconds:.1f} s, "
-                         f"{metrics.num_images} images)")
+                         f"{metrics.num_images} images, {metrics.backend})")
         self.logger.evaluation(epoch=epoch, iteration=iteration, metrics=metrics.as_dict(), seconds=seconds)
         self.result.evaluations.append({"epoch": epoch, "iteration": iteration, **metrics.as_dict()})
         self.result.metrics = metrics

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ssd300.backbone import BACKBONES
+from ssd300.coco_eval import EVAL_BACKENDS
 from ssd300.training import TrainConfig, run as run_config
 
 
@@ -15,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-images", type=Path, help="validation image folder (instead of --data)")
     parser.add_argument("--val-annotations", type=Path, help="validation COCO-format json (instead of --data)")
     parser.add_argument("--eval-batch-size", "--ebs", type=int, default=32)
-    parser.add_argument("--eval-backend", choices=("auto", "faster-coco-eval", "pycocotools"), default="auto",
+    parser.add_argument("--eval-backend", choices=("auto", *EVAL_BACKENDS), default="auto",
                         help="COCO evaluation library (auto: faster-coco-eval when installed, else pycocotools)")
     parser.add_argument("--num-workers", type=int, default=None)
     parser.add_argument("--device", default=None, help="cuda, cpu (default: cuda when available)")
@@ -31,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     layout = None if args.data_layout is None else args.data_layout == "channels_last"
     run_config(TrainConfig(
         mode="evaluation", checkpoint=args.checkpoint, data=args.data, val_images=args.val_images,
-        val_annotations=args.val_annotations, eval_batch_size=args.eval_batch_size, num_workers=args.num_workers,
+        val_annotations=args.val_annotations, eval_batch_size=args.eval_batch_size, eval_backend=args.eval_backend, num_workers=args.num_workers,
         device=args.device, backbone=args.backbone, amp=args.amp, channels_last=layout, results=args.results,
         json_summary=args.json_summary))
     return 0

@@ -13,6 +13,7 @@ import argparse
 from pathlib import Path
 
 from ssd300.backbone import BACKBONES
+from ssd300.coco_eval import EVAL_BACKENDS
 from ssd300.errors import UserInputError
 from ssd300.training import MODES, TrainConfig, run as run_config
 
@@ -42,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--epochs", "-e", type=int, default=DEFAULTS.epochs)
     run.add_argument("--batch-size", "--bs", type=int, default=DEFAULTS.batch_size, help="images per process and step")
     run.add_argument("--eval-batch-size", "--ebs", type=int, default=DEFAULTS.eval_batch_size)
+    run.add_argument("--eval-backend", choices=("auto", *EVAL_BACKENDS), default=DEFAULTS.eval_backend,
+                     help="COCO evaluation library (auto: faster-coco-eval when installed, else pycocotools)")
     run.add_argument("--seed", "-s", type=int, default=None, help="base seed (rank r uses seed + r); random if unset")
     run.add_argument("--checkpoint", type=Path, default=None,
                      help="resume from (our checkpoints) or start from (reference/weights-only) this file; "
@@ -105,7 +108,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         data=args.data, train_images=args.train_images, train_annotations=args.train_annotations,
         val_images=args.val_images, val_annotations=args.val_annotations, num_workers=args.num_workers,
         dali=args.dali, strict_images=args.strict_images, iou_crop=not args.no_iou_crop,
-        mode=args.mode, epochs=args.epochs, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
+        mode=args.mode, epochs=args.epochs, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, eval_backend=args.eval_backend,
         seed=args.seed, checkpoint=args.checkpoint, save=args.save, evaluation=tuple(args.evaluation),
         device="cpu" if args.no_cuda else args.device,
         learning_rate=args.learning_rate, momentum=args.momentum, weight_decay=args.weight_decay,
