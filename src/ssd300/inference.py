@@ -269,6 +269,11 @@ class Detector:
         self._names = list(self.label_map.names)
         self._category_ids = torch.tensor(self.label_map.category_ids, dtype=torch.int64)
 
+    @property
+    def exported(self) -> Optional[ExportedModel]:
+        """The exported file this Detector runs (:meth:`from_exported`), else None."""
+        return self._exported
+
     # ------------------------------------------------------------------ calling
 
     @overload

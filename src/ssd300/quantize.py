@@ -35,7 +35,7 @@ from torch import nn
 
 from ssd300.errors import UserInputError
 from ssd300.labels import LabelMap
-from ssd300.postprocess import Detections
+from ssd300.postprocess import Detections, PostprocessConfig
 
 log = logging.getLogger(__name__)
 
@@ -119,32 +119,30 @@ class PostProcessGraph(nn.Module):
     INT8 file has the fp32 file's outputs.
     """
 
-    def __init__(self, score_threshold: float = 0.05, iou_threshold: float = 0.45, topk_per_class: int = 200,
-                 max_detections: int = 200) -> None:
+    def __init__(self, config: PostprocessConfig | None = None) -> None:
         super().__init__()
         from ssd300.default_boxes import default_boxes_300
 
         dboxes = default_boxes_300()
         self.register_buffer("dboxes_xywh", dboxes.xywh.clone(), persistent=False)
         self.scale_xy, self.scale_wh = float(dboxes.scale_xy), float(dboxes.scale_wh)
-        self.score_threshold, self.iou_threshold = float(score_threshold), float(iou_threshold)
-        self.topk_per_class, self.max_detections = int(topk_per_class), int(max_detections)
+        self.config = config or PostprocessConfig()
 
     def forward(self, locs: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
         from ssd300.export import flat_detections, pad_per_image
 
-        flat = flat_detections(locs, logits, self.dboxes_xywh, self.scale_xy, self.scale_wh, self.score_threshold,
-                               self.iou_threshold, self.topk_per_class)
+        flat = flat_detections(locs, logits, self.dboxes_xywh, self.scale_xy, self.scale_wh, self.config)
         # arange(N) from the input, so that the batch stays dynamic in the exported graph.
         image_ids = torch.ones_like(locs[:, 0, 0], dtype=torch.int64).cumsum(0) - 1
-        return pad_per_image(*flat, image_ids, self.max_detections)
+        return pad_per_image(*flat, image_ids, self.config.max_detections)
 
 
-def export_postprocess_onnx(path: PathLike, num_classes: int, opset: int, **settings: float) -> Path:
+def export_postprocess_onnx(path: PathLike, num_classes: int, opset: int,
+                            config: PostprocessConfig | None = None) -> Path:
     """Write :class:`PostProcessGraph` as ONNX (legacy exporter: ``nms`` maps to ``NonMaxSuppression``)."""
     from ssd300.export import FULL_OUTPUT_NAMES
 
-    graph = PostProcessGraph(**settings).eval()
+    graph = PostProcessGraph(config).eval()
     generator = torch.Generator().manual_seed(0)
     locs = torch.randn(2, 4, 8732, generator=generator)
     logits = torch.randn(2, num_classes, 8732, generator=generator)
@@ -264,14 +262,14 @@ def _quantize_nncf(fp32_path: Path, out: Path, files: Sequence[PathLike]) -> Pat
 
 
 def attach_postprocess(network_path: PathLike, out: PathLike, num_classes: int, opset: int,
-                       **settings: float) -> Path:
+                       config: PostprocessConfig | None = None) -> Path:
     """Join a (quantised) raw network file and the float post-processing graph into one ONNX file."""
     import onnx
     from onnx import compose
 
     network = onnx.load(str(network_path))
     with tempfile.TemporaryDirectory(prefix="ssd300-post-") as folder:
-        post = onnx.load(str(export_postprocess_onnx(Path(folder) / "post.onnx", num_classes, opset, **settings)))
+        post = onnx.load(str(export_postprocess_onnx(Path(folder) / "post.onnx", num_classes, opset, config)))
     # onnx.compose wants equal IR versions and opsets; the quantiser may have raised the network's.
     post.ir_version = network.ir_version = max(network.ir_version, post.ir_version)
     versions = {entry.domain: entry.version for entry in network.opset_import}
@@ -288,18 +286,20 @@ def attach_postprocess(network_path: PathLike, out: PathLike, num_classes: int, 
 
 def export_int8(model: nn.Module, label_map: LabelMap, out: PathLike, calibration: PathLike,
                 calibration_images: int = DEFAULT_CALIBRATION_IMAGES, raw: bool = False, opset: int = 18,
-                quantizer: str = "auto", exporter: str = "legacy", **settings: float) -> Path:
+                quantizer: str = "auto", exporter: str = "legacy", config: PostprocessConfig | None = None,
+                **overrides: float) -> Path:
     """SSD300 -> INT8 ONNX file with the fp32 export's inputs, outputs and metadata (see the module docstring).
 
-    ``settings`` are the post-processing settings of :func:`ssd300.export.build_export_module`
-    (ignored with ``raw``). The metadata adds ``precision=int8``, the quantiser and the number of
-    calibration images.
+    ``config``/``overrides``: the post-processing baked in, as for
+    :func:`ssd300.export.build_export_module` (ignored with ``raw``). The metadata adds
+    ``precision=int8``, the quantiser and the number of calibration images.
     """
     from ssd300.export import build_export_module, export_metadata, export_onnx, write_onnx_metadata
 
     files = calibration_files(calibration, calibration_images)  # before the slow steps: bad input fails fast
     quantizer = resolve_quantizer(quantizer)
-    module = build_export_module(model, raw=raw, **({} if raw else settings))  # validates the settings
+    config = (config or PostprocessConfig()).replace(**overrides)  # validated before the slow part
+    module = build_export_module(model, raw=raw, config=config)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     num_classes = int(model.num_classes)
@@ -311,7 +311,7 @@ def export_int8(model: nn.Module, label_map: LabelMap, out: PathLike, calibratio
         if raw:
             assembled = quantized
         else:
-            attach_postprocess(quantized, assembled, num_classes, opset, **settings)
+            attach_postprocess(quantized, assembled, num_classes, opset, config)
         metadata = {**export_metadata(module, label_map, raw), "precision": "int8", "quantizer": quantizer,
                     "calibration_images": str(len(files))}
         write_onnx_metadata(assembled, metadata, out)
