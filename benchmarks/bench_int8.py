@@ -39,9 +39,10 @@ from ssd300.checkpoint import load_model
 from ssd300.coco_eval import evaluate_results, load_coco_ground_truth
 from ssd300.data.coco import resolve_split
 from ssd300.export import export_model
-from ssd300.inference import Detector, bf16_supported_on_cpu
+from ssd300.inference import Detector
 from ssd300.labels import LabelMap
 from ssd300.quantize import export_int8
+from ssd300.runtime import Runtime, native_bf16
 
 
 def int8_files(model: torch.nn.Module, label_map: LabelMap, folder: Path, calibration: Path, count: int,
@@ -85,7 +86,7 @@ def accuracy(args: argparse.Namespace, quantizers: list[str], runtimes: list[str
 
 
 def speed(args: argparse.Namespace, quantizers: list[str], runtimes: list[str]) -> None:
-    native_bf16 = bf16_supported_on_cpu()
+    has_bf16 = native_bf16()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         (folder / "jpegs").mkdir()
@@ -103,13 +104,14 @@ def speed(args: argparse.Namespace, quantizers: list[str], runtimes: list[str]) 
             "PyTorch fp32": Detector(model, label_map, device="cpu"),
             "ONNX fp32 (onnxruntime)": Detector.from_exported(fp32_onnx),
         }
-        if native_bf16:
-            detectors["PyTorch bf16 channels-last"] = Detector(model, label_map, device="cpu", bf16=True)
+        if has_bf16:  # emulated bf16 is 5-10x slower: only where the CPU has it natively
+            detectors["PyTorch bf16 channels-last"] = Detector(model, label_map,
+                                                               runtime=Runtime.resolve("cpu", amp=True))
         for quantizer, path in files.items():
             for runtime in runtimes:
                 detectors[f"INT8 {quantizer}, {runtime}"] = Detector.from_exported(path, runtime=runtime)
         print(f"\nspeed: {args.speed_model} SSD300, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-              f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16: {native_bf16}\n")
+              f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16: {has_bf16}\n")
         rows = []
         for batch_size, iters in ((1, args.iters_b1), (8, args.iters_b8)):
             runs = {"reference style (baseline)": per_batch_calls(reference_pipeline(model.eval()), batch_size)}

@@ -13,7 +13,7 @@ NMS stay float32, so the INT8 file has the fp32 export's inputs, outputs and met
 Two quantisers write that QDQ file: ``"nncf"`` (NNCF's ONNX backend: quantises convolution
 inputs and weights, with fast bias correction; ``"auto"`` picks it when nncf is installed) and
 ``"onnxruntime"`` (``onnxruntime.quantization.quantize_static``, min/max ranges; the loc/conf head
-convolutions stay float, see :func:`head_convolutions`). Both files run in onnxruntime and in
+convolutions and what follows them stay float, see :func:`head_and_tail_nodes`). Both files run in onnxruntime and in
 OpenVINO, which reads QDQ ONNX and runs it in int8 (:mod:`ssd300.exported` picks OpenVINO for INT8
 files when it is installed). BENCHMARKS.md holds their measured accuracy and speed.
 """
@@ -119,6 +119,8 @@ class PostProcessGraph(nn.Module):
     INT8 file has the fp32 file's outputs.
     """
 
+    dboxes_xywh: torch.Tensor
+
     def __init__(self, config: PostprocessConfig | None = None) -> None:
         super().__init__()
         from ssd300.default_boxes import default_boxes_300
@@ -184,18 +186,8 @@ def quantize_network_onnx(fp32_path: PathLike, out: PathLike, files: Sequence[Pa
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class _Reader(CalibrationDataReader):
-        """Batches decoded on demand; ``set_range`` is onnxruntime's strided calibration hook."""
-
         def __init__(self) -> None:
-            self.groups = [files[i:i + CALIBRATION_BATCH] for i in range(0, len(files), CALIBRATION_BATCH)]
-            self.set_range(0, len(self.groups))
-
-        def __len__(self) -> int:
-            return len(self.groups)
-
-        def set_range(self, start_index: int, end_index: int) -> None:
-            self.batches = (batch for group in self.groups[start_index:end_index]
-                            for batch in calibration_batches(group, CALIBRATION_BATCH))
+            self.batches = calibration_batches(files)
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             batch = next(self.batches, None)
@@ -207,41 +199,53 @@ def quantize_network_onnx(fp32_path: PathLike, out: PathLike, files: Sequence[Pa
             quant_pre_process(str(fp32_path), str(prepared))
             import onnx
 
-            heads = head_convolutions(onnx.load(str(prepared)))
-            # Strided min/max: ranges are merged after every batch, so memory stays that of one
-            # batch's activations (every intermediate tensor is kept until the ranges are computed).
+            float_nodes = head_and_tail_nodes(onnx.load(str(prepared)))
+            # onnxruntime keeps every intermediate tensor of every calibration batch until the
+            # ranges are computed (~100 MB per image for ResNet-50): its "CalibStridedMinMax" and
+            # "CalibMaxIntermediateOutputs" options, which would bound that, lose the ranges in
+            # onnxruntime 1.32 (uniform scores). NNCF streams its statistics instead.
             quantize_static(str(prepared), str(out), _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            nodes_to_exclude=heads, extra_options={"CalibStridedMinMax": 1})
+                            nodes_to_exclude=float_nodes)
     finally:
         prepared.unlink(missing_ok=True)
     return out
 
 
-def head_convolutions(model: Any) -> list[str]:
-    """Names of the Conv nodes that feed the outputs without another Conv: the loc/conf heads.
+def head_and_tail_nodes(model: Any) -> list[str]:
+    """Names of the loc/conf head convolutions (Conv nodes that reach the outputs without another
+    Conv) and of every node after them (reshapes, concatenations).
 
-    They stay float in the onnxruntime quantiser's file: its int8 convolutions also quantise their
-    output, and a single uint8 range over the logits of all 8732 anchors (they span hundreds in
-    trained models) destroys the softmax. NNCF quantises only convolution inputs, so its heads run
-    int8 with float outputs.
+    They stay float in the onnxruntime quantiser's file: it would otherwise quantise the heads'
+    outputs and the concatenated ``logits`` to uint8 with one range over all 8732 anchors; trained
+    logits span hundreds to thousands, so the steps (~10) erase the differences between classes
+    and the softmax turns uniform. NNCF quantises only convolution inputs, so its heads run int8
+    with float outputs.
     """
     consumers: dict[str, list[Any]] = {}
     for node in model.graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
 
-    def reaches_conv(node: Any, seen: set[int]) -> bool:
-        for output in node.output:
-            for nxt in consumers.get(output, []):
-                if id(nxt) in seen:
-                    continue
-                seen.add(id(nxt))
-                if nxt.op_type == "Conv" or reaches_conv(nxt, seen):
-                    return True
-        return False
+    def downstream(node: Any) -> list[Any]:
+        found, stack, seen = [], [node], {id(node)}
+        while stack:
+            for output in stack.pop().output:
+                for nxt in consumers.get(output, []):
+                    if id(nxt) not in seen:
+                        seen.add(id(nxt))
+                        found.append(nxt)
+                        stack.append(nxt)
+        return found
 
-    return [node.name for node in model.graph.node if node.op_type == "Conv" and not reaches_conv(node, set())]
+    excluded: dict[str, None] = {}
+    for node in model.graph.node:
+        if node.op_type != "Conv":
+            continue
+        after = downstream(node)
+        if not any(n.op_type == "Conv" for n in after):
+            excluded.update(dict.fromkeys([node.name, *(n.name for n in after)]))
+    return list(excluded)
 
 
 def _quantize_nncf(fp32_path: Path, out: Path, files: Sequence[PathLike]) -> Path:
@@ -302,7 +306,7 @@ def export_int8(model: nn.Module, label_map: LabelMap, out: PathLike, calibratio
     module = build_export_module(model, raw=raw, config=config)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    num_classes = int(model.num_classes)
+    num_classes = int(getattr(model, "num_classes"))  # noqa: B009 - an int attribute, not a module
     with tempfile.TemporaryDirectory(prefix="ssd300-int8-") as folder:
         network = module if raw else build_export_module(model, raw=True)
         fp32 = export_onnx(network, Path(folder) / "network.onnx", raw=True, opset=opset, exporter=exporter)
