@@ -140,7 +140,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, required=True, help="a trained checkpoint (e.g. the demo's)")
     parser.add_argument("--data", type=Path, required=True, help="its COCO-format dataset root (val split scored)")
     parser.add_argument("--calibration-images", type=int, default=64)
-    parser.add_argument("--quantizers", default="nncf,onnxruntime", help="comma-separated: nncf,onnxruntime")
+    parser.add_argument("--quantizers", default="onnxruntime,nncf", help="comma-separated: onnxruntime,nncf")
     parser.add_argument("--runtimes", default="onnxruntime,openvino", help="comma-separated: onnxruntime,openvino")
     parser.add_argument("--speed-model", choices=("resnet50", "checkpoint"), default="resnet50")
     parser.add_argument("--iters-b1", type=int, default=12, help="batches of 1 per path")

@@ -29,10 +29,11 @@ skimage_data = pytest.importorskip("skimage.data")
 CHECKPOINT = Path(__file__).parent / "data" / "ssd300_r18_synth_fp16.pt"
 CONFIDENT = 0.5  # "confident objects": fp32 score >= this
 MIN_IOU = 0.9
-# The share of them INT8 must reproduce. This small demo model's best scores are only ~0.5-0.65,
-# so quantisation noise moves some boxes below IoU 0.9 (measured: see the report); a broken INT8
-# path reproduces none.
-REPRODUCED = 0.7
+# The share of them INT8 must reproduce (a broken INT8 path reproduces none). The onnxruntime
+# quantiser keeps the heads float: 22 of 24 measured, the issue's goal. NNCF quantises the heads
+# too; this small demo model's best scores are only ~0.5-0.65, so its int8 heads move some boxes
+# below IoU 0.9 (17 of 24 measured).
+REPRODUCED = {"onnxruntime": 0.9, "nncf": 0.7}
 
 
 def _shapes_on(background: Image.Image, rng: np.random.Generator, count: int) -> Image.Image:
@@ -68,25 +69,35 @@ def photos(tmp_path_factory) -> list[Path]:
     return paths
 
 
+def _int8_file(photos: list[Path], folder: Path, quantizer: str) -> Path:
+    model, label_map, _ = load_model(CHECKPOINT)
+    return export_int8(model, label_map, folder / f"ssd.int8.{quantizer}.onnx", photos[0].parent,
+                       calibration_images=len(photos), quantizer=quantizer)
+
+
 @pytest.fixture(scope="module")
 def int8_file(photos, tmp_path_factory) -> Path:
-    model, label_map, _ = load_model(CHECKPOINT)
-    out = tmp_path_factory.mktemp("int8") / "ssd.int8.onnx"
-    return export_int8(model, label_map, out, photos[0].parent, calibration_images=len(photos))
+    return _int8_file(photos, tmp_path_factory.mktemp("int8"), "onnxruntime")
 
 
-def test_int8_detections_agree_with_fp32_on_confident_objects(photos, int8_file):
+@pytest.mark.parametrize("quantizer", ["onnxruntime", "nncf"])
+def test_int8_detections_agree_with_fp32_on_confident_objects(photos, int8_file, tmp_path, quantizer):
+    if quantizer == "nncf":
+        pytest.importorskip("nncf")
+    path = int8_file if quantizer == "onnxruntime" else _int8_file(photos, tmp_path, quantizer)
+    required = REPRODUCED[quantizer]
     fp32 = Detector.from_checkpoint(CHECKPOINT, device="cpu", batch_size=8)(photos)
-    int8 = Detector.from_exported(int8_file, batch_size=8)(photos)
+    int8 = Detector.from_exported(path, batch_size=8)(photos)
     as_detections = [[Detections(r.boxes, r.scores, r.labels) for r in results] for results in (fp32, int8)]
     reproduced, confident = confident_agreement(*as_detections, min_score=CONFIDENT, min_iou=MIN_IOU)
-    print(f"INT8 reproduces {reproduced} of fp32's {confident} confident detections")
+    print(f"INT8 ({quantizer}) reproduces {reproduced} of fp32's {confident} confident detections")
     assert confident >= 20
-    assert reproduced >= REPRODUCED * confident, f"INT8 reproduced {reproduced} of {confident} confident detections"
-    # The converse: what INT8 is confident about, fp32 has too.
+    assert reproduced >= required * confident, f"INT8 reproduced {reproduced} of {confident} confident detections"
+    # The converse: what INT8 is confident about, fp32 has too (a little looser: INT8 scores that
+    # cross 0.5 from just below add unstable boxes; measured 26 of 29 for onnxruntime).
     back, confident_int8 = confident_agreement(as_detections[1], as_detections[0], min_score=CONFIDENT,
                                                min_iou=MIN_IOU)
-    assert confident_int8 >= 0.6 * confident and back >= REPRODUCED * confident_int8
+    assert confident_int8 >= 0.6 * confident and back >= (required - 0.1) * confident_int8
 
 
 def test_int8_file_has_the_fp32_files_outputs_and_metadata(photos, int8_file, tmp_path):

@@ -49,8 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--int8 calibration images: a folder of images or a COCO-format dataset (its train split)")
     parser.add_argument("--calibration-images", type=int, default=DEFAULT_CALIBRATION_IMAGES, metavar="N",
                         help=f"images used for calibration, spread over DIR (default {DEFAULT_CALIBRATION_IMAGES})")
-    parser.add_argument("--quantizer", choices=QUANTIZERS, default="auto",
-                        help="--int8 quantiser: nncf or onnxruntime (both write QDQ ONNX); auto: nncf when installed")
+    parser.add_argument("--quantizer", choices=QUANTIZERS, default=QUANTIZERS[0],
+                        help="--int8 quantiser: onnxruntime (default; heads stay float) or nncf (pip install nncf); "
+                             "both write QDQ ONNX")
 
 
 def check_export(module: torch.nn.Module, path: Path, fmt: str, batch: int = 2) -> tuple[float, bool]:
