@@ -6,17 +6,24 @@ Each command lives in its own module under ``ssd300.commands`` and provides
 
 For users migrating from NVIDIA's reference, ``ssd300 --mode training --data ...`` (no
 command word, the reference's flags) is accepted and routed to ``train``, which handles
-every ``--mode``.
+every ``--mode``. Exit codes: :mod:`ssd300.errors`.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
-from ssd300.errors import UserInputError
+from ssd300 import __version__
+from ssd300.errors import EXIT_CODES, EXIT_USAGE, Interrupted, UserInputError
+
+DESCRIPTION = "SSD300 v1.1 object detector (NVIDIA's reference, ResNet backbones): train, evaluate, detect, export."
+EPILOG = ("Run 'ssd300 COMMAND --help' for a command's flags. Reference-style command lines "
+          "('ssd300 --mode training --data DIR ...') run 'train'. Exit codes: "
+          + ", ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items()) + ".")
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("ssd300.commands.train", "train (or benchmark) SSD300; accepts the reference's flags and --mode"),
@@ -28,8 +35,23 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every flag's default in its help, "(default: X)", unless the help already states it or
+    there is none to state (None, False, a suppressed value)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text.lower() or default in (None, False, argparse.SUPPRESS) or not action.option_strings
+                or text == argparse.SUPPRESS):
+            return text
+        shown = " ".join(str(v) for v in default) if isinstance(default, (list, tuple)) else str(default)
+        return f"{text} (default: {shown})" if text else f"(default: {shown})"
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ssd300", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="ssd300", description=DESCRIPTION, epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=f"ssd300 {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
@@ -38,27 +60,50 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0].startswith("--") and argv[0] not in ("--help", "-h"):
+    if argv and argv[0].startswith("--") and argv[0] not in ("--help", "-h", "--version"):
         argv = ["train", *argv]  # reference-style command line
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+    if not argv or argv[0] in ("-h", "--help", "--version") or argv[0] not in COMMANDS:
         parser = _build_parser()
-        if argv and argv[0] not in ("-h", "--help"):
+        if argv and argv[0] not in ("-h", "--help", "--version"):
             parser.error(f"unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)}")
+        if argv and argv[0] == "--version":
+            parser.parse_args(["--version"])  # prints and exits 0
         parser.print_help()
-        return 0 if argv else 2
+        return 0 if argv else EXIT_USAGE
     name, rest = argv[0], argv[1:]
     module = importlib.import_module(COMMANDS[name][0])
-    parser = argparse.ArgumentParser(prog=f"ssd300 {name}", description=COMMANDS[name][1])
+    parser = argparse.ArgumentParser(prog=f"ssd300 {name}", description=COMMANDS[name][1],
+                                     formatter_class=HelpFormatter)
     module.add_arguments(parser)
     args = parser.parse_args(rest)
+    previous = _raise_on_sigterm()
     try:
         return int(module.run(args) or 0)
     except UserInputError as err:
         print(f"ssd300 {name}: error: {err}", file=sys.stderr)
-        return 2
+        return err.exit_code
+    except Interrupted as err:
+        print(f"ssd300 {name}: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         print(f"ssd300 {name}: interrupted", file=sys.stderr)
-        return 130
+        return 128 + signal.SIGINT
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_on_sigterm() -> Any:
+    """SIGTERM raises :class:`Interrupted` (exit 143 after cleanup) instead of killing the process
+    outright; training replaces it with its own handler (a checkpoint first). Returns the
+    previous handler (None off the main thread)."""
+    def handler(signum: int, frame: Any) -> None:
+        raise Interrupted("terminated (SIGTERM)", signum)
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:
+        return None
 
 
 if __name__ == "__main__":

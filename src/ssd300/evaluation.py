@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
@@ -14,19 +15,26 @@ from ssd300.coco_eval import CocoMetrics, detections_to_rows, evaluate_results, 
     write_results_json
 from ssd300.default_boxes import default_boxes_300
 from ssd300.distributed import DistributedContext, all_gather_objects, broadcast_object, gather_arrays
+from ssd300.errors import Interrupted
 from ssd300.labels import LabelMap
 from ssd300.postprocess import COCO_EVAL, PostprocessConfig, PostProcessor
 from ssd300.runtime import Runtime
 
 
+class EvaluationInterrupted(Interrupted):
+    """``should_stop`` said yes (a signal arrived): the evaluation ended before its last batch."""
+
+
 @torch.no_grad()
 def predict_rows(model: nn.Module, loader: Iterable[Any], postprocessor: PostProcessor, runtime: Runtime,
                  category_ids: tuple[int, ...], channels_last: bool,
-                 progress: Optional[Callable[[int], None]] = None) -> tuple[list[int], np.ndarray, list[str]]:
+                 progress: Optional[Callable[[int], None]] = None,
+                 should_stop: Optional[Callable[[], bool]] = None) -> tuple[list[int], np.ndarray, list[str]]:
     """Run the model over ``loader``; returns this rank's (image ids, result rows, skipped images).
 
     The model is on ``runtime.device``; ``channels_last`` is the layout it was put in (training
     evaluates the model in its training layout rather than converting it back and forth).
+    ``should_stop`` is asked before every batch; yes raises :class:`EvaluationInterrupted`.
     """
     model.eval()
     device = runtime.device
@@ -34,6 +42,8 @@ def predict_rows(model: nn.Module, loader: Iterable[Any], postprocessor: PostPro
     chunks: list[np.ndarray] = []
     skipped: list[str] = []
     for batch in loader:
+        if should_stop is not None and should_stop():
+            raise EvaluationInterrupted("evaluation stopped by a signal", signal.SIGTERM)
         skipped.extend(batch.skipped)
         batch = batch.without_padding()
         if len(batch) == 0:
@@ -55,8 +65,12 @@ def predict_rows(model: nn.Module, loader: Iterable[Any], postprocessor: PostPro
 
 def evaluate_model(model: nn.Module, loader: Iterable[Any], coco_gt: Any, label_map: LabelMap, *,
                    ctx: DistributedContext, runtime: Runtime, channels_last: bool, results_path: Optional[Path] = None,
-                   postprocess: PostprocessConfig = COCO_EVAL, log: Optional[Callable[[str], None]] = None) -> CocoMetrics:
+                   postprocess: PostprocessConfig = COCO_EVAL, log: Optional[Callable[[str], None]] = None,
+                   should_stop: Optional[Callable[[], bool]] = None) -> CocoMetrics:
     """COCO evaluation over ``loader`` (all ranks take part); every rank returns the same metrics.
+
+    The COCO summary goes to ``log`` before ``results_path`` is written, so a failing write
+    never loses the figures. ``should_stop``: see :func:`predict_rows`.
 
     Post-processing defaults to :data:`~ssd300.postprocess.COCO_EVAL` (NMS IoU 0.5, as the reference's
     evaluation, SPEC §5).
@@ -64,7 +78,7 @@ def evaluate_model(model: nn.Module, loader: Iterable[Any], coco_gt: Any, label_
     """
     postprocessor = PostProcessor(default_boxes_300().to(ctx.device), postprocess)
     image_ids, rows, skipped = predict_rows(unwrap_model(model), loader, postprocessor, runtime,
-                                            label_map.category_ids, channels_last)
+                                            label_map.category_ids, channels_last, should_stop=should_stop)
     # Detections travel as arrays to rank 0 only (not pickles to every rank); skips are few and small.
     gathered_ids = gather_arrays(np.asarray(image_ids, dtype=np.int64), ctx.device)
     gathered_rows = gather_arrays(rows, ctx.device)
@@ -74,12 +88,14 @@ def evaluate_model(model: nn.Module, loader: Iterable[Any], coco_gt: Any, label_
         assert gathered_ids is not None and gathered_rows is not None
         ids, merged = merge_rank_rows(zip(gathered_ids, gathered_rows))
         results = rows_to_results(merged)
-        if results_path is not None:
-            write_results_json(results, results_path)
         all_skipped = [s for g in gathered for s in g]
         if all_skipped and log is not None:
             log(f"evaluation skipped {len(all_skipped)} unreadable images, e.g. {all_skipped[0]}")
         metrics = evaluate_results(coco_gt, results, image_ids=ids)
+        if log is not None:
+            log(metrics.summary)
+        if results_path is not None:
+            write_results_json(results, results_path)
     metrics = broadcast_object(metrics)
     assert metrics is not None
     return metrics

@@ -3,7 +3,8 @@
 ``read_torch_file`` (``torch.load(weights_only=True)``, one-line errors) serves checkpoints
 (:mod:`ssd300.checkpoint`) and ImageNet backbone weights (:mod:`ssd300.backbone`); this module
 imports no model code, so both use it without an import cycle. ``write_json`` is the one JSON
-writer (results, per-image detections, run summaries).
+writer (results, per-image detections, run summaries). ``check_output_path`` is the one check of
+an output path before the work starts (every command's outputs go through it).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import math
 import os
 import pickle
 import re
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Literal, Union
@@ -118,4 +120,33 @@ def write_json(path: PathLike, obj: Any, layout: Literal["rows", "indent"] = "ro
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text + "\n")
     os.replace(tmp, path)
+    return path
+
+
+def check_output_path(path: PathLike, flag: str, *, folder: bool) -> Path:
+    """Fail now, in one line naming ``flag``, if ``path`` cannot be written later.
+
+    ``folder``: the path is a folder the work writes into (it may exist; it must not be a file),
+    else a file (it must not be a folder). Either way its nearest existing ancestor must be a
+    folder in which a file can be created; that is tried (a probe file, removed at once) because
+    permission bits lie (root, read-only mounts, /proc). Nothing is created otherwise: a folder
+    that does not exist yet is made by the work itself.
+    """
+    path = Path(path).expanduser()
+    if path.exists():
+        if folder and not path.is_dir():
+            raise UserInputError(f"{flag} {path}: exists and is not a folder")
+        if not folder and path.is_dir():
+            raise UserInputError(f"{flag} {path}: is a folder; give a file name")
+    probe_dir = path if folder and path.is_dir() else path.parent
+    while not probe_dir.exists():
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise UserInputError(f"{flag} {path}: {probe_dir} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".ssd300-write-check.", dir=probe_dir)
+    except OSError as exc:
+        raise UserInputError(f"{flag} {path}: cannot write in {probe_dir} ({exc.strerror or one_line(exc)})") from None
+    os.close(fd)
+    os.unlink(probe)
     return path

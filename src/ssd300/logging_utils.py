@@ -59,7 +59,7 @@ class RunLogger:
         if self.progress:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=iterations, initial=initial, desc=f"epoch {epoch + 1}/{total_epochs}",
+            self._bar = tqdm(total=iterations, initial=initial, desc=f"epoch {epoch} ({epoch + 1}/{total_epochs})",
                              file=self.stream, dynamic_ncols=True, leave=True)
 
     def end_epoch(self) -> None:
@@ -98,7 +98,7 @@ class RunLogger:
             elapsed = time.perf_counter() - self._epoch_start
             done = batch_in_epoch + 1
             eta = elapsed / max(done, 1) * (iterations_in_epoch - done)
-            self.info(f"epoch {epoch + 1} iter {done}/{iterations_in_epoch} (global {iteration + 1}) "
+            self.info(f"epoch {epoch} iter {done}/{iterations_in_epoch} (global {iteration + 1}) "
                       f"loss {loss:.4f} lr {lr:.3e} {images_per_second:.1f} img/s eta {_duration(eta)}")
 
     def evaluation(self, *, epoch: int, iteration: int, metrics: dict[str, float], seconds: float) -> None:

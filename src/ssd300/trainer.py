@@ -25,7 +25,7 @@ from ssd300.batchnorm import set_frozen_batchnorm
 from ssd300.box_coder import BoxCoder
 from ssd300.checkpoint import model_checkpoint, save_checkpoint
 from ssd300.distributed import DistributedContext, capture_rng_state, restore_rng_state
-from ssd300.errors import UserInputError
+from ssd300.errors import EXIT_DIVERGED, Interrupted, UserInputError
 from ssd300.labels import LabelMap
 from ssd300.logging_utils import RunLogger
 from ssd300.loss import SSDLoss
@@ -34,17 +34,22 @@ from ssd300.runtime import Runtime
 
 
 class NonFiniteLossError(UserInputError):
-    """The loss became NaN/inf; the message names the iteration. Lower --lr or raise --warmup."""
+    """The loss became NaN/inf; the message names the iteration. Lower --lr or raise --warmup.
+
+    Its own exit code (3, :data:`ssd300.errors.EXIT_DIVERGED`): not a usage error."""
+
+    exit_code = EXIT_DIVERGED
 
 
-class TrainingInterrupted(KeyboardInterrupt):
-    """SIGINT/SIGTERM arrived; a checkpoint was written (when a save directory is set)."""
+class TrainingInterrupted(Interrupted):
+    """SIGINT/SIGTERM arrived; a checkpoint was written (when a save directory is set).
+    ``exit_code``: 130 for SIGINT, 143 for SIGTERM."""
 
 
 class StopFlag:
     """Turns SIGINT/SIGTERM into a flag the loop polls, so a checkpoint can be written first.
 
-    A second signal while stopping raises KeyboardInterrupt at once.
+    A second signal while stopping raises :class:`~ssd300.errors.Interrupted` at once.
     """
 
     def __init__(self) -> None:
@@ -61,7 +66,7 @@ class StopFlag:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signal_number is not None:
-            raise KeyboardInterrupt
+            raise Interrupted("stopped at once by a second signal", signum)
         self.signal_number = signum
 
     def __exit__(self, *exc: Any) -> None:
@@ -134,7 +139,7 @@ class Trainer:
         loss_value /= self.ctx.world_size
         if not np.isfinite(loss_value):
             raise NonFiniteLossError(
-                f"loss is {loss_value} at iteration {self.position.iteration} (epoch {self.position.epoch + 1}, "
+                f"loss is {loss_value} at iteration {self.position.iteration} (epoch {self.position.epoch}, "
                 f"learning rate {lr:.3g}); stopped without updating the weights or writing a checkpoint; "
                 "try a lower --lr or a longer --warmup")
         if scaler is not None:
@@ -173,10 +178,11 @@ class Trainer:
             if stop_now:
                 self.logger.end_epoch()
                 path = self.save("interrupted.pt")
-                where = f"; checkpoint written to {path} (resume with --checkpoint {path})" if path else ""
+                where = (f"; checkpoint written to {path} (resume with --resume --save {path.parent}, "
+                         f"or --checkpoint {path})") if path else ""
                 message = f"stopped by signal at iteration {self.position.iteration}{where}"
                 self.logger.info(message)
-                raise TrainingInterrupted(message)
+                raise TrainingInterrupted(message, stop.signal_number if stop and stop.signal_number else 2)
         self.logger.end_epoch()
         self.position.epoch += 1
         self.position.batch_in_epoch = 0
@@ -197,12 +203,13 @@ class Trainer:
             rng=capture_rng_state(),
         )
 
-    def save(self, name: str) -> Optional[Path]:
-        """Atomically write a checkpoint into the save directory (main rank only)."""
+    def save(self, name: str, **extra: Any) -> Optional[Path]:
+        """Atomically write a checkpoint (plus ``extra`` entries, plain data) into the save
+        directory (main rank only)."""
         if self.save_dir is None or not self.ctx.is_main:
             return None
         path = self.save_dir / name
-        save_checkpoint(path, self.state_dict())
+        save_checkpoint(path, {**self.state_dict(), **extra})
         return path
 
     def load_training_state(self, checkpoint: dict[str, Any]) -> bool:

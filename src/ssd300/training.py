@@ -6,9 +6,15 @@
 
 ``ssd300 train`` / ``evaluate`` / ``demo`` only turn their flags into a :class:`TrainConfig`. The
 defaults are the reference's (SPEC §6-7). ``mode`` selects what :func:`run` does: ``training``
-(train, evaluating after the ``evaluation`` epochs), ``evaluation`` (COCO metrics of
+(train, evaluating after the ``evaluation`` epochs, every ``eval_every`` epochs and the final
+epoch), ``evaluation`` (COCO metrics of
 ``checkpoint``), ``benchmark-training`` / ``benchmark-inference`` (images/s). Under ``torchrun``
 every process calls the same function with the same config.
+
+Epochs are numbered from 0 everywhere, as in the reference: ``evaluation``/``multistep`` values,
+``epoch_<n>.pt`` (written after epoch ``n``), the ``epoch`` of log records and console lines. A
+checkpoint's ``epoch`` entry is the reference's: epochs completed, i.e. the epoch a resume starts.
+The run folder (``save``) and its policies are :mod:`ssd300.run_folder`'s.
 """
 
 from __future__ import annotations
@@ -37,19 +43,20 @@ from ssd300.default_boxes import default_boxes_300
 from ssd300.distributed import DistributedContext, broadcast_object, init_distributed, seed_everything, \
     shutdown_distributed
 from ssd300.errors import UserInputError
-from ssd300.evaluation import evaluate_model
-from ssd300.files import write_json
+from ssd300.evaluation import EvaluationInterrupted, evaluate_model
+from ssd300.files import check_output_path, write_json
 from ssd300.logging_utils import RunLogger
 from ssd300.model import SSD300
 from ssd300.optim import WarmupMultiStepSchedule, build_optimizer, scaled_learning_rate
 from ssd300.runtime import Runtime, default_workers
-from ssd300.trainer import StopFlag, Trainer
+from ssd300.run_folder import BEST, INTERRUPTED, LAST, RunFolder, epoch_file_name
+from ssd300.trainer import StopFlag, Trainer, TrainingInterrupted
 
 MODES = ("training", "evaluation", "benchmark-training", "benchmark-inference")
 DEFAULT_EVALUATION = (21, 31, 37, 42, 48, 53, 59, 64)
 DEFAULT_MULTISTEP = (43, 54)
 TRAINING_MODES = ("training", "benchmark-training")
-
+MAX_SEED = 2**31 - 1  # numpy, torch and DALI all take it; the seed of rank r is seed + r
 
 
 def flag_of(name: str) -> str:
@@ -87,8 +94,12 @@ class TrainConfig:
     eval_backend: str = "auto"             # COCO evaluation library: auto (faster-coco-eval when installed), ...
     seed: Optional[int] = None               # base seed (rank r uses seed + r); None: the checkpoint's, else random
     checkpoint: Optional[Path] = None        # resume from / start from / the model to evaluate
-    save: Optional[Path] = None              # folder for epoch_<n>.pt, log.jsonl, results.json
+    save: Optional[Path] = None              # the run folder: epoch_<n>.pt, last.pt, best.pt, log.jsonl, ...
+    resume: bool = False                     # continue the run in ``save`` from its newest checkpoint
+    overwrite: bool = False                  # a fresh run may replace another run's files in ``save``
+    keep_last: int = 0                       # keep only the newest N epoch_<n>.pt (0: all)
     evaluation: tuple[int, ...] = DEFAULT_EVALUATION  # epochs (0-based) after which to evaluate
+    eval_every: int = 0                      # also evaluate after every N-th epoch (0: off)
     device: Optional[str] = None             # None: cuda when available, else cpu
     # recipe
     learning_rate: float = 2.6e-3            # for a global batch of 32; scaled by world size x batch / 32
@@ -134,9 +145,13 @@ class TrainConfig:
         for name in ("batch_size", "eval_batch_size", "log_interval", "benchmark_iterations"):
             if getattr(self, name) < 1:
                 raise UserInputError(f"{_named(name)} must be >= 1, got {getattr(self, name)}")
-        for name in ("epochs", "bn_recalibration", "benchmark_warmup", "warmup"):
+        for name in ("epochs", "bn_recalibration", "benchmark_warmup", "warmup", "eval_every", "keep_last"):
             if getattr(self, name) < 0:
                 raise UserInputError(f"{_named(name)} must be >= 0, got {getattr(self, name)}")
+        if self.mode == "training" and self.epochs < 1:
+            raise UserInputError(f"{_named('epochs')} must be >= 1 to train, got {self.epochs}")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise UserInputError(f"{_named('seed')} must be in [0, {MAX_SEED}], got {self.seed}")
         if self.num_workers is not None and self.num_workers < 0:
             raise UserInputError(f"{_named('num_workers')} must be >= 0, got {self.num_workers}")
         if not self.learning_rate > 0:
@@ -160,6 +175,9 @@ class TrainConfig:
             raise UserInputError(f"{_named('iou_crop')} applies to the PyTorch loader; the DALI pipeline always crops")
         if self.dali and self.mode not in TRAINING_MODES:
             raise UserInputError(f"{_named('dali')} is a training loader; it does nothing in mode {self.mode!r}")
+        if self.dali and self.num_workers == 0:
+            raise UserInputError(f"{_named('num_workers')} 0 with {flag_of('dali')}: the DALI pipeline needs at "
+                                 "least 1 CPU thread (its --num-workers)")
         if self.dali:
             from ssd300.data.dali import dali_available
 
@@ -171,15 +189,31 @@ class TrainConfig:
                 raise UserInputError(f"{_named(name)} {path}: file not found")
         if self.save is not None and self.save.exists() and not self.save.is_dir():
             raise UserInputError(f"{_named('save')} {self.save}: exists and is not a folder")
+        if (self.resume or self.overwrite or self.keep_last) and self.mode != "training":
+            which = "resume" if self.resume else "overwrite" if self.overwrite else "keep_last"
+            raise UserInputError(f"{_named(which)} applies to mode 'training', not {self.mode!r}")
+        if self.resume and self.save is None:
+            raise UserInputError(f"{_named('resume')} needs {_named('save')}: the run folder to continue")
+        if self.resume and self.overwrite:
+            raise UserInputError(f"{_named('resume')} contradicts {_named('overwrite')}")
 
     @property
     def needs_train_data(self) -> bool:
         return self.mode in TRAINING_MODES
 
     @property
+    def evaluation_epochs(self) -> tuple[int, ...]:
+        """The epochs (0-based) a training run evaluates after: ``evaluation`` (the reference's
+        schedule by default), every ``eval_every``-th, and always the final one; none at all only
+        when both ``evaluation`` is empty and ``eval_every`` is 0 (a run without validation data)."""
+        if self.mode != "training" or (not self.evaluation and not self.eval_every):
+            return ()
+        every = set(range(self.eval_every - 1, self.epochs, self.eval_every)) if self.eval_every else set()
+        return tuple(sorted({e for e in self.evaluation if e < self.epochs} | every | {self.epochs - 1}))
+
+    @property
     def needs_val_data(self) -> bool:
-        return self.mode in ("evaluation", "benchmark-inference") or (
-            self.mode == "training" and any(e < self.epochs for e in self.evaluation))
+        return self.mode in ("evaluation", "benchmark-inference") or bool(self.evaluation_epochs)
 
     def replace(self, **changes: Any) -> "TrainConfig":
         """A copy with ``changes`` applied (validated again)."""
@@ -220,7 +254,9 @@ def resolve_data(config: TrainConfig) -> DataPaths:
             missing = f"--{split}-annotations" if annotations is None else f"--{split}-images"
             raise UserInputError(f"{missing} is missing (--{split}-images and --{split}-annotations go together)")
         if needed and images is None:
-            raise UserInputError(f"no {split} data: give --data FOLDER or --{split}-images and --{split}-annotations")
+            hint = " (or train without evaluating: --evaluation with no epochs)" if split == "val" else ""
+            raise UserInputError(f"no {split} data: give --data FOLDER or --{split}-images and "
+                                 f"--{split}-annotations{hint}")
         if images is not None and annotations is not None:
             if not images.is_dir():
                 raise UserInputError(f"--{split}-images {images}: folder not found")
@@ -248,8 +284,30 @@ class RunResult:
         return self.evaluations[-1] if self.evaluations else {}
 
 
+def check_outputs(config: TrainConfig) -> None:
+    """Every output path of the run can be written (one-line UserInputError naming the flag if not)."""
+    for name, folder in (("save", True), ("log_file", False), ("results", False), ("json_summary", False),
+                         ("tensorboard", True)):
+        path = getattr(config, name)
+        if path is not None:
+            check_output_path(path, flag_of(name), folder=folder)
+
+
+def resolve_resume(config: TrainConfig) -> TrainConfig:
+    """``resume`` without ``checkpoint``: the newest checkpoint of the run folder."""
+    if not config.resume or config.checkpoint is not None:
+        return config
+    assert config.save is not None  # validated
+    newest = RunFolder(config.save).newest_checkpoint()
+    if newest is None:
+        raise UserInputError(f"--resume: no checkpoint in {config.save} ({LAST}, {INTERRUPTED} or epoch_<n>.pt)")
+    return config.replace(checkpoint=newest)
+
+
 def run(config: TrainConfig) -> RunResult:
     """Run ``config.mode``; returns what was produced. All ranks call this under torchrun."""
+    check_outputs(config)
+    config = resolve_resume(config)
     paths = resolve_data(config)
     ctx = init_distributed(config.device)
     try:
@@ -288,11 +346,45 @@ class _Run:
         self.channels_last = self.runtime.channels_last(training=config.mode in TRAINING_MODES)
         self.workers = config.num_workers if config.num_workers is not None else default_workers()
         self.save_dir = config.save
+        self.folder = RunFolder(config.save) if config.save is not None and config.mode == "training" else None
+        notes = self.take_folder()
         log_file = config.log_file or (self.save_dir / "log.jsonl" if self.save_dir is not None else None)
-        self.logger = RunLogger(enabled=ctx.is_main, jsonl_path=log_file, tensorboard_dir=config.tensorboard,
-                                log_interval=config.log_interval, progress=config.progress)
+        try:
+            self.logger = RunLogger(enabled=ctx.is_main, jsonl_path=log_file, tensorboard_dir=config.tensorboard,
+                                    log_interval=config.log_interval, progress=config.progress)
+        except BaseException:
+            if self.folder is not None:
+                self.folder.release_lock()
+            raise
         self.results_path = config.results or (self.save_dir / "results.json" if self.save_dir is not None else None)
         self.result = RunResult(mode=config.mode)
+        for note in notes:
+            self.logger.info(note)
+        # The run's best evaluation so far ({"epoch", "AP", "AP50"}); a resumed run continues it.
+        self.best: Optional[dict[str, Any]] = (self.checkpoint or {}).get("best") if self.resuming else None
+
+    @property
+    def resuming(self) -> bool:
+        """A training run continuing a checkpoint's training state (not fine-tuning from weights)."""
+        return self.config.mode == "training" and self.checkpoint is not None and "optimizer" in self.checkpoint
+
+    def take_folder(self) -> list[str]:
+        """The run folder's policies (one run per folder, lock, stale temps) on the main rank;
+        every rank raises the same error, so none is left waiting in a collective."""
+        if self.folder is None:
+            return []
+        notes: list[str] = []
+        problem: Optional[str] = None
+        if self.ctx.is_main:
+            try:
+                notes = self.folder.prepare(resuming_from=self.config.checkpoint if self.resuming else None,
+                                            overwrite=self.config.overwrite)
+            except UserInputError as err:
+                problem = str(err)
+        problem = broadcast_object(problem)
+        if problem is not None:
+            raise UserInputError(problem)
+        return notes
 
     # ------------------------------------------------------------------ building
 
@@ -337,7 +429,7 @@ class _Run:
                           save_dir=self.save_dir, run_args=run_args)
         if self.checkpoint is not None and config.mode == "training":
             if trainer.load_training_state(self.checkpoint):
-                self.logger.info(f"resumed from {config.checkpoint}: epoch {trainer.position.epoch + 1}, "
+                self.logger.info(f"resumed from {config.checkpoint}: at epoch {trainer.position.epoch}, "
                                  f"iteration {trainer.position.iteration}")
             else:
                 self.logger.info(f"starting from the weights of {config.checkpoint} (no optimizer state: fine-tuning)")
@@ -372,20 +464,33 @@ class _Run:
 
     # ------------------------------------------------------------------ steps
 
-    def run_evaluation(self, epoch: int, iteration: int, train_loader: Any = None) -> None:
+    def run_evaluation(self, epoch: int, iteration: int, train_loader: Any = None,
+                       stop: Optional[StopFlag] = None) -> CocoMetrics:
+        """Evaluate after ``epoch`` (0-based); a signal (``stop``) ends it at the next batch."""
         start = time.perf_counter()
         if train_loader is not None and self.config.bn_recalibration > 0:
             self.recalibrate(train_loader)
         metrics = evaluate_model(self.model, self.eval_loader(), self.coco_gt, self.spec.label_map, ctx=self.ctx,
                                  runtime=self.runtime, channels_last=self.channels_last,
-                                 results_path=self.results_path, log=self.logger.info)
+                                 results_path=self.results_path, log=self.logger.info,
+                                 should_stop=self.stop_vote(stop) if stop is not None else None)
         seconds = time.perf_counter() - start
-        self.logger.info(metrics.summary)
-        self.logger.info(f"epoch {epoch + 1}: AP {metrics.ap:.4f}  AP50 {metrics.ap50:.4f}  ({seconds:.1f} s, "
+        self.logger.info(f"epoch {epoch}: AP {metrics.ap:.4f}  AP50 {metrics.ap50:.4f}  ({seconds:.1f} s, "
                          f"{metrics.num_images} images, {metrics.backend})")
         self.logger.evaluation(epoch=epoch, iteration=iteration, metrics=metrics.as_dict(), seconds=seconds)
         self.result.evaluations.append({"epoch": epoch, "iteration": iteration, **metrics.as_dict()})
         self.result.metrics = metrics
+        return metrics
+
+    def stop_vote(self, stop: StopFlag) -> Any:
+        """Whether any rank got a signal (ranks must stop an evaluation at the same batch)."""
+        def requested() -> bool:
+            if not self.ctx.distributed:
+                return stop.requested
+            vote = torch.tensor([float(stop.requested)], device=self.ctx.device)
+            torch.distributed.all_reduce(vote)
+            return bool(vote.item() > 0)
+        return requested
 
     def recalibrate(self, train_loader: Any) -> None:
         inner = unwrap_model(self.model)
@@ -397,21 +502,63 @@ class _Run:
         self.logger.info(f"BatchNorm statistics recomputed over {used} training batches")
 
     def train_epochs(self, trainer: Trainer, loader: Any) -> None:
+        config = self.config
         if self.save_dir is None:
             self.logger.info("no save folder (--save): checkpoints will not be written")
-        evaluation_epochs = set(self.config.evaluation)
+        if trainer.position.epoch >= config.epochs:
+            raise UserInputError(f"--checkpoint {config.checkpoint} already completed {trainer.position.epoch} "
+                                 f"epochs; --epochs {config.epochs} leaves nothing to train (raise --epochs)")
+        evaluation_epochs = config.evaluation_epochs
+        shown = ", ".join(str(e) for e in evaluation_epochs) if evaluation_epochs else "none (--evaluation empty)"
+        self.logger.info(f"epochs 0..{config.epochs - 1}; evaluating after epochs: {shown}")
         with StopFlag() as stop:
-            while trainer.position.epoch < self.config.epochs:
+            while trainer.position.epoch < config.epochs:
                 epoch = trainer.position.epoch
-                trainer.train_epoch(loader, self.config.epochs, stop)
+                try:
+                    trainer.train_epoch(loader, config.epochs, stop)
+                except TrainingInterrupted:
+                    self.publish(trainer, INTERRUPTED)
+                    raise
                 # Evaluate before saving: bn_recalibration changes the BatchNorm statistics, and the
                 # checkpoint should hold the model that was evaluated.
+                metrics = None
                 if epoch in evaluation_epochs:
-                    self.run_evaluation(epoch, trainer.position.iteration, loader)
-                path = trainer.save(f"epoch_{epoch}.pt")
-                if path is not None:
-                    self.result.checkpoint = path
-                    self.logger.info(f"checkpoint: {path}")
+                    try:
+                        metrics = self.run_evaluation(epoch, trainer.position.iteration, loader, stop)
+                    except EvaluationInterrupted as stopped:
+                        path = self.save_epoch(trainer, epoch, None)
+                        where = f"; epoch {epoch}'s checkpoint written to {path} (resume with --resume)" if path else ""
+                        message = f"stopped by signal during the evaluation after epoch {epoch}{where}"
+                        self.logger.info(message)
+                        raise TrainingInterrupted(message, stop.signal_number or stopped.signal_number) from None
+                self.save_epoch(trainer, epoch, metrics)
+
+    def save_epoch(self, trainer: Trainer, epoch: int, metrics: Optional[CocoMetrics]) -> Optional[Path]:
+        """``epoch_<n>.pt`` (with its metrics when evaluated), then ``last.pt``, ``best.pt`` when
+        its AP is the run's best so far, and pruning to ``keep_last``."""
+        improved = metrics is not None and (self.best is None or metrics.ap > float(self.best["AP"]))
+        if improved and metrics is not None:
+            self.best = {"epoch": epoch, "AP": metrics.ap, "AP50": metrics.ap50}
+        extra: dict[str, Any] = {"best": self.best}
+        if metrics is not None:
+            extra["metrics"] = {"epoch": epoch, **metrics.as_dict()}
+        path = trainer.save(epoch_file_name(epoch), **extra)
+        if path is None or self.folder is None:
+            return path
+        self.folder.publish(path, LAST)
+        if improved:
+            self.folder.publish(path, BEST)
+            self.logger.info(f"best so far (AP {metrics.ap:.4f}, epoch {epoch}): {self.folder.path / BEST}")
+        removed = self.folder.prune_epochs(self.config.keep_last)
+        self.result.checkpoint = path
+        self.logger.info(f"checkpoint: {path}" + (f" (removed {', '.join(p.name for p in removed)}: "
+                                                   f"--keep-last {self.config.keep_last})" if removed else ""))
+        return path
+
+    def publish(self, trainer: Trainer, name: str) -> None:
+        """After an interruption: ``last.pt`` = the file just written (``interrupted.pt``)."""
+        if self.folder is not None and self.ctx.is_main and (self.folder.path / name).is_file():
+            self.folder.publish(self.folder.path / name, LAST)
 
     def execute(self) -> RunResult:
         config, result = self.config, self.result
@@ -441,6 +588,8 @@ class _Run:
                 result.loss_history = trainer.loss_history
         finally:
             self.logger.close()
+            if self.folder is not None:
+                self.folder.release_lock()
         self.write_summary()
         return result
 

@@ -50,9 +50,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="resume from (our checkpoints) or start from (reference/weights-only) this file; "
                           "the model to evaluate/benchmark")
     run.add_argument("--save", type=Path, nargs="?", const=Path("./models"), default=None,
-                     help="write epoch_<n>.pt checkpoints and logs here (bare --save: ./models)")
+                     help="the run folder: epoch_<n>.pt, last.pt, best.pt, log.jsonl (bare --save: ./models); "
+                          "one run per folder")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run in --save from its newest checkpoint (last.pt); appends to its log")
+    run.add_argument("--overwrite", "--exist-ok", action="store_true",
+                     help="let a fresh run replace another run's files in --save (they are deleted first)")
+    run.add_argument("--keep-last", type=int, default=DEFAULTS.keep_last, metavar="N",
+                     help="keep only the N newest epoch_<n>.pt (last.pt, best.pt, interrupted.pt stay); 0: all")
     run.add_argument("--evaluation", nargs="*", type=int, default=list(DEFAULTS.evaluation),
-                     help="epochs (0-based) after which to evaluate")
+                     help="epochs (0-based) after which to evaluate; the final epoch always is, unless "
+                          "--evaluation is given with no epochs (and no --eval-every)")
+    run.add_argument("--eval-every", type=int, default=DEFAULTS.eval_every, metavar="N",
+                     help="also evaluate after every N-th epoch (0: off)")
     run.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     run.add_argument("--no-cuda", action="store_true", help="same as --device cpu (reference flag)")
     run.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -108,8 +118,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         data=args.data, train_images=args.train_images, train_annotations=args.train_annotations,
         val_images=args.val_images, val_annotations=args.val_annotations, num_workers=args.num_workers,
         dali=args.dali, strict_images=args.strict_images, iou_crop=not args.no_iou_crop,
-        mode=args.mode, epochs=args.epochs, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, eval_backend=args.eval_backend,
-        seed=args.seed, checkpoint=args.checkpoint, save=args.save, evaluation=tuple(args.evaluation),
+        mode=args.mode, epochs=args.epochs, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
+        eval_backend=args.eval_backend,
+        seed=args.seed, checkpoint=args.checkpoint, save=args.save, resume=args.resume, overwrite=args.overwrite,
+        keep_last=args.keep_last, evaluation=tuple(args.evaluation), eval_every=args.eval_every,
         device="cpu" if args.no_cuda else args.device,
         learning_rate=args.learning_rate, momentum=args.momentum, weight_decay=args.weight_decay,
         warmup=args.warmup if args.warmup is not None else 0, multistep=tuple(args.multistep),

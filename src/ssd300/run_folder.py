@@ -1,0 +1,220 @@
+"""A training run's folder (``--save``): one run per folder, a lock, checkpoints by name.
+
+Files of a run (README, "Run folder"): ``epoch_<n>.pt`` after epoch ``n`` (0-based, as the
+reference), ``last.pt`` (the newest state: the last epoch or an interruption), ``best.pt`` (the
+evaluated epoch with the highest AP; its ``metrics`` entry says which), ``interrupted.pt``
+(SIGINT/SIGTERM), ``log.jsonl``, ``results.json``, and ``.ssd300.lock`` while a run is live.
+
+Policies, all here:
+
+* a fresh run refuses a folder holding another run's files unless ``overwrite`` (which removes
+  those files first, so two runs never mix); a resumed run continues its own folder and appends to
+  ``log.jsonl``;
+* a lock file created with ``O_EXCL`` (pid and host inside) keeps a second live run out; a lock
+  left by a dead process on this host is taken over, with a note;
+* temp files of our checkpoint writer (``.epoch_3.pt.k2j4x.tmp``, left by a SIGKILL mid-write)
+  are removed when a run starts (the lock guarantees no live run is writing them) and never loaded;
+* ``last.pt`` / ``best.pt`` are hard links to the epoch file they name (no second write; a copy
+  where links are not supported), replaced atomically;
+* ``keep_last`` prunes old ``epoch_<n>.pt`` files, never ``last``/``best``/``interrupted``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from ssd300.errors import UserInputError
+
+LOCK_NAME = ".ssd300.lock"
+LAST, BEST, INTERRUPTED = "last.pt", "best.pt", "interrupted.pt"
+_EPOCH_FILE = re.compile(r"epoch_(\d+)\.pt")
+# save_checkpoint's temp names: mkstemp(prefix=".<name>.", suffix=".tmp"); only ours match.
+_CHECKPOINT_TEMP = re.compile(r"\.(epoch_\d+|last|best|interrupted)\.pt\.[A-Za-z0-9_]+\.tmp")
+_LOG_FILES = ("log.jsonl", "results.json")
+
+
+def epoch_file_name(epoch: int) -> str:
+    """The checkpoint written after epoch ``epoch`` (0-based): ``epoch_<epoch>.pt``."""
+    return f"epoch_{epoch}.pt"
+
+
+class RunFolder:
+    """The ``--save`` folder of one run (it need not exist yet)."""
+
+    def __init__(self, path: os.PathLike[str] | str) -> None:
+        self.path = Path(path)
+        self._locked = False
+
+    # -- what is there ------------------------------------------------------------------------
+
+    def epoch_checkpoints(self) -> list[tuple[int, Path]]:
+        """``(epoch, path)`` of every ``epoch_<n>.pt``, oldest epoch first."""
+        if not self.path.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.path.iterdir()
+                 if (m := _EPOCH_FILE.fullmatch(p.name)) and p.is_file()]
+        return sorted(found)
+
+    def run_files(self) -> list[Path]:
+        """The files of a run found here (checkpoints and logs of our naming)."""
+        if not self.path.is_dir():
+            return []
+        named = [self.path / name for name in (LAST, BEST, INTERRUPTED, *_LOG_FILES)]
+        return [p for _, p in self.epoch_checkpoints()] + [p for p in named if p.is_file()]
+
+    def newest_checkpoint(self) -> Optional[Path]:
+        """``last.pt`` when present (always the newest state), else the newest of
+        ``interrupted.pt`` and the epoch files by modification time; None when there is none."""
+        if (self.path / LAST).is_file():
+            return self.path / LAST
+        candidates = [p for _, p in self.epoch_checkpoints()]
+        if (self.path / INTERRUPTED).is_file():
+            candidates.append(self.path / INTERRUPTED)
+        return max(candidates, key=lambda p: p.stat().st_mtime_ns, default=None)
+
+    def contains(self, path: os.PathLike[str] | str) -> bool:
+        """Whether ``path`` is a file directly in this folder."""
+        try:
+            return Path(path).resolve().parent == self.path.resolve()
+        except OSError:
+            return False
+
+    # -- starting a run -----------------------------------------------------------------------
+
+    def prepare(self, *, resuming_from: Optional[Path], overwrite: bool, flag: str = "--save") -> list[str]:
+        """Take the folder for a run (main rank, before anything is written); returns notes to log.
+
+        ``resuming_from``: the checkpoint a resumed run continues (None: a fresh run).
+        """
+        notes: list[str] = []
+        existing = self.run_files()
+        if resuming_from is not None:
+            if overwrite:
+                raise UserInputError(f"--overwrite with a resumed run: it would delete the run being resumed; "
+                                     f"drop --overwrite to continue {self.path}, or --checkpoint to start afresh")
+            if existing and not self.contains(resuming_from):
+                raise UserInputError(f"{flag} {self.path} holds another run ({_some(existing)}); resume from its own "
+                                     f"checkpoint (--resume) or save the resumed run in a new folder")
+        elif existing and not overwrite:
+            raise UserInputError(f"{flag} {self.path} holds another run ({_some(existing)}): continue it with "
+                                 "--resume, pick a new folder, or pass --overwrite to replace it")
+        self.path.mkdir(parents=True, exist_ok=True)
+        note = self.acquire_lock(flag)
+        if note:
+            notes.append(note)
+        if resuming_from is None and existing:
+            for path in existing:
+                path.unlink()
+            notes.append(f"--overwrite: removed the previous run's {len(existing)} files from {self.path}")
+        stale = self.remove_stale_temps()
+        if stale:
+            notes.append(f"removed {len(stale)} unfinished checkpoint temp file(s) of an interrupted write: "
+                         f"{', '.join(p.name for p in stale)}")
+        return notes
+
+    def acquire_lock(self, flag: str = "--save") -> Optional[str]:
+        """Create the lock file (``O_EXCL``); take over one left by a dead process on this host."""
+        lock = self.path / LOCK_NAME
+        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        note: Optional[str] = None
+        for _ in range(2):
+            try:
+                fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                owner = _read_lock(lock)
+                if owner.get("host") == me["host"] and not _pid_alive(owner.get("pid")):
+                    with contextlib.suppress(FileNotFoundError):
+                        lock.unlink()
+                    note = f"took over the lock of a run that is no longer running (pid {owner.get('pid')})"
+                    continue
+                where = f"pid {owner.get('pid', '?')} on {owner.get('host', '?')}"
+                raise UserInputError(f"{flag} {self.path}: another run is using this folder ({where}); wait for it, "
+                                     f"or delete {lock} if that run is gone") from None
+            except OSError as exc:
+                raise UserInputError(f"{flag} {self.path}: cannot create {LOCK_NAME} ({exc.strerror})") from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self._locked = True
+            return note
+        raise UserInputError(f"{flag} {self.path}: could not take {lock}")
+
+    def release_lock(self) -> None:
+        if self._locked:
+            self._locked = False
+            with contextlib.suppress(FileNotFoundError):
+                (self.path / LOCK_NAME).unlink()
+
+    def remove_stale_temps(self) -> list[Path]:
+        """Remove our checkpoint writer's leftover temp files (call with the lock held)."""
+        if not self.path.is_dir():
+            return []
+        stale = sorted(p for p in self.path.iterdir() if _CHECKPOINT_TEMP.fullmatch(p.name) and p.is_file())
+        for path in stale:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        return stale
+
+    # -- during a run -------------------------------------------------------------------------
+
+    def publish(self, source: Path, name: str) -> Path:
+        """Make ``name`` (``last.pt``, ``best.pt``) hold ``source``'s content, atomically."""
+        target = self.path / name
+        if source.resolve() == target.resolve():
+            return target
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.path)
+        os.close(fd)
+        os.unlink(tmp)
+        try:
+            try:
+                os.link(source, tmp)
+            except OSError:  # file systems without hard links
+                shutil.copyfile(source, tmp)
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return target
+
+    def prune_epochs(self, keep_last: int) -> list[Path]:
+        """Delete all but the ``keep_last`` newest ``epoch_<n>.pt`` (0: keep all)."""
+        if keep_last <= 0:
+            return []
+        old = [p for _, p in self.epoch_checkpoints()[:-keep_last]]
+        for path in old:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        return old
+
+
+def _some(paths: list[Path], shown: int = 3) -> str:
+    names = [p.name for p in paths[:shown]]
+    return ", ".join(names) + (f" and {len(paths) - shown} more" if len(paths) > shown else "")
+
+
+def _read_lock(lock: Path) -> dict[str, object]:
+    try:
+        owner = json.loads(lock.read_text())
+        return owner if isinstance(owner, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _pid_alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return True  # unreadable lock: assume its owner lives (never steal on a guess)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
