@@ -22,7 +22,7 @@ test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: install
-	$(PY) -m ssd300 demo --out runs/demo
+	$(PY) -m ssd300 demo --out runs/demo --overwrite
 
 bench: install
 	for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done

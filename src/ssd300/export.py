@@ -57,6 +57,10 @@ FORMATS: tuple[str, ...] = ("onnx", "torchscript", "pt2")
 FULL_OUTPUT_NAMES = ("boxes", "scores", "labels", "num_detections")
 RAW_OUTPUT_NAMES = ("locs", "logits")
 DEFAULT_OPSET = 18
+# Opsets each exporter writes for this graph: dynamo from 18; the legacy exporter from 13 (at 11-12
+# onnxruntime rejects the graph: Clip on int64) up to torch's TorchScript-exporter maximum.
+DYNAMO_OPSETS = (18, 23)
+LEGACY_OPSETS = (13, 20)
 EXPORTERS: tuple[str, ...] = ("auto", "dynamo", "legacy")
 log = logging.getLogger(__name__)
 
@@ -234,7 +238,7 @@ def _export_onnx_dynamo(module: nn.Module, path: Path, names: tuple[str, ...], o
 
 def _dynamo_export(module: nn.Module, path: Path, names: tuple[str, ...], opset: int) -> None:
     batch = torch.export.Dim("batch", min=1, max=4096)
-    torch.onnx.export(module, (_example_input(),), str(path), dynamo=True, opset_version=max(opset, 18),
+    torch.onnx.export(module, (_example_input(),), str(path), dynamo=True, opset_version=opset,
                       input_names=["images"], output_names=list(names),
                       dynamic_shapes={"images": {0: batch}}, external_data=False)
 
@@ -246,23 +250,46 @@ def _export_onnx_legacy(module: nn.Module, path: Path, names: tuple[str, ...], o
                       do_constant_folding=True)
 
 
-def export_onnx(module: nn.Module, path: str | Path, raw: bool = False, opset: int = DEFAULT_OPSET,
-                metadata: dict[str, str] | None = None, exporter: str = "auto") -> Path:
-    """Write ``module`` (from :func:`build_export_module`) as ONNX with a dynamic batch axis."""
+def resolve_exporter(exporter: str, opset: int) -> str:
+    """``dynamo`` or ``legacy`` for ``exporter`` (auto: dynamo when available and the opset allows);
+    an opset outside the chosen exporter's range is a one-line UserInputError saying the range."""
     if exporter not in EXPORTERS:
         raise UserInputError(f"--exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
+    ranges = {"dynamo": DYNAMO_OPSETS, "legacy": LEGACY_OPSETS}
+    if exporter == "auto":
+        dynamo_ok = _dynamo_available() and DYNAMO_OPSETS[0] <= opset <= DYNAMO_OPSETS[1]
+        exporter = "dynamo" if dynamo_ok else "legacy"
+        if not dynamo_ok and not LEGACY_OPSETS[0] <= opset <= LEGACY_OPSETS[1]:
+            top = DYNAMO_OPSETS[1] if _dynamo_available() else LEGACY_OPSETS[1]
+            raise UserInputError(f"--opset {opset}: supported opsets are {LEGACY_OPSETS[0]}..{top} "
+                                 f"(dynamo exporter {DYNAMO_OPSETS[0]}..{DYNAMO_OPSETS[1]}, legacy "
+                                 f"{LEGACY_OPSETS[0]}..{LEGACY_OPSETS[1]})")
+    low, high = ranges[exporter]
+    if not low <= opset <= high:
+        raise UserInputError(f"--opset {opset}: the {exporter} exporter writes opsets {low}..{high}")
+    return exporter
+
+
+def export_onnx(module: nn.Module, path: str | Path, raw: bool = False, opset: int = DEFAULT_OPSET,
+                metadata: dict[str, str] | None = None, exporter: str = "auto") -> Path:
+    """Write ``module`` (from :func:`build_export_module`) as ONNX with a dynamic batch axis, at
+    exactly ``opset`` (see :func:`resolve_exporter`)."""
+    requested = exporter
+    exporter = resolve_exporter(exporter, opset)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     names = output_names(raw)
-    use_dynamo = exporter == "dynamo" or (exporter == "auto" and _dynamo_available())
+    use_dynamo = exporter == "dynamo"
     with warnings.catch_warnings(), torch.no_grad():
         # Tracer warnings about Python values are expected: every size that matters is a tensor.
         warnings.simplefilter("ignore")
         if use_dynamo:
             try:
                 _export_onnx_dynamo(module, path, names, opset)
+            except OSError:
+                raise  # the file cannot be written: no exporter will do better
             except Exception as exc:  # noqa: BLE001 - any dynamo failure: the legacy exporter still works
-                if exporter == "dynamo":
+                if requested == "dynamo" or not LEGACY_OPSETS[0] <= opset <= LEGACY_OPSETS[1]:
                     raise
                 log.warning("dynamo ONNX export failed (%s); using the TorchScript-based exporter",
                             " ".join(str(exc).split())[:200])

@@ -19,18 +19,22 @@ import re
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Literal, Union
-
-import torch
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Union
 
 from .errors import UserInputError, one_line
 
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where a file is read, so that writers and checks (synth, the CLI) stay light.
 PathLike = Union[str, "os.PathLike[str]"]
-MapLocation = Union[str, torch.device, None]
+MapLocation = Union[str, "torch.device", None]
 
 
 @contextlib.contextmanager
 def _counter_allowed() -> Iterator[None]:
+    import torch
+
     # MultiStepLR.state_dict() keeps its milestones in a collections.Counter; the reference's
     # checkpoints carry it. Recent torch allows it by default, older ones need the allow-list.
     safe_globals = getattr(torch.serialization, "safe_globals", None)
@@ -46,6 +50,8 @@ def read_torch_file(path: PathLike, what: str = "checkpoint", map_location: MapL
 
     ``what`` names the file's role in messages ("checkpoint", "backbone weights").
     """
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise UserInputError(f"{what} not found: {path}")

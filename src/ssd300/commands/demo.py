@@ -9,6 +9,7 @@ bf16 where the CPU has it natively, else fp32. Everything lands in ``--out``: th
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,16 @@ DEMO_DEFAULTS: dict[str, Any] = dict(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = DEMO_DEFAULTS
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder")
-    parser.add_argument("--train-images", type=int, default=d["train_images"])
-    parser.add_argument("--val-images", type=int, default=d["val_images"])
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a previous demo run (and a differing dataset) in --out")
+    parser.add_argument("--num-train-images", type=int, default=d["train_images"], metavar="N",
+                        help="synthetic training images to generate")
+    parser.add_argument("--num-val-images", type=int, default=d["val_images"], metavar="N",
+                        help="synthetic validation images to generate")
+    # The old spellings, which read like train's --train-images FOLDER: still accepted, not shown.
+    for old, new in (("--train-images", "num_train_images"), ("--val-images", "num_val_images")):
+        parser.add_argument(old, type=int, dest=new, default=argparse.SUPPRESS, help=argparse.SUPPRESS,
+                            action=_Deprecated)
     parser.add_argument("--classes", type=int, default=d["classes"], help="shape classes in the synthetic data")
     parser.add_argument("--epochs", type=int, default=d["epochs"])
     parser.add_argument("--batch-size", "--bs", type=int, default=d["batch_size"])
@@ -46,17 +55,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
 
 
+class _Deprecated(argparse.Action):
+    """A hidden old flag spelling: stores the value and says which flag replaces it."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        new = "--" + self.dest.replace("_", "-")
+        print(f"ssd300 demo: {option_string} is deprecated; use {new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
 def run(args: argparse.Namespace) -> int:
     from ssd300.data.synth import generate_synthetic_dataset
 
     start = time.perf_counter()
     out: Path = args.out
-    data_dir = generate_synthetic_dataset(out / "data", num_train=args.train_images, num_val=args.val_images,
+    data_dir = generate_synthetic_dataset(out / "data", num_train=args.num_train_images, num_val=args.num_val_images,
                                           seed=args.seed, num_classes=args.classes, min_size=DEMO_DEFAULTS["min_size"],
                                           max_size=DEMO_DEFAULTS["max_size"],
                                           max_objects=DEMO_DEFAULTS["max_objects"],
-                                          random_color_prob=DEMO_DEFAULTS["random_color_prob"])
-    print(f"synthetic dataset: {data_dir} ({args.train_images} train / {args.val_images} val images, "
+                                          random_color_prob=DEMO_DEFAULTS["random_color_prob"],
+                                          overwrite=args.overwrite)
+    print(f"synthetic dataset: {data_dir} ({args.num_train_images} train / {args.num_val_images} val images, "
           f"{args.classes} classes) in {time.perf_counter() - start:.0f} s", flush=True)
     epochs = max(1, args.epochs)
     # Three evaluations for the mAP curve (each costs about as much as 1/4 epoch); the last one always.
@@ -67,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         multistep=(int(epochs * 0.75),), evaluation=tuple(evaluation), save=out, seed=args.seed,
         device=args.device, num_workers=args.num_workers, amp=args.amp, log_interval=10,
         json_summary=out / "metrics.json", progress=args.progress, results=out / "results.json",
-        bn_recalibration=args.bn_recalibration, iou_crop=args.iou_crop,
+        bn_recalibration=args.bn_recalibration, iou_crop=args.iou_crop, overwrite=args.overwrite,
     )
     result = train(config)
     figure = plot_curves(result, out / "curves.png")
@@ -75,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     metrics = result.last_metrics
     elapsed = time.perf_counter() - start
     print(f"\ndemo finished in {elapsed / 60:.1f} min: AP {metrics.get('AP', 0):.3f}, "
-          f"AP50 {metrics.get('AP50', 0):.3f} on {args.val_images} synthetic validation images")
+          f"AP50 {metrics.get('AP50', 0):.3f} on {args.num_val_images} synthetic validation images")
     print(f"  checkpoint:  {result.checkpoint}\n  metrics:     {out / 'metrics.json'}\n"
           f"  curves:      {figure}\n  predictions: {drawn[0].parent if drawn else '-'} ({len(drawn)} images)")
     return 0
@@ -99,12 +119,12 @@ def plot_curves(result: RunResult, path: Path) -> Path:
         ax_loss.legend()
     ax_loss.set(title="training loss", xlabel="iteration", ylabel="loss")
     if result.evaluations:
-        epochs = [e["epoch"] + 1 for e in result.evaluations]
+        epochs = [e["epoch"] for e in result.evaluations]
         ax_map.plot(epochs, [e["AP50"] for e in result.evaluations], "o-", label="AP50")
         ax_map.plot(epochs, [e["AP"] for e in result.evaluations], "s-", label="AP@[.5:.95]")
         ax_map.set_ylim(0, 1)
         ax_map.legend()
-    ax_map.set(title="validation mAP (COCO)", xlabel="epoch", ylabel="mAP")
+    ax_map.set(title="validation mAP (COCO)", xlabel="epoch (0-based)", ylabel="mAP")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

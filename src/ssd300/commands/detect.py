@@ -15,7 +15,12 @@ Writes into ``--out``:
 * ``coco_results.json``: all detections of the run in the COCO results format
   (``image_id``, ``category_id`` from the checkpoint's label map, ``bbox`` = [x, y, w, h], ``score``);
 * ``images.json``: the run's COCO-style ``images`` (``id``, ``file_name``, ``width``,
-  ``height``), ``categories`` and ``skipped`` files.
+  ``height``), ``categories`` and ``skipped`` files (``id`` where the file had one, ``file_name``,
+  ``error``).
+
+Exit status 0 when at least one image was processed (skipped files are reported and listed), 4
+(:data:`ssd300.errors.EXIT_NO_RESULTS`) when no input could be read, 2 for bad flags or inputs
+that name nothing (``--strict``: the first unreadable file).
 
 Image ids are 1, 2, 3, ... in input order: the INPUTS as given, a folder's images and a glob's
 matches sorted by path, duplicates dropped. A skipped file keeps its id (so ids do not shift when
@@ -35,9 +40,9 @@ from pathlib import Path
 from typing import Any
 
 from ssd300.commands.options import add_postprocess_arguments, postprocess_config
-from ssd300.errors import UserInputError
+from ssd300.errors import NoResultsError, UserInputError
 from ssd300.exported import RUNTIMES
-from ssd300.files import write_json
+from ssd300.files import check_output_path, write_json
 from ssd300.postprocess import PostprocessConfig
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -115,9 +120,7 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserInputError(f"--draw-threshold must be in [0, 1], got {args.draw_threshold}")
     if args.batch_size < 1:
         raise UserInputError(f"--batch-size must be >= 1, got {args.batch_size}")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserInputError(f"--out {out}: exists and is not a folder")
+    check_output_path(args.out, "--out", folder=True)
 
 
 def _build_detector(args: argparse.Namespace, postprocess: PostprocessConfig) -> Any:
@@ -176,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
     for path, result in detector.detect_files(paths, on_error=on_error):
         if isinstance(result, Exception):
             print(f"ssd300 detect: skipping {result}", file=sys.stderr)
-            skipped.append({"file_name": path, "error": str(result)})
+            skipped.append({"id": image_ids[path], "file_name": path, "error": str(result)})
             continue
         image_id = image_ids[path]
         width, height = result.image_size
@@ -201,4 +204,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"ssd300 detect: {len(images)} images in {elapsed:.1f} s ({len(images) / max(elapsed, 1e-9):.1f} images/s), "
           f"{len(results)} detections ({shown} scoring >= {args.draw_threshold}), {len(skipped)} skipped; "
           f"results in {out}")
+    if not images:
+        raise NoResultsError(f"none of the {len(skipped)} inputs could be read (first: {skipped[0]['file_name']}: "
+                             f"{skipped[0]['error']}); see {out / 'images.json'}")
     return 0

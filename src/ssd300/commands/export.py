@@ -25,7 +25,9 @@ import torch
 
 from ssd300.commands.options import add_postprocess_arguments, postprocess_config
 from ssd300.errors import UserInputError
-from ssd300.export import DEFAULT_OPSET, EXPORTERS, FORMATS, build_export_module, export_model, format_from_suffix
+from ssd300.export import DEFAULT_OPSET, DYNAMO_OPSETS, EXPORTERS, FORMATS, LEGACY_OPSETS, build_export_module, \
+    export_model, format_from_suffix, resolve_exporter
+from ssd300.files import check_output_path
 from ssd300.labels import LabelMap
 from ssd300.postprocess import PostprocessConfig
 from ssd300.quantize import DEFAULT_CALIBRATION_IMAGES, QUANTIZERS
@@ -38,7 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="onnx or torchscript (default: from the --out suffix: .onnx, or .pt/.ts)")
     parser.add_argument("--raw", action="store_true", help="export the network alone (locs, logits), no NMS")
     add_postprocess_arguments(parser, baked=True)
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                        help=f"ONNX opset, written exactly (default {DEFAULT_OPSET}; dynamo exporter "
+                             f"{DYNAMO_OPSETS[0]}..{DYNAMO_OPSETS[1]}, legacy {LEGACY_OPSETS[0]}..{LEGACY_OPSETS[1]})")
     parser.add_argument("--exporter", choices=EXPORTERS, default="auto",
                         help="ONNX exporter: dynamo (torch's default), legacy (TorchScript-based) or auto "
                              "(dynamo when available, else legacy)")
@@ -118,11 +122,13 @@ def run(args: argparse.Namespace) -> int:
             raise UserInputError("--int8 needs --calibration DIR (a folder of images or a COCO-format dataset)")
     elif args.calibration is not None:
         raise UserInputError("--calibration is only used with --int8")
+    check_output_path(args.out, "--out", folder=False)  # before the checkpoint is read and the model traced
     if fmt == "onnx":
         try:
             import onnx  # noqa: F401  (the exporter needs it)
         except ImportError:
             raise UserInputError("--format onnx needs the onnx package: pip install 'ssd300[onnx]'") from None
+        resolve_exporter(args.exporter, args.opset)
     from ssd300.checkpoint import load_model
 
     model, label_map, _ = load_model(args.checkpoint, map_location="cpu")

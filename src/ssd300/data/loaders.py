@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ssd300.data.coco import Sample, _SkippedSample
+from ssd300.errors import UserInputError
 from ssd300.data.transforms import normalize
 
 
@@ -172,11 +173,50 @@ class EpochSampler(Sampler):
 
 
 class DetectionLoader(DataLoader):
-    """A DataLoader with ``set_epoch`` (reshuffle and new augmentation draws each epoch)."""
+    """A DataLoader with ``set_epoch`` (reshuffle and new augmentation draws each epoch) whose
+    workers' :class:`~ssd300.errors.UserInputError` (``--strict-images``: an undecodable image)
+    reaches the caller as the worker raised it: one line, not torch's re-raise with the
+    worker's traceback folded into the message."""
 
     def set_epoch(self, epoch: int) -> None:
         sampler = self.batch_sampler.sampler if self.batch_sampler is not None else self.sampler
         sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        iterator = super().__iter__()
+        return _WorkerErrors(iterator)
+
+
+class _WorkerErrors:
+    """Wraps a DataLoader iterator; turns a worker's re-raised UserInputError back into its own line."""
+
+    def __init__(self, iterator: Any) -> None:
+        self._iterator = iterator
+
+    def __iter__(self) -> "_WorkerErrors":
+        return self
+
+    def __len__(self) -> int:
+        return len(self._iterator)
+
+    def __next__(self) -> Any:
+        try:
+            return next(self._iterator)
+        except UserInputError as err:
+            message = str(err)
+            if "DataLoader worker" not in message:
+                raise
+            raise type(err)(worker_error_message(message)) from None
+
+
+def worker_error_message(reraised: str) -> str:
+    """The original one-line message inside torch's "Caught X in DataLoader worker ... Traceback" text."""
+    lines = [line for line in reraised.splitlines() if line.strip()]
+    for line in reversed(lines):
+        head, sep, rest = line.partition(": ")
+        if sep and head.rsplit(".", 1)[-1].endswith("Error") and " " not in head:
+            return rest.strip()
+    return lines[-1].strip() if lines else reraised
 
 
 def _worker_init(_: int) -> None:

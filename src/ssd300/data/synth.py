@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ssd300.errors import UserInputError
+from ssd300.files import check_output_path
 
 PathLike = Union[str, Path]
 
@@ -225,8 +226,10 @@ def generate_synthetic_dataset(out_dir: PathLike, num_train: int = 2000, num_val
     """Write ``out_dir/{train,val}/*.jpg`` and ``out_dir/annotations/instances_{train,val}.json``.
 
     ``knobs`` override :class:`SynthConfig` fields (e.g. ``num_classes=4, max_objects=6``).
-    A split that already exists with the same seed, size and knobs is kept unless ``overwrite``.
-    Returns ``out_dir``; pass it as ``--data``.
+    A split that already exists with the same seed, size and knobs is kept (same seed, same bytes).
+    Anything else in a non-empty ``out_dir`` (another dataset, other files) is never replaced
+    without ``overwrite``: a one-line UserInputError names the folder. Returns ``out_dir``; pass it
+    as ``--data``.
     """
     if config is None:
         unknown = set(knobs) - set(SynthConfig.__dataclass_fields__)
@@ -237,8 +240,15 @@ def generate_synthetic_dataset(out_dir: PathLike, num_train: int = 2000, num_val
     if num_train < 0 or num_val < 0:
         raise UserInputError(f"image counts must be >= 0, got train={num_train} val={num_val}")
     out = Path(out_dir).expanduser()
+    check_output_path(out, "--out", folder=True)
+    splits = (("train", num_train), ("val", num_val))
+    pending = [(i, split, count) for i, (split, count) in enumerate(splits)
+               if not _already_written(out, split, count, seed, config)]
+    if pending and not overwrite and out.is_dir() and any(out.iterdir()):
+        held = "a different dataset" if (out / "annotations").is_dir() else "other files"
+        raise UserInputError(f"--out {out} is not empty (it holds {held}); pass --overwrite to write the "
+                             "synthetic dataset into it anyway, or pick an empty folder")
     out.mkdir(parents=True, exist_ok=True)
-    for split_index, (split, count) in enumerate((("train", num_train), ("val", num_val))):
-        if overwrite or not _already_written(out, split, count, seed, config):
-            _write_split(out, split, split_index, count, seed, config)
+    for split_index, split, count in pending:
+        _write_split(out, split, split_index, count, seed, config)
     return out

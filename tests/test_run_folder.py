@@ -1,0 +1,204 @@
+"""Run folders (``--save``): one run per folder, the lock, stale temp files, last/best/keep-last,
+``--resume``, the evaluation schedule (final epoch always), SIGTERM during an evaluation."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ssd300.data.synth import generate_synthetic_dataset
+from ssd300.errors import UserInputError
+from ssd300.run_folder import LOCK_NAME, RunFolder
+from ssd300.trainer import TrainingInterrupted
+from ssd300.training import DEFAULT_EVALUATION, TrainConfig, run
+
+
+def _write(path: Path, text: str = "x") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+# -- the folder's policies (no training) ---------------------------------------------------------
+
+
+def test_fresh_run_refuses_a_folder_holding_another_run_unless_overwrite(tmp_path):
+    _write(tmp_path / "epoch_0.pt")
+    _write(tmp_path / "log.jsonl", "{}\n")
+    mine = _write(tmp_path / "notes.txt")  # not a run file: never touched
+    with pytest.raises(UserInputError, match=r"holds another run \(epoch_0.pt, log.jsonl\).*--overwrite"):
+        RunFolder(tmp_path).prepare(resuming_from=None, overwrite=False)
+    assert (tmp_path / "epoch_0.pt").exists() and not (tmp_path / LOCK_NAME).exists()
+
+    folder = RunFolder(tmp_path)
+    notes = folder.prepare(resuming_from=None, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_NAME, "notes.txt"] and mine.read_text() == "x"
+    assert any("removed the previous run's 2 files" in n for n in notes)
+    folder.release_lock()
+
+
+def test_resume_continues_its_own_folder_only(tmp_path):
+    own = _write(tmp_path / "run" / "epoch_0.pt")
+    other = _write(tmp_path / "elsewhere" / "epoch_3.pt")
+    folder = RunFolder(tmp_path / "run")
+    assert folder.prepare(resuming_from=own, overwrite=False) == []
+    folder.release_lock()
+    with pytest.raises(UserInputError, match="holds another run"):
+        RunFolder(tmp_path / "run").prepare(resuming_from=other, overwrite=False)
+    with pytest.raises(UserInputError, match="would delete the run being resumed"):
+        RunFolder(tmp_path / "run").prepare(resuming_from=own, overwrite=True)
+
+
+def test_lock_keeps_a_live_run_out_and_takes_over_a_dead_ones(tmp_path):
+    first = RunFolder(tmp_path)
+    first.prepare(resuming_from=None, overwrite=False)
+    owner = json.loads((tmp_path / LOCK_NAME).read_text())
+    assert owner == {"pid": os.getpid(), "host": socket.gethostname()}
+    with pytest.raises(UserInputError, match=rf"another run is using this folder \(pid {os.getpid()} on "):
+        RunFolder(tmp_path).prepare(resuming_from=None, overwrite=False)
+    first.release_lock()
+    assert not (tmp_path / LOCK_NAME).exists()
+
+    dead = _dead_pid()
+    _write(tmp_path / LOCK_NAME, json.dumps({"pid": dead, "host": socket.gethostname()}))
+    second = RunFolder(tmp_path)
+    notes = second.prepare(resuming_from=None, overwrite=False)
+    assert notes == [f"took over the lock of a run that is no longer running (pid {dead})"]
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+    second.release_lock()
+
+    # another host's lock is never taken: its pid means nothing here
+    _write(tmp_path / LOCK_NAME, json.dumps({"pid": dead, "host": "some-other-host"}))
+    with pytest.raises(UserInputError, match="some-other-host"):
+        RunFolder(tmp_path).prepare(resuming_from=None, overwrite=False)
+
+
+def test_stale_checkpoint_temp_files_are_removed_and_never_loaded(tmp_path):
+    ours = [_write(tmp_path / name) for name in (".epoch_3.pt.k2j4x_9a.tmp", ".last.pt.abc123.tmp",
+                                                 ".interrupted.pt.q1w2e3r4.tmp")]
+    others = [_write(tmp_path / name) for name in (".my_notes.tmp", "epoch_3.pt.tmp", ".epoch_x.pt.abc.tmp")]
+    folder = RunFolder(tmp_path)
+    assert folder.newest_checkpoint() is None  # a temp file is never a checkpoint
+    with pytest.raises(UserInputError, match="--resume: no checkpoint in"):
+        run(TrainConfig(data=tmp_path, save=tmp_path, resume=True, backbone="resnet18"))
+    notes = folder.prepare(resuming_from=None, overwrite=False)
+    assert not any(p.exists() for p in ours) and all(p.exists() for p in others)
+    assert any("removed 3 unfinished checkpoint temp file(s)" in n for n in notes)
+    folder.release_lock()
+
+
+def test_publish_links_last_and_keep_last_spares_last_best_interrupted(tmp_path):
+    folder = RunFolder(tmp_path)
+    for epoch in range(4):
+        _write(tmp_path / f"epoch_{epoch}.pt", f"state {epoch}")
+    _write(tmp_path / "interrupted.pt", "stopped")
+    folder.publish(tmp_path / "epoch_1.pt", "best.pt")
+    folder.publish(tmp_path / "epoch_3.pt", "last.pt")
+    assert folder.newest_checkpoint() == tmp_path / "last.pt"
+    removed = folder.prune_epochs(2)
+    assert [p.name for p in removed] == ["epoch_0.pt", "epoch_1.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "epoch_2.pt", "epoch_3.pt", "interrupted.pt",
+                                                          "last.pt"]
+    assert (tmp_path / "best.pt").read_text() == "state 1" and (tmp_path / "last.pt").read_text() == "state 3"
+    assert folder.prune_epochs(0) == []
+
+
+def test_final_epoch_is_always_evaluated_and_eval_every():
+    assert TrainConfig(epochs=65).evaluation_epochs == DEFAULT_EVALUATION  # the reference recipe, unchanged
+    assert TrainConfig(epochs=10).evaluation_epochs == (9,)  # no reference epoch < 10: the final one
+    assert TrainConfig(epochs=10, eval_every=4).evaluation_epochs == (3, 7, 9)
+    assert TrainConfig(epochs=30, evaluation=(0, 21)).evaluation_epochs == (0, 21, 29)
+    assert TrainConfig(epochs=10, evaluation=()).evaluation_epochs == ()  # explicitly none
+    assert TrainConfig(epochs=10, evaluation=(), eval_every=5).evaluation_epochs == (4, 9)
+    assert TrainConfig(epochs=10).needs_val_data and not TrainConfig(epochs=10, evaluation=()).needs_val_data
+
+
+# -- training runs -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return generate_synthetic_dataset(tmp_path_factory.mktemp("synth"), num_train=4, num_val=1, seed=0,
+                                      num_classes=2, min_objects=1, max_objects=1, min_size=0.4, max_size=0.7,
+                                      min_width=240, max_width=300, min_height=200, max_height=260)
+
+
+def _config(data_dir: Path, **overrides) -> TrainConfig:
+    base = dict(data=data_dir, backbone="resnet18", epochs=3, batch_size=2, eval_batch_size=2, seed=0,
+                num_workers=0, amp=False, warmup=2, learning_rate=0.05, log_interval=1, progress=False,
+                device="cpu")
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_run_writes_last_best_keeps_last_refuses_a_second_run_and_resumes(data_dir, tmp_path):
+    out = tmp_path / "run"
+    result = run(_config(data_dir, save=out, eval_every=2, keep_last=1))
+    assert [e["epoch"] for e in result.evaluations] == [1, 2]  # every 2nd epoch and the final one
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["best.pt", "epoch_2.pt", "last.pt", "log.jsonl", "results.json"]  # lock released
+
+    last, final = _load(out / "last.pt"), _load(out / "epoch_2.pt")
+    assert last["epoch"] == final["epoch"] == 3 and last["iteration"] == 6
+    best_ap = max(e["AP"] for e in result.evaluations)
+    best_epoch = next(e["epoch"] for e in result.evaluations if e["AP"] == best_ap)
+    best = _load(out / "best.pt")
+    assert best["metrics"]["epoch"] == best_epoch and best["metrics"]["AP"] == pytest.approx(best_ap)
+    assert best["best"] == {"epoch": best_epoch, "AP": pytest.approx(best_ap), "AP50": pytest.approx(
+        next(e["AP50"] for e in result.evaluations if e["epoch"] == best_epoch))}
+    assert final["metrics"]["epoch"] == 2
+
+    with pytest.raises(UserInputError, match="holds another run"):
+        run(_config(data_dir, save=out))  # a fresh run: refused, nothing touched
+    assert sorted(p.name for p in out.iterdir()) == names
+
+    log_before = (out / "log.jsonl").read_text()
+    resumed = run(_config(data_dir, save=out, resume=True, seed=None, epochs=4, eval_every=2, keep_last=1))
+    assert [e["epoch"] for e in resumed.evaluations] == [3]
+    log_after = (out / "log.jsonl").read_text()
+    assert log_after.startswith(log_before) and len(log_after) > len(log_before)  # appended
+    assert json.loads(log_after.splitlines()[-1])["epoch"] == 3
+    assert _load(out / "last.pt")["epoch"] == 4 and sorted(p.name for p in out.glob("epoch_*.pt")) == ["epoch_3.pt"]
+
+    with pytest.raises(UserInputError, match="already completed 4 epochs"):
+        run(_config(data_dir, save=out, resume=True, seed=None, epochs=4))
+
+    fresh = run(_config(data_dir, save=out, overwrite=True, epochs=1, evaluation=()))
+    assert fresh.evaluations == [] and sorted(p.name for p in out.iterdir()) == ["epoch_0.pt", "last.pt", "log.jsonl"]
+
+
+def test_sigterm_during_evaluation_stops_it_and_keeps_the_epoch_checkpoint(data_dir, tmp_path, monkeypatch):
+    import ssd300.training as training
+
+    real = training.evaluate_model
+
+    def evaluate_after_a_signal(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # as if it arrived while the evaluation starts
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "evaluate_model", evaluate_after_a_signal)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted, match="during the evaluation after epoch 0") as stopped:
+        run(_config(data_dir, save=out, epochs=2, evaluation=(0,)))
+    assert stopped.value.exit_code == 143
+    assert _load(out / "epoch_0.pt")["epoch"] == 1 and _load(out / "last.pt")["epoch"] == 1
+    assert not (out / "results.json").exists()  # the evaluation did not run to its end
+    assert not (out / LOCK_NAME).exists()
