@@ -79,7 +79,7 @@ def test_reference_style_command_line_is_routed_to_train(capsys):
 def test_cuda_requested_without_cuda(capsys, data_dir):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    err = _error(capsys, ["train", "--data", str(data_dir), "--device", "cuda", "--epochs", "0", "--evaluation"])
+    err = _error(capsys, ["train", "--data", str(data_dir), "--device", "cuda", "--epochs", "1", "--evaluation"])
     assert "CUDA is not available" in err
 
 

@@ -43,13 +43,16 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     assert (a / "train/000001.jpg").read_bytes() != (a / "val/000001.jpg").read_bytes()
 
 
-def test_existing_identical_split_is_kept_and_changed_knobs_rewrite(tmp_path):
+def test_existing_identical_split_is_kept_and_changed_knobs_rewrite_only_with_overwrite(tmp_path):
     root = generate_synthetic_dataset(tmp_path, 3, 1, seed=0)
     target = root / "annotations" / "instances_train.json"
     stamp = target.stat().st_mtime_ns
     generate_synthetic_dataset(tmp_path, 3, 1, seed=0)
     assert target.stat().st_mtime_ns == stamp
-    generate_synthetic_dataset(tmp_path, 3, 1, seed=0, num_classes=3)
+    with pytest.raises(UserInputError, match="is not empty"):
+        generate_synthetic_dataset(tmp_path, 3, 1, seed=0, num_classes=3)
+    assert target.stat().st_mtime_ns == stamp
+    generate_synthetic_dataset(tmp_path, 3, 1, seed=0, num_classes=3, overwrite=True)
     assert len(json.loads(target.read_text())["categories"]) == 3
 
 

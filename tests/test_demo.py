@@ -11,7 +11,7 @@ from ssd300.cli import main
 
 def test_demo_writes_checkpoint_metrics_curves_and_predictions(tmp_path, capsys):
     out = tmp_path / "demo"
-    argv = ["demo", "--out", str(out), "--train-images", "6", "--val-images", "3", "--epochs", "2", "--bs", "2",
+    argv = ["demo", "--out", str(out), "--num-train-images", "6", "--num-val-images", "3", "--epochs", "2", "--bs", "2",
             "--backbone", "resnet18", "--device", "cpu", "--num-workers", "0", "--no-progress"]
     assert main(argv) == 0
     captured = capsys.readouterr()
@@ -19,7 +19,7 @@ def test_demo_writes_checkpoint_metrics_curves_and_predictions(tmp_path, capsys)
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= metrics["AP50"] <= 1.0 and metrics["iterations"] == 6
-    assert (out / "epoch_1.pt").is_file()
+    assert (out / "epoch_1.pt").is_file() and (out / "last.pt").is_file() and (out / "best.pt").is_file()
     with Image.open(out / "curves.png") as curves:
         assert curves.size[0] > 500
     predictions = sorted((out / "predictions").glob("*.jpg"))

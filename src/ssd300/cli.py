@@ -49,6 +49,15 @@ class HelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: {shown})" if text else f"(default: {shown})"
 
 
+def _help_for_defaults(parser: argparse.ArgumentParser) -> None:
+    """argparse prints nothing for a flag without help text, so give those a line for their default."""
+    for action in parser._actions:
+        if action.help is None and action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+            shown = " ".join(map(str, action.default)) if isinstance(action.default, (list, tuple)) \
+                else action.default
+            action.help = f"(default: {shown})".replace("%", "%%")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ssd300", description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"ssd300 {__version__}")
@@ -75,6 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"ssd300 {name}", description=COMMANDS[name][1],
                                      formatter_class=HelpFormatter)
     module.add_arguments(parser)
+    _help_for_defaults(parser)
     args = parser.parse_args(rest)
     previous = _raise_on_sigterm()
     try:

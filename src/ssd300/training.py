@@ -189,9 +189,6 @@ class TrainConfig:
                 raise UserInputError(f"{_named(name)} {path}: file not found")
         if self.save is not None and self.save.exists() and not self.save.is_dir():
             raise UserInputError(f"{_named('save')} {self.save}: exists and is not a folder")
-        if (self.resume or self.overwrite or self.keep_last) and self.mode != "training":
-            which = "resume" if self.resume else "overwrite" if self.overwrite else "keep_last"
-            raise UserInputError(f"{_named(which)} applies to mode 'training', not {self.mode!r}")
         if self.resume and self.save is None:
             raise UserInputError(f"{_named('resume')} needs {_named('save')}: the run folder to continue")
         if self.resume and self.overwrite:
@@ -294,8 +291,9 @@ def check_outputs(config: TrainConfig) -> None:
 
 
 def resolve_resume(config: TrainConfig) -> TrainConfig:
-    """``resume`` without ``checkpoint``: the newest checkpoint of the run folder."""
-    if not config.resume or config.checkpoint is not None:
+    """``resume`` without ``checkpoint`` (mode training): the newest checkpoint of the run folder.
+    ``resume``, ``overwrite`` and ``keep_last`` mean nothing to the other modes."""
+    if not config.resume or config.checkpoint is not None or config.mode != "training":
         return config
     assert config.save is not None  # validated
     newest = RunFolder(config.save).newest_checkpoint()
@@ -546,9 +544,9 @@ class _Run:
         if path is None or self.folder is None:
             return path
         self.folder.publish(path, LAST)
-        if improved:
+        if improved and self.best is not None:
             self.folder.publish(path, BEST)
-            self.logger.info(f"best so far (AP {metrics.ap:.4f}, epoch {epoch}): {self.folder.path / BEST}")
+            self.logger.info(f"best so far (AP {self.best['AP']:.4f}, epoch {epoch}): {self.folder.path / BEST}")
         removed = self.folder.prune_epochs(self.config.keep_last)
         self.result.checkpoint = path
         self.logger.info(f"checkpoint: {path}" + (f" (removed {', '.join(p.name for p in removed)}: "
