@@ -186,7 +186,7 @@ def test_run_writes_last_best_keeps_last_refuses_a_second_run_and_resumes(data_d
 
 
 def test_sigterm_during_evaluation_stops_it_and_keeps_the_epoch_checkpoint(data_dir, tmp_path, monkeypatch):
-    import ssd300.training as training
+    from ssd300 import training
 
     real = training.evaluate_model
 
