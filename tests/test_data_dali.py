@@ -14,12 +14,11 @@ from ssd300.data.dali import dali_available
 pytestmark = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI (extra 'dali') is not importable here")
 
 from ssd300.data.coco import CocoDetection  # noqa: E402
-from ssd300.data.synth import generate_synthetic_dataset  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = generate_synthetic_dataset(tmp_path_factory.mktemp("synth"), num_train=16, num_val=1, seed=2)
+def dataset(synthetic_dataset):
+    root = synthetic_dataset(num_train=16, num_val=1, seed=2)
     return CocoDetection.from_root(root, "train")
 
 
@@ -149,8 +148,8 @@ def test_encoding_dali_boxes_with_box_coder_equals_dali_box_encoder(dataset):
     assert compared > 8732 * 10
 
 
-def test_missing_file_is_skipped_and_reported(tmp_path):
-    root = generate_synthetic_dataset(tmp_path / "d", num_train=8, num_val=1, seed=4)
+def test_missing_file_is_skipped_and_reported(synthetic_dataset, tmp_path):
+    root = synthetic_dataset(num_train=8, num_val=1, seed=4, copy_to=tmp_path / "d")
     (root / "train" / "000002.jpg").unlink()
     dataset = CocoDetection.from_root(root, "train")
     skipped = sum((batch.skipped for batch in _loader(dataset)), [])
