@@ -114,7 +114,8 @@ def test_reference_style_checkpoint_loads_strict(tmp_path: Path) -> None:
     assert (loaded.backbone_name, loaded.num_classes) == ("resnet18", 81)
     assert labels == coco  # COCO names -> COCO category ids
     assert stored["scheduler"]["milestones"] == collections.Counter({43: 1, 54: 1})
-    assert stored["optimizer"]["state"][0]["momentum_buffer"].shape == reference_model.feature_extractor.feature_extractor[0].weight.shape
+    first_conv = reference_model.feature_extractor.feature_extractor[0]
+    assert stored["optimizer"]["state"][0]["momentum_buffer"].shape == first_conv.weight.shape
 
 
 def test_bare_state_dict_loads(model: SSD300, tmp_path: Path) -> None:
@@ -279,7 +280,8 @@ def test_missing_and_unexpected_keys_are_reported(model: SSD300, tmp_path: Path)
     state["extra.weight"] = torch.zeros(1)
     path = tmp_path / "edited.pt"
     torch.save({"model": state}, path)
-    with pytest.raises(UserInputError, match=r"1 missing keys \(e.g. loc.3.bias\); 1 unexpected keys \(e.g. extra.weight\)"):
+    with pytest.raises(UserInputError,
+                       match=r"1 missing keys \(e.g. loc.3.bias\); 1 unexpected keys \(e.g. extra.weight\)"):
         load_model(path)
 
 

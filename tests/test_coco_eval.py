@@ -104,7 +104,9 @@ def test_no_detections_give_zero_metrics(tmp_path):
 
 def test_merge_counts_sampler_padding_once():
     # rank 0 ran images 1, 2; rank 1 ran 3 and (padding) 1 again with identical detections
-    row = lambda i, s: [i, 0, 0, 5, 5, s, 3]
+    def row(i: int, s: float) -> list[float]:
+        return [i, 0, 0, 5, 5, s, 3]
+
     rank0 = ([1, 2], np.array([row(1, 0.9), row(2, 0.8)], dtype=np.float64))
     rank1 = ([3, 1], np.array([row(3, 0.7), row(1, 0.9)], dtype=np.float64))
     ids, merged = merge_rank_rows([rank0, rank1])

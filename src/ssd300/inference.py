@@ -269,7 +269,8 @@ class Detector:
                 raise UserInputError(f"{source}: not a readable image ({one_line(exc)})") from None
         return item, None
 
-    def _decode_batch(self, items: Sequence[Any], on_error: str) -> list[Union[tuple[Any, Optional[str]], UserInputError]]:
+    def _decode_batch(self, items: Sequence[Any],
+                      on_error: str) -> list[Union[tuple[Any, Optional[str]], UserInputError]]:
         decoded: list[Union[tuple[Any, Optional[str]], UserInputError]] = []
         for item in items:
             try:

@@ -2,8 +2,8 @@
 
 Sized to finish on 2 quiet CPU cores in about 9 minutes while visibly learning: a ResNet-18
 SSD300 (no pretrained weights exist offline) on a few hundred synthetic images of large shapes,
-bf16 where the CPU has it natively, else fp32. Everything lands in ``--out``: the dataset, checkpoints, ``metrics.json``,
-``log.jsonl``, ``curves.png`` and ``predictions/*.jpg``.
+bf16 where the CPU has it natively, else fp32. Everything lands in ``--out``: the dataset,
+checkpoints, ``metrics.json``, ``log.jsonl``, ``curves.png`` and ``predictions/*.jpg``.
 """
 
 from __future__ import annotations

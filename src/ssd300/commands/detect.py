@@ -38,7 +38,8 @@ _GLOB_CHARS = set("*?[")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
-                        help="image files, folders (their images, not recursive) or glob patterns (quote them; ** recurses)")
+                        help="image files, folders (their images, not recursive) or glob patterns "
+                             "(quote them; ** recurses)")
     parser.add_argument("--checkpoint", required=True, help="an SSD300 checkpoint (ours or NVIDIA's reference)")
     parser.add_argument("--out", required=True, help="output folder")
     add_postprocess_arguments(parser)

@@ -62,7 +62,8 @@ def check_export(module: torch.nn.Module, path: Path, fmt: str, batch: int = 2) 
     worst, same_ints = 0.0, True
     for want, have in zip(expected, got):
         if want.shape != have.shape:
-            raise UserInputError(f"{path}: exported outputs have shape {tuple(have.shape)}, expected {tuple(want.shape)}")
+            raise UserInputError(f"{path}: exported outputs have shape {tuple(have.shape)}, "
+                                 f"expected {tuple(want.shape)}")
         if want.is_floating_point():
             worst = max(worst, float((want - have).abs().max()) if want.numel() else 0.0)
         else:
@@ -90,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
     config = postprocess_config(args)  # validated before the checkpoint is read
     fmt = args.format or format_from_suffix(args.out)
     if fmt is None:
-        raise UserInputError(f"--out {args.out}: cannot tell the format from the suffix; pass --format onnx|torchscript")
+        raise UserInputError(f"--out {args.out}: cannot tell the format from the suffix; "
+                             "pass --format onnx|torchscript")
     if fmt == "onnx":
         try:
             import onnx  # noqa: F401  (the exporter needs it)
