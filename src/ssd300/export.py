@@ -48,6 +48,7 @@ from ssd300.box_coder import decode_boxes
 from ssd300.default_boxes import DefaultBoxes, default_boxes_300
 from ssd300.errors import UserInputError
 from ssd300.labels import LabelMap
+from ssd300.optional import available, require
 from ssd300.postprocess import PostprocessConfig, clip_boxes
 
 ExportFormat = Literal["onnx", "torchscript"]
@@ -208,9 +209,7 @@ def output_names(raw: bool) -> tuple[str, ...]:
 
 
 def _dynamo_available() -> bool:
-    try:
-        import onnxscript  # noqa: F401
-    except ImportError:
+    if not available("onnxscript"):
         return False
     major, minor = (int(part) for part in torch.__version__.split(".")[:2])
     return (major, minor) >= (2, 9)
@@ -249,6 +248,7 @@ def export_onnx(module: nn.Module, path: str | Path, raw: bool = False, opset: i
     """Write ``module`` (from :func:`build_export_module`) as ONNX with a dynamic batch axis."""
     if exporter not in EXPORTERS:
         raise UserInputError(f"--exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
+    onnx = require("onnx", "ONNX export")  # before the export: it writes the metadata afterwards
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     names = output_names(raw)
@@ -269,8 +269,6 @@ def export_onnx(module: nn.Module, path: str | Path, raw: bool = False, opset: i
             _export_onnx_legacy(module, path, names, opset)
     metadata = {**(metadata or {}), "exporter": "dynamo" if use_dynamo else "legacy"}
     if metadata:
-        import onnx
-
         proto = onnx.load(str(path))
         for key, value in metadata.items():
             entry = proto.metadata_props.add()

@@ -336,13 +336,13 @@ class Detector:
 
 def _onnxruntime_session(model: torch.nn.Module) -> Any:
     """The network (no NMS) exported to ONNX in memory and loaded into onnxruntime (CPU)."""
-    try:
-        import onnxruntime
-    except ImportError:
-        raise UserInputError("--backend onnxruntime needs onnxruntime: pip install 'ssd300[onnx]'") from None
     import tempfile
 
     from ssd300.export import build_export_module, export_onnx
+    from ssd300.optional import require
+
+    onnxruntime = require("onnxruntime", "--backend onnxruntime")
+    require("onnx", "--backend onnxruntime exports the network to ONNX first")
 
     module = build_export_module(copy.deepcopy(model).float(), raw=True)  # folds BatchNorm, on the CPU
     with tempfile.TemporaryDirectory(prefix="ssd300-ort-") as folder:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional, TextIO
 
 from ssd300.files import json_ready
+from ssd300.optional import install_hint
 
 
 class RunLogger:
@@ -40,7 +41,7 @@ class RunLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                self.info("tensorboard is not installed (pip install tensorboard); --tensorboard ignored")
+                self.info(f"tensorboard is not installed ({install_hint('tensorboard')}); --tensorboard ignored")
             else:
                 self._tb = SummaryWriter(str(tensorboard_dir))
 

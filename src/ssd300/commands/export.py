@@ -20,6 +20,7 @@ import torch
 from ssd300.commands.options import add_postprocess_arguments, postprocess_config
 from ssd300.errors import UserInputError
 from ssd300.export import DEFAULT_OPSET, EXPORTERS, FORMATS, build_export_module, export_model, format_from_suffix
+from ssd300.optional import available, install_hint, require
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,11 +48,11 @@ def check_export(module: torch.nn.Module, path: Path, fmt: str, batch: int = 2) 
     with torch.no_grad():
         expected = [t.detach().cpu() for t in module(images)]
     if fmt == "onnx":
-        try:
-            import onnxruntime
-        except ImportError:
-            print("ssd300 export: onnxruntime is not installed; skipping the check (pip install onnxruntime)")
+        if not available("onnxruntime"):
+            print(f"ssd300 export: onnxruntime is not installed; skipping the check ({install_hint('onnxruntime')})")
             return float("nan"), True
+        import onnxruntime
+
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         got = [torch.from_numpy(a) for a in session.run(None, {"images": images.numpy()})]
     else:
@@ -94,10 +95,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserInputError(f"--out {args.out}: cannot tell the format from the suffix; "
                              "pass --format onnx|torchscript")
     if fmt == "onnx":
-        try:
-            import onnx  # noqa: F401  (the exporter needs it)
-        except ImportError:
-            raise UserInputError("--format onnx needs the onnx package: pip install 'ssd300[onnx]'") from None
+        require("onnx", "--format onnx")  # before loading the checkpoint
     from ssd300.checkpoint import load_model
 
     model, label_map, _ = load_model(args.checkpoint, map_location="cpu")

@@ -27,6 +27,7 @@ from ssd300.data.loaders import Batch, EpochSampler
 from ssd300.data.transforms import (BRIGHTNESS, CONTRAST, CROP_ASPECT, CROP_SCALE, HUE, INPUT_SIZE,
                                     SATURATION)
 from ssd300.errors import UserInputError
+from ssd300.optional import available, install_hint
 
 log = logging.getLogger(__name__)
 
@@ -37,18 +38,14 @@ _IMAGE_SIGNATURES = (b"\xff\xd8", b"\x89PNG", b"BM", b"GIF8", b"II*\x00", b"MM\x
 
 
 def dali_available() -> bool:
-    try:
-        import nvidia.dali  # noqa: F401
-    except Exception:  # ImportError, or a broken CUDA runtime behind it
-        return False
-    return True
+    return available("nvidia.dali")  # False also for a broken CUDA runtime behind it
 
 
 def _require_dali() -> Any:
     try:
         import nvidia.dali as dali
     except Exception as err:
-        raise UserInputError(f"--dali needs NVIDIA DALI: pip install 'ssd300[dali]' ({err})") from None
+        raise UserInputError(f"--dali needs NVIDIA DALI: {install_hint('nvidia.dali')} ({err})") from None
     return dali
 
 
