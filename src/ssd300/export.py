@@ -21,8 +21,8 @@ ONNX exporters (``exporter=``): ``"dynamo"`` is torch's default exporter since 2
 maintained one (the TorchScript-based exporter is deprecated); the post-processing is written so
 that it needs no guards: the data-dependent sizes (score filter, NMS) become unbacked sizes and
 the outputs are padded to K with tensor ops. It needs ``onnxscript`` and exports in ~3x the time.
-``"legacy"`` is the TorchScript-based exporter (``dynamo=False``), which works on every torch
-from 2.1 and maps ``torchvision.ops.nms`` straight to ONNX ``NonMaxSuppression``. ``"auto"``
+``"legacy"`` is the TorchScript-based exporter (``dynamo=False``), which works
+on every supported torch and maps ``torchvision.ops.nms`` straight to ONNX ``NonMaxSuppression``. ``"auto"``
 (default) uses dynamo when onnxscript is installed and torch >= 2.9, falling back to legacy if
 the dynamo export fails. Both give the same detections (tested against PyTorch).
 TorchScript is traced (``torch.jit.trace``): every size in the post-processing is computed with
