@@ -21,12 +21,11 @@ install: $(STAMP)
 lint: install
 	$(PY) -m ruff check .
 
-# Not yet part of `make test`: src/ still has type errors (see issue 8's close note).
 typecheck: install
 	$(PY) -m mypy
 
-# .ci/run calls this: the linter first (seconds), then the suite.
-test: lint
+# .ci/run calls this: lint and type check first (seconds), then the suite.
+test: lint typecheck
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: install

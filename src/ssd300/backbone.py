@@ -69,7 +69,7 @@ class ResNetTrunk(nn.Module):
 
 
 def _set_first_block_stride_one(layer3: nn.Module) -> None:
-    block = layer3[0]
+    block: Any = layer3[0]  # type: ignore[index]  # a torchvision Bottleneck/BasicBlock
     block.conv1.stride = (1, 1)
     block.conv2.stride = (1, 1)
     if block.downsample is not None:

@@ -123,8 +123,10 @@ def _best_matches(
             best_anchor_iou, best_anchor = chunk_iou, chunk_anchor
         else:
             better = chunk_iou > best_anchor_iou  # strict: an earlier chunk keeps ties
+            assert best_anchor is not None
             best_anchor_iou = torch.where(better, chunk_iou, best_anchor_iou)
             best_anchor = torch.where(better, chunk_anchor, best_anchor)
+    assert best_anchor is not None  # at least one chunk
     return torch.cat(best_ious, dim=1), best_anchor
 
 

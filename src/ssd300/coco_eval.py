@@ -173,7 +173,7 @@ def evaluate_results(coco_gt: Any, results: list[dict[str, Any]] | str | os.Path
     backend = backend_of(coco_gt)
     if not isinstance(results, list):
         with open(results) as f:
-            results = json.load(f)
+            results = list(json.load(f))
     evaluated = sorted(int(i) for i in (image_ids if image_ids is not None else coco_gt.getImgIds()))
     if not results:  # pycocotools cannot load an empty result list; every metric is then 0
         return CocoMetrics(summary=_empty_summary(), num_images=len(evaluated), num_detections=0, backend=backend)

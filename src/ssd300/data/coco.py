@@ -602,7 +602,7 @@ class CocoDetection(torch.utils.data.Dataset):
             raise UserInputError(f"{self.annotation_file}: no images with usable boxes" if train
                                  else f"{self.annotation_file}: no images")
         self._check_images_present()
-        self.transform = transform if transform is not None else (TrainTransform() if train else EvalTransform())
+        self.transform: Any = transform if transform is not None else (TrainTransform() if train else EvalTransform())
         left_out = self.stats.crowd_boxes + self.stats.small_boxes + self.stats.images_without_boxes
         (log.warning if left_out else log.info)("%s: %s", self.annotation_file, self.stats.summary())
 
