@@ -145,6 +145,8 @@ def pad_per_image(
 class ExportableDetector(nn.Module):
     """SSD300 + decoding + NMS with fixed-size padded outputs (see the module docstring)."""
 
+    dboxes_xywh: torch.Tensor  # a buffer
+
     def __init__(
         self,
         model: nn.Module,
@@ -193,7 +195,7 @@ def build_export_module(model: nn.Module, raw: bool = False, config: Postprocess
     config = (config or PostprocessConfig()).replace(**overrides)  # validated before the slow part
     model = model.eval().cpu()
     if hasattr(model, "fuse"):
-        model = model.fuse()
+        model = model.fuse()  # type: ignore[operator]  # SSD300.fuse
     if raw:
         return RawOutputs(model).eval()
     return ExportableDetector(model, config=config).eval()

@@ -187,7 +187,7 @@ class Detector:
             self._session = _onnxruntime_session(model)
         # Work on a copy (the caller's model keeps its mode, device and dtype). Folding BatchNorm
         # into the convolutions gives the same outputs with fewer kernels.
-        model = model.fuse() if fuse and hasattr(model, "fuse") else copy.deepcopy(model).eval()
+        model = model.fuse() if fuse and hasattr(model, "fuse") else copy.deepcopy(model).eval()  # type: ignore[operator]
         model = model.to(self.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -215,7 +215,7 @@ class Detector:
     # ------------------------------------------------------------------ calling
 
     @overload
-    def __call__(self, images: Sequence[ImageInput]) -> list[ImageDetections]: ...
+    def __call__(self, images: Sequence[ImageInput]) -> list[ImageDetections]: ...  # type: ignore[overload-overlap]
 
     @overload
     def __call__(self, images: ImageInput) -> ImageDetections: ...
@@ -237,6 +237,7 @@ class Detector:
         """Yield ``(path, detections)`` in order; with ``on_error="skip"`` an unreadable file yields
         ``(path, error)`` instead and the run goes on (``"raise"``: UserInputError)."""
         for source, result in self._run([os.fspath(p) for p in paths], on_error=on_error):
+            assert source is not None  # every item is a path
             yield source, result
 
     def predict_tensor(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -66,7 +66,8 @@ class SSD300(nn.Module):
             nn.Conv2d(ch, nd * 4, kernel_size=3, padding=1) for nd, ch in zip(self.boxes_per_location, channels)
         )
         self.conf = nn.ModuleList(
-            nn.Conv2d(ch, nd * num_classes, kernel_size=3, padding=1) for nd, ch in zip(self.boxes_per_location, channels)
+            nn.Conv2d(ch, nd * num_classes, kernel_size=3, padding=1)
+            for nd, ch in zip(self.boxes_per_location, channels)
         )
         self._init_weights()
 

@@ -76,8 +76,7 @@ def _canonical_rows(outputs: list[torch.Tensor]) -> list[torch.Tensor]:
     """Sort each image's rows by (score, label, box) so that equal scores in another order compare equal."""
     boxes, scores, labels, counts = outputs
     rows = torch.cat((scores.unsqueeze(-1), labels.unsqueeze(-1).to(scores.dtype), boxes), dim=-1).numpy()
-    ordered = np.stack([row[np.lexsort(row.T[::-1])] for row in rows])
-    ordered = torch.from_numpy(ordered)
+    ordered = torch.from_numpy(np.stack([row[np.lexsort(row.T[::-1])] for row in rows]))
     return [ordered[..., 2:], ordered[..., 0], ordered[..., 1].round().long(), counts.long()]
 
 

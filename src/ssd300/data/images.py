@@ -7,15 +7,15 @@ COCO boxes refer to the stored pixel grid, so EXIF orientation is deliberately *
 from __future__ import annotations
 
 import math
+import os
 import warnings
-from pathlib import Path
 from typing import Union
 
 import numpy as np
 import torch
 from PIL import Image
 
-PathLike = Union[str, Path]
+PathLike = Union[str, "os.PathLike[str]"]
 
 # Errors PIL raises for unreadable, truncated or hostile files.
 DECODE_ERRORS: tuple[type[BaseException], ...] = (
