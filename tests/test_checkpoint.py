@@ -247,11 +247,13 @@ def test_weights_that_contradict_their_metadata(model: SSD300, label_map: LabelM
     path = tmp_path / "inconsistent.pt"
     save_checkpoint(path, stored)
     # one rule: the weights decide the architecture; stored entries that contradict them are refused
-    with pytest.raises(UserInputError, match=r"inconsistent.pt: its 'num_classes' entry \(5\) contradicts its weights \(4\)"):
+    with pytest.raises(UserInputError,
+                       match=r"inconsistent.pt: its 'num_classes' entry \(5\) contradicts its weights \(4\)"):
         load_model(path)
     stored["num_classes"], stored["backbone"] = 4, "resnet50"
     save_checkpoint(path, stored)
-    with pytest.raises(UserInputError, match=r"its 'backbone' entry \('resnet50'\) contradicts its weights \('resnet18'\)"):
+    with pytest.raises(UserInputError,
+                       match=r"its 'backbone' entry \('resnet50'\) contradicts its weights \('resnet18'\)"):
         load_model(path)
 
 

@@ -139,8 +139,9 @@ def _crowded_ground_truth(tmp_path, num_images=40, seed=4):
         for _ in range(int(rng.integers(1, 8))):
             w, h = float(rng.uniform(4, width / 2)), float(rng.uniform(4, height / 2))  # small to large
             x, y = float(rng.uniform(0, width - w)), float(rng.uniform(0, height - h))
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(rng.choice([3, 7])),
-                                "bbox": [x, y, w, h], "area": w * h, "iscrowd": int(rng.random() < 0.12)})
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id,
+                                "category_id": int(rng.choice([3, 7])), "bbox": [x, y, w, h], "area": w * h,
+                                "iscrowd": int(rng.random() < 0.12)})
     gt = {"images": images, "annotations": annotations,
           "categories": [{"id": 3, "name": "three"}, {"id": 7, "name": "seven"}, {"id": 9, "name": "never"}]}
     path = tmp_path / "crowded.json"

@@ -105,6 +105,16 @@ def test_dali_missing(monkeypatch):
         dali._require_dali()
 
 
+def test_faster_coco_eval_missing(monkeypatch):
+    from ssd300.coco_eval import resolve_eval_backend
+
+    _missing(monkeypatch, "faster_coco_eval")
+    assert resolve_eval_backend("auto") == "pycocotools"
+    with pytest.raises(UserInputError, match=r"^--eval-backend faster-coco-eval: not installed "
+                                             r"\(pip install 'ssd300\[eval\]'\)$"):
+        resolve_eval_backend("faster-coco-eval")
+
+
 def test_tensorboard_missing_is_one_line_and_ignored(monkeypatch, tmp_path):
     from ssd300.logging_utils import RunLogger
 

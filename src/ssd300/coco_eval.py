@@ -24,6 +24,7 @@ import torch
 
 from ssd300.errors import UserInputError
 from ssd300.files import write_json
+from ssd300.optional import available, install_hint
 from ssd300.postprocess import boxes_to_pixels, clip_boxes
 
 EVAL_BACKENDS: tuple[str, ...] = ("faster-coco-eval", "pycocotools")
@@ -92,7 +93,7 @@ def detections_to_rows(boxes_ltrb: Sequence[torch.Tensor], scores: Sequence[torc
     return np.concatenate(chunks) if chunks else np.zeros((0, ROW_WIDTH))
 
 
-def merge_rank_rows(per_rank: Iterable[tuple[Sequence[int], np.ndarray]]) -> tuple[list[int], np.ndarray]:
+def merge_rank_rows(per_rank: Iterable[tuple[Sequence[int] | np.ndarray, np.ndarray]]) -> tuple[list[int], np.ndarray]:
     """Merge (image ids, rows) from every rank, counting each image once.
 
     A ``DistributedSampler`` pads the last shard by repeating images; the first rank that saw an
@@ -127,11 +128,7 @@ def write_results_json(results: list[dict[str, Any]], path: str | os.PathLike[st
 
 
 def faster_coco_eval_available() -> bool:
-    try:
-        import faster_coco_eval  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return available("faster_coco_eval")
 
 
 def resolve_eval_backend(backend: Optional[str] = None) -> str:
@@ -141,7 +138,7 @@ def resolve_eval_backend(backend: Optional[str] = None) -> str:
     if backend not in EVAL_BACKENDS:
         raise UserInputError(f"--eval-backend {backend}: choose one of auto, {', '.join(EVAL_BACKENDS)}")
     if backend == "faster-coco-eval" and not faster_coco_eval_available():
-        raise UserInputError("--eval-backend faster-coco-eval: not installed (pip install 'ssd300[eval]')")
+        raise UserInputError(f"--eval-backend faster-coco-eval: not installed ({install_hint('faster_coco_eval')})")
     return backend
 
 
@@ -218,7 +215,8 @@ def per_class_ap(precision: np.ndarray, category_ids: Sequence[int], iou_thresho
         defined = values[values > -1]
         return float(defined.mean()) if defined.size else -1.0
 
-    return {int(cid): {"AP": mean_defined(precision[:, :, k, 0, -1]), "AP50": mean_defined(precision[at_50, :, k, 0, -1])}
+    return {int(cid): {"AP": mean_defined(precision[:, :, k, 0, -1]),
+                       "AP50": mean_defined(precision[at_50, :, k, 0, -1])}
             for k, cid in enumerate(category_ids)}
 
 

@@ -54,8 +54,9 @@ def predict_rows(model: nn.Module, loader: Iterable[Any], postprocessor: PostPro
 
 
 def evaluate_model(model: nn.Module, loader: Iterable[Any], coco_gt: Any, label_map: LabelMap, *,
-                   ctx: DistributedContext, runtime: Runtime, channels_last: bool, results_path: Optional[Path] = None,
-                   postprocess: PostprocessConfig = COCO_EVAL, log: Optional[Callable[[str], None]] = None) -> CocoMetrics:
+                   ctx: DistributedContext, runtime: Runtime, channels_last: bool,
+                   results_path: Optional[Path] = None, postprocess: PostprocessConfig = COCO_EVAL,
+                   log: Optional[Callable[[str], None]] = None) -> CocoMetrics:
     """COCO evaluation over ``loader`` (all ranks take part); every rank returns the same metrics.
 
     Post-processing defaults to :data:`~ssd300.postprocess.COCO_EVAL` (NMS IoU 0.5, as the reference's

@@ -15,8 +15,8 @@ are decoded at a reduced DCT scale that still leaves >= 300 pixels (``draft=True
 batch runs through the network the next one is decoded on a background thread. Precision follows
 :mod:`ssd300.runtime`: ``amp=True`` runs float16 autocast on CUDA, the network in bfloat16 on a CPU
 with native bf16 (AVX-512 BF16 / AMX), and fp32 (with a warning) on other CPUs, where bf16 would be
-emulated. ``backend="onnxruntime"`` runs the network with onnxruntime (exported in memory when the Detector is built; fp32, CPU),
-often the fastest CPU path; pre- and post-processing stay the same.
+emulated. ``backend="onnxruntime"`` runs the network with onnxruntime (exported in memory when the
+Detector is built; fp32, CPU), often the fastest CPU path; pre- and post-processing stay the same.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Optional dependencies: each one missing is one line naming the extra that installs it.
 
 The package itself needs only the core dependencies; ONNX export/onnxruntime (extra ``onnx``),
-DALI (``dali``) and TensorBoard (``tensorboard``) are imported here, when a feature needs them,
-so a missing one reads ``onnxruntime is not installed (--backend onnxruntime): pip install
-'ssd300[onnx]'`` instead of an ImportError traceback.
+DALI (``dali``), faster-coco-eval (``eval``) and TensorBoard (``tensorboard``) are imported here,
+when a feature needs them, so a missing one reads ``onnxruntime is not installed (--backend
+onnxruntime): pip install 'ssd300[onnx]'`` instead of an ImportError traceback.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ EXTRA_OF: dict[str, str] = {
     "onnxruntime": "onnx",
     "onnxscript": "onnx",
     "nvidia.dali": "dali",
+    "faster_coco_eval": "eval",
     "tensorboard": "tensorboard",
 }
 

@@ -42,6 +42,7 @@ from ssd300.files import write_json
 from ssd300.logging_utils import RunLogger
 from ssd300.model import SSD300
 from ssd300.optim import WarmupMultiStepSchedule, build_optimizer, scaled_learning_rate
+from ssd300.optional import install_hint
 from ssd300.runtime import Runtime, default_workers
 from ssd300.trainer import StopFlag, Trainer
 
@@ -164,7 +165,7 @@ class TrainConfig:
             from ssd300.data.dali import dali_available
 
             if not dali_available():
-                raise UserInputError(f"{_named('dali')}: NVIDIA DALI is not installed (pip install nvidia-dali-cuda120)")
+                raise UserInputError(f"{_named('dali')}: NVIDIA DALI is not installed ({install_hint('nvidia.dali')})")
         for name in ("checkpoint", "backbone_path"):
             path = getattr(self, name)
             if path is not None and not path.is_file():

@@ -62,7 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="learning rate for a global batch of 32; scaled by world size x batch / 32")
     recipe.add_argument("--momentum", "-m", type=float, default=DEFAULTS.momentum)
     recipe.add_argument("--weight-decay", "--wd", type=float, default=DEFAULTS.weight_decay)
-    recipe.add_argument("--warmup", type=int, default=DEFAULTS.warmup, help="linear warmup iterations (published runs: 300)")
+    recipe.add_argument("--warmup", type=int, default=DEFAULTS.warmup,
+                        help="linear warmup iterations (published runs: 300)")
     recipe.add_argument("--multistep", nargs="*", type=int, default=list(DEFAULTS.multistep),
                         help="epochs at which the learning rate is multiplied by 0.1")
     recipe.add_argument("--bn-recalibration", type=int, default=DEFAULTS.bn_recalibration, metavar="BATCHES",
@@ -108,7 +109,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         data=args.data, train_images=args.train_images, train_annotations=args.train_annotations,
         val_images=args.val_images, val_annotations=args.val_annotations, num_workers=args.num_workers,
         dali=args.dali, strict_images=args.strict_images, iou_crop=not args.no_iou_crop,
-        mode=args.mode, epochs=args.epochs, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, eval_backend=args.eval_backend,
+        mode=args.mode, epochs=args.epochs, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
+        eval_backend=args.eval_backend,
         seed=args.seed, checkpoint=args.checkpoint, save=args.save, evaluation=tuple(args.evaluation),
         device="cpu" if args.no_cuda else args.device,
         learning_rate=args.learning_rate, momentum=args.momentum, weight_decay=args.weight_decay,
