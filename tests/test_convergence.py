@@ -106,6 +106,8 @@ def test_overfits_two_images_in_bf16_like_fp32(two_images, fp32_run):
     run = overfit(two_images, amp=True)  # the runtime's CPU fast path: bf16 autocast, channels-last
     assert_converged(run)
     # The same start (bf16 rounds activations to ~3 significant digits; the loss is fp32) and the same
-    # first update (step 0 has learning rate 0 in the warmup). Later steps drift apart as rounding
-    # differences compound (20% at step 3 on seed 0, both runs then falling), so only the bound holds there.
-    assert run.losses[:3] == pytest.approx(fp32_run.losses[:3], rel=0.05), (run.losses, fp32_run.losses)
+    # first update (step 0 has learning rate 0 in the warmup; step 2 follows one bf16 gradient: <= 4.3%
+    # off fp32 over seeds 0-4). Later steps drift apart as rounding differences compound (20% at step 3
+    # on some seeds, both runs still falling), so only the bound is compared there.
+    assert run.losses[:2] == pytest.approx(fp32_run.losses[:2], rel=0.02), (run.losses, fp32_run.losses)
+    assert run.losses[2] == pytest.approx(fp32_run.losses[2], rel=0.1), (run.losses, fp32_run.losses)
