@@ -12,6 +12,7 @@ from torch import nn
 from ssd300.checkpoint import unwrap_model
 from ssd300.coco_eval import CocoMetrics, detections_to_rows, evaluate_results, merge_rank_rows, rows_to_results, \
     write_results_json
+from ssd300.data.coco import skipped_summary
 from ssd300.default_boxes import default_boxes_300
 from ssd300.distributed import DistributedContext, all_gather_objects, broadcast_object, gather_arrays
 from ssd300.labels import LabelMap
@@ -78,7 +79,7 @@ def evaluate_model(model: nn.Module, loader: Iterable[Any], coco_gt: Any, label_
             write_results_json(results, results_path)
         all_skipped = [s for g in gathered for s in g]
         if all_skipped and log is not None:
-            log(f"evaluation skipped {len(all_skipped)} unreadable images, e.g. {all_skipped[0]}")
+            log(f"evaluation: {skipped_summary(all_skipped)}")
         metrics = evaluate_results(coco_gt, results, image_ids=ids)
     metrics = broadcast_object(metrics)
     assert metrics is not None

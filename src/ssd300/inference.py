@@ -37,7 +37,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ssd300.data.images import DECODE_ERRORS, draft_for_crop, open_image, to_rgb, to_uint8_chw
+from ssd300.data.images import DECODE_ERRORS, apply_orientation, draft_for_crop, exif_orientation, open_image, \
+    oriented_size, to_rgb, to_uint8_chw
 from ssd300.data.transforms import EvalTransform
 from ssd300.default_boxes import default_boxes_300
 from ssd300.errors import UserInputError, one_line
@@ -104,16 +105,19 @@ class ImageDetections:
 
 
 def load_rgb(path: PathLike, draft: bool = True) -> Image.Image:
-    """Decode an image file to RGB; with ``draft`` big JPEGs decode at a reduced scale (>= 300 px).
+    """Decode an image file to RGB as a viewer shows it: EXIF orientation applied (a phone photo
+    stored sideways comes out upright); with ``draft`` big JPEGs decode at a reduced scale (>= 300 px).
 
-    Returns the decoded image and keeps the file's full size in ``image.info["original_size"]``,
-    so boxes are reported in the original pixel grid. Raises one of ``DECODE_ERRORS``.
+    Returns the decoded image and keeps the file's full size (as displayed) in
+    ``image.info["original_size"]``, so boxes are reported in the upright picture's pixels.
+    Raises one of ``DECODE_ERRORS``.
     """
     image = open_image(path)
-    original_size = image.size
+    orientation = exif_orientation(image)
+    original_size = oriented_size(image.size, orientation)
     if draft:
         draft_for_crop(image, (1.0, 1.0), EvalTransform.size)
-    image = to_rgb(image)
+    image = apply_orientation(to_rgb(image), orientation)
     image.info["original_size"] = original_size
     return image
 
