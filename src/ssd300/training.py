@@ -303,12 +303,19 @@ class _Run:
         if paths.train is not None:
             self.train_set = CocoDetection(*paths.train, train=True, seed=self.seed, strict=config.strict_images,
                                            transform=TrainTransform(crop=config.iou_crop))
-        data_label_map = self.train_set.label_map if self.train_set is not None else None
-        if self.checkpoint is None and data_label_map is None and paths.val is not None:
-            data_label_map = CocoDetection(*paths.val, train=False).label_map
+        data_label_map, data_source = None, "the dataset"
+        if self.train_set is not None and paths.train is not None:
+            data_label_map, data_source = self.train_set.label_map, f"annotation file {paths.train[1]}"
+        elif paths.val is not None:
+            # evaluation: the validation file's own categories, checked against the checkpoint's
+            self.val_set = CocoDetection(*paths.val, train=False, strict=config.strict_images)
+            data_label_map, data_source = self.val_set.label_map, f"annotation file {paths.val[1]}"
+        # A checkpoint and the data must agree on every category (id and name): training needs the
+        # same labels in the same order; evaluation may use a subset of the checkpoint's categories.
         self.spec = resolve_model_spec(self.checkpoint, source=f"checkpoint {config.checkpoint}",
-                                       data_label_map=data_label_map, backbone=config.backbone)
-        if paths.val is not None:
+                                       data_label_map=data_label_map, data_source=data_source,
+                                       data_subset_ok=self.train_set is None, backbone=config.backbone)
+        if paths.val is not None and (self.val_set is None or self.val_set.label_map != self.spec.label_map):
             self.val_set = CocoDetection(*paths.val, train=False, label_map=self.spec.label_map,
                                          strict=config.strict_images)
         self.coco_gt = load_coco_ground_truth(paths.val[1], backend=config.eval_backend) if (
