@@ -155,7 +155,8 @@ def test_labelme_background_category_is_not_an_object_class(tmp_path, caplog):
     assert dataset.stats.background_boxes == 1
     assert [r.labels.tolist() for r in dataset.records] == [[1], [2]]
     note = [m for m in caplog.messages if "treated as" in m]
-    assert len(note) == 1 and "category 0 '_background_' is treated as the background" in note[0] and "1 of its annotations dropped" in note[0]
+    assert len(note) == 1 and "category 0 '_background_' is treated as the background" in note[0]
+    assert "1 of its annotations dropped" in note[0]
     assert "1 background-category boxes" in dataset.stats.summary()
 
 
@@ -178,7 +179,8 @@ def test_category_mismatch_names_the_first_difference():
     renamed = LabelMap.from_categories([(1, "cat"), (2, "wolf"), (3, "emu")])
     assert category_mismatch(model, renamed) == "category id 2 is 'dog' in the checkpoint but 'wolf' in the dataset"
     extra = LabelMap.from_categories([(1, "cat"), (9, "yak")])
-    assert category_mismatch(model, extra, subset_ok=True) == "category id 9 ('yak') of the dataset is not in the checkpoint"
+    assert category_mismatch(model, extra, subset_ok=True) == \
+        "category id 9 ('yak') of the dataset is not in the checkpoint"
     subset = LabelMap.from_categories([(3, "emu")])
     assert category_mismatch(model, subset, subset_ok=True) is None
     assert "category id 1 ('cat') of the checkpoint is not in the dataset" == category_mismatch(model, subset)

@@ -26,8 +26,9 @@ def _ground_truth(tmp_path: Path, seed: int = 0) -> tuple[Path, dict]:
         for _ in range(int(rng.integers(1, 4))):
             w, h = float(rng.uniform(20, 120)), float(rng.uniform(20, 90))
             x, y = float(rng.uniform(0, 300 - w)), float(rng.uniform(0, 200 - h))
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(rng.choice([3, 7])),
-                                "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id,
+                                "category_id": int(rng.choice([3, 7])), "bbox": [x, y, w, h], "area": w * h,
+                                "iscrowd": 0})
     annotations.append({"id": len(annotations) + 1, "image_id": 1, "category_id": 0, "bbox": [0, 0, 300, 200],
                         "area": 60000.0, "iscrowd": 0})
     gt = {"images": images, "annotations": annotations,

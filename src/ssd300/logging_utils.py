@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional, TextIO
 
+from ssd300.files import json_ready
+
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
 
@@ -53,7 +55,7 @@ def _redirect_logging() -> contextlib.AbstractContextManager[Any]:
     root = logging.getLogger()
     if any(isinstance(h, _TqdmWriteHandler) for h in root.handlers):
         return contextlib.nullcontext()
-    from tqdm.contrib.logging import logging_redirect_tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm  # type: ignore[import-untyped]
 
     return logging_redirect_tqdm()
 
@@ -130,8 +132,6 @@ class Progress:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-from ssd300.files import json_ready
 
 
 class RunLogger:

@@ -80,7 +80,8 @@ def plot_evaluation(metrics: CocoMetrics, names: Mapping[int, str], path: str | 
     ax_bars.bar([p + 0.2 for p in positions], [metrics.per_class[c]["AP"] for c in classes], width=0.4,
                 label="AP@[.5:.95]")
     ax_bars.set_xticks(list(positions))
-    ax_bars.set_xticklabels(labels, rotation=60 if len(classes) > 8 else 0, ha="right" if len(classes) > 8 else "center",
+    many = len(classes) > 8
+    ax_bars.set_xticklabels(labels, rotation=60 if many else 0, ha="right" if many else "center",
                             fontsize=8 if len(classes) > 20 else 10)
     ax_bars.set_ylim(0, 1)
     ax_bars.set(title=f"per-class AP ({title})" if title else "per-class AP", ylabel="AP")

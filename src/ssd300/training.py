@@ -293,7 +293,8 @@ class _Run:
         self.logger = RunLogger(enabled=ctx.is_main, jsonl_path=log_file, tensorboard_dir=config.tensorboard,
                                 log_interval=config.log_interval, progress=config.progress)
         self.results_path = config.results or (self.save_dir / "results.json" if self.save_dir is not None else None)
-        self.summary_path = config.json_summary or (self.save_dir / "metrics.json" if self.save_dir is not None else None)
+        self.summary_path = config.json_summary or (
+            self.save_dir / "metrics.json" if self.save_dir is not None else None)
         self.result = RunResult(mode=config.mode)
 
     # ------------------------------------------------------------------ building
