@@ -97,10 +97,10 @@ class _EpochSource:
 
     def _size_problem(self, index: int, data: bytes) -> Optional[str]:
         """As the PyTorch loader: the header's size must be the json's (else boxes are misaligned)."""
-        record = self.dataset.records[index]
+        width, height = self.dataset.index.size(index)
         try:
             with Image.open(io.BytesIO(data)) as header:  # header only: no pixels are decoded
-                check_image_size(header, record.width, record.height)
+                check_image_size(header, width, height)
         except ImageSizeMismatch as err:
             return f"{self.dataset.path_of(index)}: {err}"
         except DECODE_ERRORS as err:
