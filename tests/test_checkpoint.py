@@ -272,7 +272,7 @@ def test_resolve_model_spec_one_rule_for_checkpoint_dataset_and_flags(model: SSD
     assert resolve_model_spec(bare, data_label_map=data).label_map == data
     with pytest.raises(UserInputError, match="has 4 classes .* but the dataset has 5"):
         resolve_model_spec(bare, data_label_map=LabelMap.generic(label_map.num_classes + 1))
-    with pytest.raises(UserInputError, match="other category ids than the dataset's"):
+    with pytest.raises(UserInputError, match="checkpoint and the dataset have different categories: category id 1"):
         resolve_model_spec(stored, data_label_map=LabelMap.generic(3))
 
 

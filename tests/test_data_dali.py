@@ -154,3 +154,15 @@ def test_missing_file_is_skipped_and_reported(synthetic_dataset, tmp_path):
     dataset = CocoDetection.from_root(root, "train")
     skipped = sum((batch.skipped for batch in _loader(dataset)), [])
     assert len(skipped) == 1 and "000002.jpg" in skipped[0]
+
+
+def test_image_of_another_size_than_the_json_says_is_skipped_and_reported(synthetic_dataset, tmp_path):
+    from ssd300.data.coco import SIZE_MISMATCH
+
+    root = synthetic_dataset(num_train=8, num_val=1, seed=4, copy_to=tmp_path / "d")
+    path = root / "train" / "000003.jpg"
+    with Image.open(path) as image:
+        image.transpose(Image.Transpose.ROTATE_90).save(path)  # as a phone photo stored sideways
+    dataset = CocoDetection.from_root(root, "train")
+    skipped = sum((batch.skipped for batch in _loader(dataset)), [])
+    assert len(skipped) == 1 and "000003.jpg" in skipped[0] and SIZE_MISMATCH in skipped[0]

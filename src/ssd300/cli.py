@@ -51,6 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"ssd300 {name}", description=COMMANDS[name][1])
     module.add_arguments(parser)
     args = parser.parse_args(rest)
+    from ssd300.logging_utils import configure_logging
+
+    configure_logging()  # warnings (ours and libraries') above the progress bars, not through them
     try:
         return int(module.run(args) or 0)
     except UserInputError as err:

@@ -12,6 +12,7 @@ from torch import nn
 from ssd300.checkpoint import unwrap_model
 from ssd300.coco_eval import CocoMetrics, detections_to_rows, evaluate_results, merge_rank_rows, rows_to_results, \
     write_results_json
+from ssd300.data.coco import skipped_summary
 from ssd300.default_boxes import default_boxes_300
 from ssd300.distributed import DistributedContext, all_gather_objects, broadcast_object, gather_arrays
 from ssd300.labels import LabelMap
@@ -56,16 +57,19 @@ def predict_rows(model: nn.Module, loader: Iterable[Any], postprocessor: PostPro
 def evaluate_model(model: nn.Module, loader: Iterable[Any], coco_gt: Any, label_map: LabelMap, *,
                    ctx: DistributedContext, runtime: Runtime, channels_last: bool,
                    results_path: Optional[Path] = None, postprocess: PostprocessConfig = COCO_EVAL,
-                   log: Optional[Callable[[str], None]] = None) -> CocoMetrics:
+                   log: Optional[Callable[[str], None]] = None,
+                   progress: Optional[Callable[[int], None]] = None) -> CocoMetrics:
     """COCO evaluation over ``loader`` (all ranks take part); every rank returns the same metrics.
 
     Post-processing defaults to :data:`~ssd300.postprocess.COCO_EVAL` (NMS IoU 0.5, as the reference's
     evaluation, SPEC §5).
-    ``coco_gt`` is only needed on the main rank.
+    ``coco_gt`` is only needed on the main rank. ``progress(n)`` is called after each batch of
+    ``n`` images (e.g. :meth:`ssd300.logging_utils.Progress.update`). Only the label map's
+    categories are scored (a background category of the file is not a class the model missed).
     """
     postprocessor = PostProcessor(default_boxes_300().to(ctx.device), postprocess)
     image_ids, rows, skipped = predict_rows(unwrap_model(model), loader, postprocessor, runtime,
-                                            label_map.category_ids, channels_last)
+                                            label_map.category_ids, channels_last, progress)
     # Detections travel as arrays to rank 0 only (not pickles to every rank); skips are few and small.
     gathered_ids = gather_arrays(np.asarray(image_ids, dtype=np.int64), ctx.device)
     gathered_rows = gather_arrays(rows, ctx.device)
@@ -79,8 +83,8 @@ def evaluate_model(model: nn.Module, loader: Iterable[Any], coco_gt: Any, label_
             write_results_json(results, results_path)
         all_skipped = [s for g in gathered for s in g]
         if all_skipped and log is not None:
-            log(f"evaluation skipped {len(all_skipped)} unreadable images, e.g. {all_skipped[0]}")
-        metrics = evaluate_results(coco_gt, results, image_ids=ids)
+            log(f"evaluation: {skipped_summary(all_skipped)}")
+        metrics = evaluate_results(coco_gt, results, image_ids=ids, category_ids=label_map.category_ids[1:])
     metrics = broadcast_object(metrics)
     assert metrics is not None
     return metrics

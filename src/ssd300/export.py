@@ -1,4 +1,4 @@
-"""Export SSD300 to ONNX or TorchScript: the whole detector (decoding + NMS) or the raw heads.
+"""Export SSD300 to ONNX, torch.export (pt2) or TorchScript: the whole detector (decoding + NMS) or the raw heads.
 
 Full detector (default)
     input  ``images``  float32 (N, 3, 300, 300), already preprocessed exactly like the model's
@@ -26,7 +26,9 @@ on every supported torch and maps ``torchvision.ops.nms`` straight to ONNX ``Non
 (default) uses dynamo when onnxscript is installed and torch >= 2.9, falling back to legacy if
 the dynamo export fails. Both give the same detections (tested against PyTorch).
 TorchScript is traced (``torch.jit.trace``): every size in the post-processing is computed with
-tensor ops, so the traced graph keeps the batch dynamic.
+tensor ops, so the traced graph keeps the batch dynamic. ``pt2`` is its successor: a
+``torch.export`` ExportedProgram (dynamic batch) saved with ``torch.export.save``. INT8 ONNX files
+come from :mod:`ssd300.quantize`; :mod:`ssd300.exported` runs any of these files.
 """
 
 from __future__ import annotations
@@ -51,8 +53,8 @@ from ssd300.labels import LabelMap
 from ssd300.optional import available, require
 from ssd300.postprocess import PostprocessConfig, clip_boxes
 
-ExportFormat = Literal["onnx", "torchscript"]
-FORMATS: tuple[str, ...] = ("onnx", "torchscript")
+ExportFormat = Literal["onnx", "torchscript", "pt2"]
+FORMATS: tuple[str, ...] = ("onnx", "torchscript", "pt2")
 FULL_OUTPUT_NAMES = ("boxes", "scores", "labels", "num_detections")
 RAW_OUTPUT_NAMES = ("locs", "logits")
 DEFAULT_OPSET = 18
@@ -250,7 +252,7 @@ def export_onnx(module: nn.Module, path: str | Path, raw: bool = False, opset: i
     """Write ``module`` (from :func:`build_export_module`) as ONNX with a dynamic batch axis."""
     if exporter not in EXPORTERS:
         raise UserInputError(f"--exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
-    onnx = require("onnx", "ONNX export")  # before the export: it writes the metadata afterwards
+    require("onnx", "ONNX export")  # before the export: the metadata is written with onnx afterwards
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     names = output_names(raw)
@@ -270,13 +272,23 @@ def export_onnx(module: nn.Module, path: str | Path, raw: bool = False, opset: i
         if not use_dynamo:
             _export_onnx_legacy(module, path, names, opset)
     metadata = {**(metadata or {}), "exporter": "dynamo" if use_dynamo else "legacy"}
-    if metadata:
-        proto = onnx.load(str(path))
-        for key, value in metadata.items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, value
-        onnx.save(proto, str(path))
+    write_onnx_metadata(path, metadata)
     return path
+
+
+def write_onnx_metadata(path: str | Path, metadata: dict[str, str], out: str | Path | None = None) -> Path:
+    """Set ``metadata`` entries (replacing same-named ones) in an ONNX file; written to ``out`` or in place."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    kept = [(p.key, p.value) for p in proto.metadata_props if p.key not in metadata]
+    del proto.metadata_props[:]
+    for key, value in [*kept, *metadata.items()]:
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    target = Path(out) if out is not None else Path(path)
+    onnx.save(proto, str(target))
+    return target
 
 
 def export_torchscript(module: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
@@ -288,6 +300,24 @@ def export_torchscript(module: nn.Module, path: str | Path, metadata: dict[str, 
         traced = torch.jit.trace(module, (_example_input(),), check_trace=False)
     extra = {f"{key}.txt": value for key, value in (metadata or {}).items()}
     torch.jit.save(traced, str(path), _extra_files=extra)
+    return path
+
+
+def export_pt2(module: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """``torch.export`` the module (dynamic batch) and save the ExportedProgram with ``torch.export.save``.
+
+    TorchScript's successor: ``torch.export.load(path).module()(images)`` runs it (torchvision must be
+    imported for ``nms``). The data-dependent sizes of the post-processing (score filter, NMS) are
+    unbacked sizes, as in the dynamo ONNX export. Metadata lands in the archive's extra files.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(module, (_example_input(),), dynamic_shapes={"images": {0: batch}})
+    extra = {f"{key}.txt": value for key, value in (metadata or {}).items()}
+    torch.export.save(program, str(path), extra_files=extra)
     return path
 
 
@@ -309,7 +339,7 @@ def export_metadata(module: nn.Module, label_map: LabelMap, raw: bool) -> dict[s
 def export_model(model: nn.Module, label_map: LabelMap, out: str | Path, fmt: str, raw: bool = False,
                  opset: int = DEFAULT_OPSET, exporter: str = "auto", config: PostprocessConfig | None = None,
                  **overrides: float) -> Path:
-    """Export an SSD300 as ONNX (``fmt="onnx"``) or TorchScript (``fmt="torchscript"``).
+    """Export an SSD300 as ONNX (``fmt="onnx"``), an ExportedProgram (``"pt2"``) or TorchScript.
 
     ``config``/``overrides``: the post-processing baked into the file, see :func:`build_export_module`.
     """
@@ -319,14 +349,18 @@ def export_model(model: nn.Module, label_map: LabelMap, out: str | Path, fmt: st
     metadata = export_metadata(module, label_map, raw)
     if fmt == "onnx":
         return export_onnx(module, out, raw=raw, opset=opset, metadata=metadata, exporter=exporter)
+    if fmt == "pt2":
+        return export_pt2(module, out, metadata=metadata)
     return export_torchscript(module, out, metadata=metadata)
 
 
 def format_from_suffix(path: str | Path) -> str | None:
-    """``.onnx`` -> onnx; ``.pt``/``.pth``/``.ts``/``.torchscript`` -> torchscript; else None."""
+    """``.onnx`` -> onnx; ``.pt2`` -> pt2; ``.pt``/``.pth``/``.ts``/``.torchscript`` -> torchscript; else None."""
     suffix = Path(path).suffix.lower()
     if suffix == ".onnx":
         return "onnx"
+    if suffix == ".pt2":
+        return "pt2"
     if suffix in (".pt", ".pth", ".ts", ".torchscript", ".jit"):
         return "torchscript"
     return None

@@ -15,8 +15,11 @@ are decoded at a reduced DCT scale that still leaves >= 300 pixels (``draft=True
 batch runs through the network the next one is decoded on a background thread. Precision follows
 :mod:`ssd300.runtime`: ``amp=True`` runs float16 autocast on CUDA, the network in bfloat16 on a CPU
 with native bf16 (AVX-512 BF16 / AMX), and fp32 (with a warning) on other CPUs, where bf16 would be
-emulated. ``backend="onnxruntime"`` runs the network with onnxruntime (exported in memory when the
-Detector is built; fp32, CPU), often the fastest CPU path; pre- and post-processing stay the same.
+emulated. ``backend="onnxruntime"`` runs the network with onnxruntime (fp32, CPU; the ONNX file is
+exported once per set of weights and cached, see :func:`ssd300.exported.cached_network_onnx`),
+often the fastest CPU path; pre- and post-processing stay the same. :meth:`Detector.from_exported`
+runs a file written by ``ssd300 export`` (ONNX fp32 or INT8, pt2, TorchScript) with its classes and
+baked-in thresholds.
 """
 
 from __future__ import annotations
@@ -34,12 +37,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ssd300.data.images import DECODE_ERRORS, draft_for_crop, open_image, to_rgb, to_uint8_chw
+from ssd300.data.images import DECODE_ERRORS, apply_orientation, draft_for_crop, exif_orientation, open_image, \
+    oriented_size, to_rgb, to_uint8_chw
 from ssd300.data.transforms import EvalTransform
 from ssd300.default_boxes import default_boxes_300
 from ssd300.errors import UserInputError, one_line
+from ssd300.exported import ExportedModel, load_exported
 from ssd300.labels import LabelMap
-from ssd300.postprocess import PostprocessConfig, PostProcessor
+from ssd300.postprocess import Detections, PostprocessConfig, PostProcessor, boxes_to_pixels
 from ssd300.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -100,16 +105,19 @@ class ImageDetections:
 
 
 def load_rgb(path: PathLike, draft: bool = True) -> Image.Image:
-    """Decode an image file to RGB; with ``draft`` big JPEGs decode at a reduced scale (>= 300 px).
+    """Decode an image file to RGB as a viewer shows it: EXIF orientation applied (a phone photo
+    stored sideways comes out upright); with ``draft`` big JPEGs decode at a reduced scale (>= 300 px).
 
-    Returns the decoded image and keeps the file's full size in ``image.info["original_size"]``,
-    so boxes are reported in the original pixel grid. Raises one of ``DECODE_ERRORS``.
+    Returns the decoded image and keeps the file's full size (as displayed) in
+    ``image.info["original_size"]``, so boxes are reported in the upright picture's pixels.
+    Raises one of ``DECODE_ERRORS``.
     """
     image = open_image(path)
-    original_size = image.size
+    orientation = exif_orientation(image)
+    original_size = oriented_size(image.size, orientation)
     if draft:
         draft_for_crop(image, (1.0, 1.0), EvalTransform.size)
-    image = to_rgb(image)
+    image = apply_orientation(to_rgb(image), orientation)
     image.info["original_size"] = original_size
     return image
 
@@ -136,7 +144,7 @@ class Detector:
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: Union[torch.nn.Module, ExportedModel],
         label_map: Optional[LabelMap] = None,
         *,
         device: Union[str, torch.device, None] = None,
@@ -181,6 +189,10 @@ class Detector:
             raise UserInputError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.backend = backend
         self._session = None
+        self._exported: Optional[ExportedModel] = None
+        if isinstance(model, ExportedModel):
+            self._init_exported(model, device)
+            return
         if backend == "onnxruntime":
             if self.device.type != "cpu" or self.runtime.dtype is not None:
                 raise UserInputError("--backend onnxruntime runs fp32 on the CPU: use --device cpu without --amp")
@@ -212,6 +224,60 @@ class Detector:
         model, label_map, _ = load_model(path, map_location="cpu")
         return cls(model, label_map, device=device, **options)
 
+    @classmethod
+    def from_exported(cls, path: PathLike, runtime: str = "auto", **options: Any) -> "Detector":
+        """Run a file written by ``ssd300 export`` (``.onnx`` fp32/INT8, ``.pt2``, ``.ts``) on the CPU.
+
+        Classes come from the file's metadata. A file holding the whole detector has its
+        post-processing baked in: its thresholds are the defaults here, a higher
+        ``score_threshold`` or lower ``max_detections`` filters further, anything it cannot honour
+        raises :class:`UserInputError`. A ``--raw`` file is post-processed here with ``options``.
+        ``runtime`` picks onnxruntime or OpenVINO for ONNX files (see :mod:`ssd300.exported`).
+        """
+        exported = load_exported(path, runtime=runtime)
+        if not exported.raw:
+            for key, value in exported.settings.items():
+                if options.get(key) is None:
+                    options[key] = value
+        return cls(exported, exported.label_map, **options)
+
+    def _init_exported(self, exported: ExportedModel, device: Union[str, torch.device, None]) -> None:
+        """The exported-file part of ``__init__`` (the checks common to both ran before)."""
+        if device not in (None, "auto") and self.device.type != "cpu":
+            raise UserInputError(f"--device {device}: exported files run on the CPU")
+        self.device = torch.device("cpu")
+        if self.bf16 or self.amp:
+            raise UserInputError(f"{exported.path}: --amp/bf16 do not apply to an exported file "
+                                 f"(its precision is {exported.precision})")
+        if self.backend != "torch":
+            raise UserInputError(f"{exported.path}: --backend does not apply to an exported file; "
+                                 "pick its runtime instead")
+        if not exported.raw:
+            baked = exported.settings
+            post = self.postprocessor.config
+            problems = [
+                f"score threshold {post.score_threshold} < the file's {baked['score_threshold']}"
+                if post.score_threshold < baked.get("score_threshold", 0.0) - 1e-9 else "",
+                f"IoU threshold {post.iou_threshold} != the file's {baked['iou_threshold']}"
+                if abs(post.iou_threshold - baked.get("iou_threshold", post.iou_threshold)) > 1e-9 else "",
+                f"max detections {post.max_detections} > the file's {baked['max_detections']}"
+                if post.max_detections > baked.get("max_detections", post.max_detections) else "",
+            ]
+            problems = [p for p in problems if p]
+            if problems:
+                raise UserInputError(f"{exported.path}: has its post-processing baked in ({'; '.join(problems)}); "
+                                     "re-export with those settings or export with --raw")
+        self.channels_last = False
+        self._exported = exported
+        self.model = None
+        self._names = list(self.label_map.names)
+        self._category_ids = torch.tensor(self.label_map.category_ids, dtype=torch.int64)
+
+    @property
+    def exported(self) -> Optional[ExportedModel]:
+        """The exported file this Detector runs (:meth:`from_exported`), else None."""
+        return self._exported
+
     # ------------------------------------------------------------------ calling
 
     @overload
@@ -242,6 +308,11 @@ class Detector:
 
     def predict_tensor(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The network alone on a normalised (N, 3, 300, 300) batch -> (locs, logits) float32."""
+        if self._exported is not None:
+            if not self._exported.raw:
+                raise ValueError(f"{self._exported.path} holds the whole detector; it has no (locs, logits)")
+            locs, logits = self._exported(images)
+            return locs.float(), logits.float()
         if self._session is not None:
             arrays = self._session.run(None, {"images": images.float().contiguous().cpu().numpy()})
             return torch.from_numpy(arrays[0]), torch.from_numpy(arrays[1])
@@ -314,14 +385,26 @@ class Detector:
     def _detect_prepared(self, prepared: Sequence[_Prepared]) -> list[ImageDetections]:
         pixels = torch.stack([p.pixels for p in prepared]).to(self.device, non_blocking=True)
         sizes = torch.tensor([p.size for p in prepared], dtype=torch.float32)
-        locs, logits = self.predict_tensor(self.transform.normalize(pixels))
-        return self.detections_from_outputs(locs, logits, sizes, [p.source for p in prepared])
+        images = self.transform.normalize(pixels)
+        sources = [p.source for p in prepared]
+        if self._exported is not None and not self._exported.raw:
+            # Post-processing ran inside the file; only the stricter of our limits is left to apply.
+            post = self.postprocessor.config
+            per_image = [_limit(d, post.score_threshold, post.max_detections, size)
+                         for d, size in zip(self._exported.detections(self._exported(images)), sizes)]
+            return self._image_detections(per_image, sizes, sources)
+        locs, logits = self.predict_tensor(images)
+        return self.detections_from_outputs(locs, logits, sizes, sources)
 
     def detections_from_outputs(self, locs: torch.Tensor, logits: torch.Tensor, image_sizes: torch.Tensor,
                                 sources: Optional[Sequence[Optional[str]]] = None) -> list[ImageDetections]:
         """Post-process raw outputs of a batch into per-image pixel detections."""
         sizes = image_sizes.to(torch.float32).cpu()
-        per_image = self.postprocessor(locs, logits, sizes.to(locs.device))
+        return self._image_detections(self.postprocessor(locs, logits, sizes.to(locs.device)), sizes, sources)
+
+    def _image_detections(self, per_image: Sequence[Any], sizes: torch.Tensor,
+                          sources: Optional[Sequence[Optional[str]]] = None) -> list[ImageDetections]:
+        """Per-image detections with ``boxes_pixels`` -> :class:`ImageDetections` with class names."""
         results = []
         for i, det in enumerate(per_image):
             labels = det.labels.cpu()
@@ -336,19 +419,23 @@ class Detector:
 
 
 def _onnxruntime_session(model: torch.nn.Module) -> Any:
-    """The network (no NMS) exported to ONNX in memory and loaded into onnxruntime (CPU)."""
-    import tempfile
-
-    from ssd300.export import build_export_module, export_onnx
+    """The network (no NMS) as ONNX, exported once per weights and cached, loaded into onnxruntime (CPU)."""
+    from ssd300.exported import cached_network_onnx
     from ssd300.optional import require
 
     onnxruntime = require("onnxruntime", "--backend onnxruntime")
     require("onnx", "--backend onnxruntime exports the network to ONNX first")
 
-    module = build_export_module(copy.deepcopy(model).float(), raw=True)  # folds BatchNorm, on the CPU
-    with tempfile.TemporaryDirectory(prefix="ssd300-ort-") as folder:
-        path = export_onnx(module, Path(folder) / "ssd300_raw.onnx", raw=True, exporter="legacy")
-        return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    path = cached_network_onnx(model)
+    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _limit(detections: Detections, score_threshold: float, max_detections: int, image_size: torch.Tensor) -> Detections:
+    """An exported detector's detections (best first, clipped in the file) above ``score_threshold``,
+    at most ``max_detections``, with their pixel boxes for an image of ``image_size`` (width, height)."""
+    keep = torch.nonzero(detections.scores > score_threshold).flatten()[:max_detections]
+    boxes = detections.boxes[keep]
+    return Detections(boxes, detections.scores[keep], detections.labels[keep], boxes_to_pixels(boxes, image_size))
 
 
 __all__ = ["Detector", "ImageDetections", "ImageInput", "load_rgb"]

@@ -1,4 +1,9 @@
-"""``ssd300 detect``: run a checkpoint on image files, folders or globs.
+"""``ssd300 detect``: run a checkpoint or an exported file on image files, folders or globs.
+
+``--checkpoint`` (alias ``--model``) takes a training checkpoint or a file written by
+``ssd300 export`` (``.onnx`` fp32 or INT8, ``.pt2``, TorchScript): an exported file brings its
+classes and its baked-in thresholds (defaults here; see :meth:`ssd300.inference.Detector.from_exported`),
+and ``--runtime`` picks onnxruntime or OpenVINO for ONNX files.
 
 Writes into ``--out``:
 
@@ -21,6 +26,7 @@ a stem.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import os
 import sys
@@ -30,7 +36,9 @@ from typing import Any
 
 from ssd300.commands.options import add_postprocess_arguments, postprocess_config
 from ssd300.errors import UserInputError
+from ssd300.exported import RUNTIMES
 from ssd300.files import write_json
+from ssd300.postprocess import PostprocessConfig
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 _GLOB_CHARS = set("*?[")
@@ -40,7 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="image files, folders (their images, not recursive) or glob patterns "
                              "(quote them; ** recurses)")
-    parser.add_argument("--checkpoint", required=True, help="an SSD300 checkpoint (ours or NVIDIA's reference)")
+    parser.add_argument("--checkpoint", "--model", required=True,
+                        help="an SSD300 checkpoint (ours or NVIDIA's reference) or a file from `ssd300 export` "
+                             "(.onnx, INT8 .onnx, .pt2, .ts)")
+    parser.add_argument("--runtime", choices=RUNTIMES, default="auto",
+                        help="for an exported ONNX file: onnxruntime (auto) or openvino")
     parser.add_argument("--out", required=True, help="output folder")
     add_postprocess_arguments(parser)
     parser.add_argument("--draw-threshold", type=float, default=0.3,
@@ -55,6 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strict", action="store_true",
                         help="stop at the first unreadable or non-image file instead of skipping it")
     parser.add_argument("--no-images", action="store_true", help="do not write annotated images")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress bar (default: when stderr is a terminal; else a line every 10 s)")
     parser.add_argument("--full-decode", action="store_true",
                         help="decode big JPEGs at full size (default: reduced DCT scale that still gives >= 300 px)")
 
@@ -109,6 +123,27 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserInputError(f"--out {out}: exists and is not a folder")
 
 
+def _build_detector(args: argparse.Namespace, postprocess: PostprocessConfig) -> Any:
+    from ssd300.exported import is_exported_file
+    from ssd300.inference import Detector
+
+    if is_exported_file(args.checkpoint):
+        if args.amp or args.backend != "torch":
+            raise UserInputError(f"--checkpoint {args.checkpoint}: an exported file runs as exported; "
+                                 "drop --amp/--backend (pick --runtime for ONNX)")
+        # The file's baked-in post-processing is the default: only flags the user changed are passed on.
+        defaults = PostprocessConfig()
+        changed = {key: value for key, value in dataclasses.asdict(postprocess).items()
+                   if value != getattr(defaults, key)}
+        return Detector.from_exported(args.checkpoint, runtime=args.runtime, device=args.device,
+                                      batch_size=args.batch_size, draft=not args.full_decode, **changed)
+    if args.runtime != "auto":
+        raise UserInputError("--runtime applies to exported files (.onnx); use --backend for a checkpoint")
+    return Detector.from_checkpoint(
+        args.checkpoint, device=args.device, postprocess=postprocess, batch_size=args.batch_size,
+        amp=args.amp, draft=not args.full_decode, backend=args.backend)
+
+
 def run(args: argparse.Namespace) -> int:
     postprocess = postprocess_config(args)
     _check_args(args)
@@ -120,14 +155,17 @@ def run(args: argparse.Namespace) -> int:
     if not paths:
         raise UserInputError("no images to process in " + " ".join(args.inputs))
 
-    from ssd300.inference import Detector
+    from ssd300.logging_utils import Progress
     from ssd300.visualize import draw_detection_result, save_image
 
-    detector = Detector.from_checkpoint(
-        args.checkpoint, device=args.device, postprocess=postprocess, batch_size=args.batch_size,
-        amp=args.amp, draft=not args.full_decode, backend=args.backend)
-    detector.runtime.configure()  # process-wide settings (TF32, cuDNN autotuning), as train does
-    print(f"ssd300 detect: {detector.runtime.describe()}", file=sys.stderr)
+    detector = _build_detector(args, postprocess)
+    exported = detector.exported
+    if exported is not None:
+        print(f"ssd300 detect: {exported.path.name}: {exported.format} {exported.precision} on {exported.runtime}",
+              file=sys.stderr)
+    else:
+        detector.runtime.configure()  # process-wide settings (TF32, cuDNN autotuning), as train does
+        print(f"ssd300 detect: {detector.runtime.describe()}", file=sys.stderr)
     label_map = detector.label_map
     out = Path(args.out)
     names = output_names(paths)
@@ -139,9 +177,11 @@ def run(args: argparse.Namespace) -> int:
     skipped: list[dict[str, str]] = [{"file_name": item, "error": problem} for item, problem in missing]
     start = time.perf_counter()
     on_error = "raise" if args.strict else "skip"
+    progress = Progress(len(paths), "ssd300 detect", enabled=args.progress)
     for path, result in detector.detect_files(paths, on_error=on_error):
+        progress.update(1)
         if isinstance(result, Exception):
-            print(f"ssd300 detect: skipping {result}", file=sys.stderr)
+            progress.write(f"ssd300 detect: skipping {result}")
             skipped.append({"file_name": path, "error": str(result)})
             continue
         image_id = image_ids[path]
@@ -157,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
             picture = load_rgb(path, draft=False)
             drawn = draw_detection_result(picture, result, score_threshold=args.draw_threshold)
             save_image(drawn, out / "annotated" / f"{name_of[path]}{suffix}")
+    progress.close()
     elapsed = time.perf_counter() - start
 
     categories = [{"id": cid, "name": name}

@@ -1,4 +1,4 @@
-"""``ssd300 export``: write a checkpoint as ONNX or TorchScript (see :mod:`ssd300.export`).
+"""``ssd300 export``: write a checkpoint as ONNX, pt2 (torch.export) or TorchScript (see :mod:`ssd300.export`).
 
 The file holds the whole detector (network, box decoding, per-class NMS) with a dynamic batch
 size and fixed-size outputs per image: ``boxes (N, K, 4)`` ltrb normalised, ``scores (N, K)``,
@@ -6,6 +6,12 @@ size and fixed-size outputs per image: ``boxes (N, K, 4)`` ltrb normalised, ``sc
 (``locs (N, 4, 8732)``, ``logits (N, C, 8732)``). Input: ``images`` float32 (N, 3, 300, 300),
 preprocessed like the model's input. After writing, the file is run once and compared with
 PyTorch (skip with ``--no-check``).
+
+``--int8 --calibration DIR`` writes an INT8 ONNX file instead (:mod:`ssd300.quantize`): the
+network quantised after calibration on DIR's images (a folder, or a COCO-format dataset's
+training images), decoding and NMS in float; same inputs, outputs and metadata. Its check
+reports how many of fp32's confident detections (score >= 0.5) on calibration images INT8
+reproduces (same label, IoU >= 0.9).
 """
 
 from __future__ import annotations
@@ -20,7 +26,10 @@ import torch
 from ssd300.commands.options import add_postprocess_arguments, postprocess_config
 from ssd300.errors import UserInputError
 from ssd300.export import DEFAULT_OPSET, EXPORTERS, FORMATS, build_export_module, export_model, format_from_suffix
+from ssd300.labels import LabelMap
 from ssd300.optional import available, install_hint, require
+from ssd300.postprocess import PostprocessConfig
+from ssd300.quantize import DEFAULT_CALIBRATION_IMAGES, QUANTIZERS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +44,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ONNX exporter: dynamo (torch's default), legacy (TorchScript-based) or auto "
                              "(dynamo when available, else legacy)")
     parser.add_argument("--no-check", action="store_true", help="do not run the exported file against PyTorch")
+    parser.add_argument("--int8", action="store_true",
+                        help="INT8 ONNX: post-training static quantisation of the network (needs --calibration)")
+    parser.add_argument("--calibration", default=None, metavar="DIR",
+                        help="--int8 calibration images: a folder of images or a COCO-format dataset (its train split)")
+    parser.add_argument("--calibration-images", type=int, default=DEFAULT_CALIBRATION_IMAGES, metavar="N",
+                        help=f"images used for calibration, spread over DIR (default {DEFAULT_CALIBRATION_IMAGES})")
+    parser.add_argument("--quantizer", choices=QUANTIZERS, default=QUANTIZERS[0],
+                        help="--int8 quantiser: onnxruntime (default; heads stay float) or nncf (pip install nncf); "
+                             "both write QDQ ONNX")
 
 
 def check_export(module: torch.nn.Module, path: Path, fmt: str, batch: int = 2) -> tuple[float, bool]:
@@ -56,8 +74,9 @@ def check_export(module: torch.nn.Module, path: Path, fmt: str, batch: int = 2) 
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         got = [torch.from_numpy(a) for a in session.run(None, {"images": images.numpy()})]
     else:
-        with torch.no_grad():
-            got = [t.detach().cpu() for t in torch.jit.load(str(path))(images)]
+        from ssd300.exported import load_exported
+
+        got = load_exported(path)(images)
     if len(expected) == 4:  # full detector: compare per image, tie-order independent
         expected, got = _canonical_rows(expected), _canonical_rows(got)
     worst, same_ints = 0.0, True
@@ -92,7 +111,14 @@ def run(args: argparse.Namespace) -> int:
     fmt = args.format or format_from_suffix(args.out)
     if fmt is None:
         raise UserInputError(f"--out {args.out}: cannot tell the format from the suffix; "
-                             "pass --format onnx|torchscript")
+                             "pass --format onnx|pt2|torchscript")
+    if args.int8:
+        if fmt != "onnx":
+            raise UserInputError(f"--int8 writes ONNX; --out {args.out} asks for {fmt}")
+        if args.calibration is None:
+            raise UserInputError("--int8 needs --calibration DIR (a folder of images or a COCO-format dataset)")
+    elif args.calibration is not None:
+        raise UserInputError("--calibration is only used with --int8")
     if fmt == "onnx":
         require("onnx", "--format onnx")  # before loading the checkpoint
     from ssd300.checkpoint import load_model
@@ -103,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
     # Export traces the fp32 network on the CPU; the file's runtime picks its own precision.
     print(f"ssd300 export: {Runtime.resolve('cpu', amp=False, channels_last=False).describe()}")
     start = time.perf_counter()
+    if args.int8:
+        return _run_int8(args, model, label_map, config, start)
     path = export_model(model, label_map, args.out, fmt, raw=args.raw, opset=args.opset, exporter=args.exporter,
                         config=config)
     how = fmt if fmt != "onnx" else f"onnx, {_onnx_exporter(path)} exporter"
@@ -115,3 +143,33 @@ def run(args: argparse.Namespace) -> int:
         print(f"ssd300 export: checked against PyTorch on a random batch of 2: "
               f"max float difference {worst:.2e}, {verdict}")
     return 0
+
+
+def _run_int8(args: argparse.Namespace, model: torch.nn.Module, label_map: LabelMap, config: PostprocessConfig,
+              start: float) -> int:
+    from ssd300.quantize import calibration_batches, calibration_files, export_int8, resolve_quantizer
+
+    path = export_int8(model, label_map, args.out, args.calibration, args.calibration_images, raw=args.raw,
+                       opset=args.opset, quantizer=args.quantizer, config=config)
+    print(f"ssd300 export: wrote {path} (INT8 ONNX, {resolve_quantizer(args.quantizer)} quantiser, "
+          f"{'raw outputs' if args.raw else 'with NMS'}, dynamic batch) in {time.perf_counter() - start:.1f} s")
+    if not args.no_check and not args.raw:
+        images = next(calibration_batches(calibration_files(args.calibration, min(args.calibration_images, 8))))
+        reproduced, confident = int8_agreement(model, Path(path), images, config)
+        print(f"ssd300 export: INT8 reproduces {reproduced}/{confident} of fp32's detections scoring >= 0.5 "
+              f"(same label, IoU >= 0.9) on calibration images")
+    return 0
+
+
+def int8_agreement(model: torch.nn.Module, path: Path, images: np.ndarray,
+                   config: PostprocessConfig) -> tuple[int, int]:
+    """(reproduced, confident) fp32 detections of ``images`` by the INT8 file (see quantize.confident_agreement)."""
+    from ssd300.exported import load_exported
+    from ssd300.quantize import confident_agreement
+
+    module = build_export_module(model, config=config)
+    batch = torch.from_numpy(images)
+    exported = load_exported(path)
+    with torch.no_grad():
+        fp32 = exported.detections([t.detach() for t in module(batch)])  # its padded -> Detections conversion
+    return confident_agreement(fp32, exported.detections(exported(batch)))

@@ -90,7 +90,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     log = parser.add_argument_group("logging")
     log.add_argument("--log-interval", type=int, default=DEFAULTS.log_interval)
-    log.add_argument("--json-summary", type=Path, default=None, help="write a JSON summary of the run here")
+    log.add_argument("--json-summary", type=Path, default=None,
+                     help="write a JSON summary of the run here (default: <save>/metrics.json)")
     log.add_argument("--log-file", type=Path, default=None,
                      help="JSON-lines log (default: <save>/log.jsonl when --save is given)")
     log.add_argument("--results", type=Path, default=None,

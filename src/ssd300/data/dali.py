@@ -15,6 +15,7 @@ it is reproducible for a seed but is not the same stream as the PyTorch path.
 
 from __future__ import annotations
 
+import io
 import logging
 from collections import deque
 from typing import Any, Iterator, Optional
@@ -22,7 +23,10 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 
-from ssd300.data.coco import CocoDetection
+from PIL import Image
+
+from ssd300.data.coco import CocoDetection, ImageSizeMismatch, check_image_size
+from ssd300.data.images import DECODE_ERRORS
 from ssd300.data.loaders import Batch, EpochSampler
 from ssd300.data.transforms import (BRIGHTNESS, CONTRAST, CROP_ASPECT, CROP_SCALE, HUE, INPUT_SIZE,
                                     SATURATION)
@@ -72,18 +76,32 @@ class _EpochSource:
 
     def _read(self, index: int) -> Optional[bytes]:
         path = self.dataset.path_of(index)
+        reason: Optional[str]
         try:
             data = path.read_bytes()
         except OSError as err:
             reason = f"{path}: {err.strerror or err}"
         else:
-            if data.startswith(_IMAGE_SIGNATURES):
+            reason = self._size_problem(index, data) if data.startswith(_IMAGE_SIGNATURES) else \
+                f"{path}: not a JPEG/PNG/BMP/GIF/TIFF/WebP file"
+            if reason is None:
                 return data
-            reason = f"{path}: not a JPEG/PNG/BMP/GIF/TIFF/WebP file"
         if self.dataset.strict:
             raise UserInputError(f"{reason} (image is missing or cannot be decoded)")
         log.warning("skipping image %s", reason)
         self._current_skips.append(reason)
+        return None
+
+    def _size_problem(self, index: int, data: bytes) -> Optional[str]:
+        """As the PyTorch loader: the header's size must be the json's (else boxes are misaligned)."""
+        width, height = self.dataset.index.size(index)
+        try:
+            with Image.open(io.BytesIO(data)) as header:  # header only: no pixels are decoded
+                check_image_size(header, width, height)
+        except ImageSizeMismatch as err:
+            return f"{self.dataset.path_of(index)}: {err}"
+        except DECODE_ERRORS as err:
+            return f"{self.dataset.path_of(index)}: cannot be decoded ({err})"
         return None
 
     def __call__(self, iteration: int) -> tuple[list[np.ndarray], ...]:
