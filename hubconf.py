@@ -4,13 +4,16 @@ Mirrors the reference's hub entry points::
 
     import torch
     repo = "/path/to/ssd300"            # this checkout
-    model = torch.hub.load(repo, "nvidia_ssd", source="local", checkpoint="ssd300.pt")
-    utils = torch.hub.load(repo, "nvidia_ssd_processing_utils", source="local")
-    batch = utils.prepare_tensor([utils.prepare_input("photo.jpg")])
+    model = torch.hub.load(repo, "nvidia_ssd", source="local", checkpoint="ssd300.pt")  # CUDA if available
+    utils = torch.hub.load(repo, "nvidia_ssd_processing_utils", source="local", checkpoint="ssd300.pt")
+    batch = utils.prepare_tensor([utils.prepare_input("photo.jpg")])   # on the model's device
     with torch.no_grad():
         detections = utils.decode_results(model(batch))        # per image: [boxes, classes, scores]
     best = [utils.pick_best(d, 0.40) for d in detections]
-    names = utils.get_coco_object_dictionary()                 # names[label - 1]
+    names = utils.get_coco_object_dictionary()                 # the checkpoint's names: names[label - 1]
+
+Model and tensors go to one device: ``device=None`` is the project's one rule (CUDA when
+available, else the CPU) for both; pass the same ``device="cpu"``/``"cuda:1"`` to both to choose.
 
 and adds our own:
 
@@ -46,23 +49,28 @@ def _no_download(entry: str) -> Exception:
 
 
 def nvidia_ssd(pretrained: bool = True, checkpoint: Optional[str] = None, model_math: str = "fp32",
-               backbone: str = "resnet50", num_classes: int = 81, **kwargs: Any):
-    """SSD300 (ResNet-50) as in the reference's ``nvidia_ssd``: returns the model in eval mode.
+               backbone: str = "resnet50", num_classes: int = 81, device: Optional[str] = None, **kwargs: Any):
+    """SSD300 (ResNet-50) as in the reference's ``nvidia_ssd``: returns the model in eval mode on
+    ``device`` (None: CUDA when available, else the CPU: the device ``prepare_tensor`` uses too).
 
     ``checkpoint``: a local checkpoint file (required when ``pretrained``). ``model_math="fp16"``
-    returns a half-precision model, as the reference does.
+    returns a half-precision model, as the reference does. ``model.label_map`` holds the class
+    names and category ids (``utils.get_coco_object_dictionary(model)`` lists the names).
     """
     import torch
 
+    from ssd300.runtime import resolve_device
+
     if checkpoint is None and pretrained:
         raise _no_download("nvidia_ssd")
+    target = resolve_device(device, flag="device")
     model = ssd300(checkpoint=checkpoint, pretrained=pretrained, backbone=backbone,
                    num_classes=num_classes, **kwargs)
     if model_math == "fp16":
         model = model.half()
     elif model_math != "fp32":
         raise ValueError(f"model_math must be 'fp32' or 'fp16', got {model_math!r}")
-    return model.eval() if isinstance(model, torch.nn.Module) else model
+    return model.to(target).eval() if isinstance(model, torch.nn.Module) else model
 
 
 def ssd300(checkpoint: Optional[str] = None, pretrained: bool = True, backbone: str = "resnet50",
@@ -72,14 +80,18 @@ def ssd300(checkpoint: Optional[str] = None, pretrained: bool = True, backbone: 
     ``backbone_path`` (a local torchvision ResNet state dict) may be passed for a fresh model.
     """
     from ssd300.checkpoint import load_model
+    from ssd300.labels import LabelMap
     from ssd300.model import SSD300
 
     if checkpoint is not None:
-        model, _, _ = load_model(checkpoint, map_location=map_location)
+        model, label_map, _ = load_model(checkpoint, map_location=map_location)
+        model.label_map = label_map  # the checkpoint's class names and category ids
         return model
     if pretrained:
         raise _no_download("ssd300")
-    return SSD300(backbone=backbone, num_classes=num_classes, backbone_path=kwargs.get("backbone_path")).eval()
+    model = SSD300(backbone=backbone, num_classes=num_classes, backbone_path=kwargs.get("backbone_path")).eval()
+    model.label_map = LabelMap.coco2017() if num_classes == 81 else LabelMap.generic(num_classes)
+    return model
 
 
 def detector(checkpoint: Optional[str] = None, device: Optional[str] = None, **options: Any):
@@ -97,8 +109,17 @@ class Processing:
     Differences from the reference, on purpose: images are read from local paths only, the
     preprocessing is the training/evaluation one (resize to 300x300, ImageNet mean/std) rather
     than the reference notebook's aspect-keeping rescale + centre crop with mean/std 128, and the
-    COCO class names are built in (nothing is downloaded).
+    class names come from the checkpoint (COCO's built in when none is given; nothing is
+    downloaded). ``device`` (None: CUDA when available, else the CPU, as ``nvidia_ssd``) is where
+    ``prepare_tensor`` puts the batch.
     """
+
+    def __init__(self, label_map: Any = None, device: Optional[str] = None) -> None:
+        from ssd300.labels import LabelMap
+        from ssd300.runtime import resolve_device
+
+        self.label_map = label_map if label_map is not None else LabelMap.coco2017()
+        self.device = resolve_device(device, flag="device")
 
     @staticmethod
     def load_image(image_path: str):
@@ -114,14 +135,17 @@ class Processing:
 
         return EvalTransform()(Processing.load_image(img_uri)).permute(1, 2, 0).numpy()
 
-    @staticmethod
-    def prepare_tensor(inputs, fp16: bool = False):
-        """A list of ``prepare_input`` arrays -> an NCHW tensor (on the GPU when there is one)."""
+    def prepare_tensor(self, inputs, fp16: bool = False, device: Optional[str] = None):
+        """A list of ``prepare_input`` arrays -> an NCHW tensor on ``device`` (default: the utils'
+        device, the same rule as ``nvidia_ssd``'s, so model and batch meet)."""
         import numpy as np
         import torch
 
+        from ssd300.runtime import resolve_device
+
+        target = self.device if device is None else resolve_device(device, flag="device")
         tensor = torch.from_numpy(np.stack([np.asarray(x, dtype=np.float32) for x in inputs])).permute(0, 3, 1, 2)
-        tensor = tensor.contiguous().to("cuda" if torch.cuda.is_available() else "cpu")
+        tensor = tensor.contiguous().to(target)
         return tensor.half() if fp16 else tensor
 
     @staticmethod
@@ -146,14 +170,22 @@ class Processing:
         best = np.flatnonzero(detections[2] > threshold)
         return [part[best] for part in detections]
 
-    @staticmethod
-    def get_coco_object_dictionary():
-        """The 80 COCO class names in label order (label 1 is ``[0]``)."""
-        from ssd300.labels import LabelMap
+    def get_coco_object_dictionary(self, model: Any = None):
+        """The class names in label order (label 1 is ``[0]``): of ``model`` (one from
+        ``nvidia_ssd``/``ssd300``) when given, else of the utils' checkpoint, else COCO's 80."""
+        label_map = getattr(model, "label_map", None) or self.label_map
+        return list(label_map.names[1:])
 
-        return list(LabelMap.coco2017().names[1:])
 
+def nvidia_ssd_processing_utils(checkpoint: Optional[str] = None, device: Optional[str] = None):
+    """The reference's processing utilities (same method names): see :class:`Processing`.
 
-def nvidia_ssd_processing_utils():
-    """The reference's processing utilities (same method names): see :class:`Processing`."""
-    return Processing()
+    ``checkpoint``: a local checkpoint whose class names ``get_coco_object_dictionary`` returns
+    (default: COCO's). ``device``: where ``prepare_tensor`` puts batches (default as ``nvidia_ssd``).
+    """
+    label_map = None
+    if checkpoint is not None:
+        from ssd300.checkpoint import load_checkpoint, resolve_model_spec
+
+        label_map = resolve_model_spec(load_checkpoint(checkpoint), source=f"checkpoint {checkpoint}").label_map
+    return Processing(label_map, device)

@@ -88,7 +88,8 @@ class BaselineDataset(torch.utils.data.Dataset):
         if rng.random() < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
             boxes = flip_boxes(boxes)
-        return self.to_tensor(image), torch.from_numpy(boxes.astype(np.float32)), torch.from_numpy(record.labels[decision.keep])
+        labels = torch.from_numpy(record.labels[decision.keep])
+        return self.to_tensor(image), torch.from_numpy(boxes.astype(np.float32)), labels
 
 
 def baseline_collate(samples):
@@ -197,7 +198,7 @@ def main() -> None:
         for run in contenders.values():
             run()  # warm-up: start workers, build the pipeline
         loaded = {k: statistics.median(v) for k, v in interleaved(contenders, args.repeats).items()}
-        del base_loader, loader
+        base_loader = loader = None  # drop them: their worker processes stop before the next runs
 
         rows += [("baseline PIL + torchvision, 1 process", base_single, base_cpu, None),
                  ("ours, 1 process", ours_single, ours_cpu, ours_single / base_single),

@@ -82,7 +82,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}\n")
     print("| workload | per-image loop (ms) | batched BoxCoder.encode (ms) | speed-up |")
     print("|---|---|---|---|")
-    print(f"| {IMAGES} images x {BOXES} boxes, CPU | {baseline * 1e3:.2f} | {ours * 1e3:.2f} | {baseline / ours:.1f}x |")
+    print(f"| {IMAGES} images x {BOXES} boxes, CPU | {baseline * 1e3:.2f} | {ours * 1e3:.2f} "
+          f"| {baseline / ours:.1f}x |")
 
 
 if __name__ == "__main__":

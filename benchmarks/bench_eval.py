@@ -1,6 +1,7 @@
 """COCO evaluation at val2017 scale: rank-0 evaluation time per backend, and gathering detections.
 
-1. A synthetic val2017-sized set (5,000 images, 1-14 boxes each, ~1 % crowd, COCO's category ids) with ~70k detections near the ground truth plus false positives:
+1. A synthetic val2017-sized set (5,000 images, 1-14 boxes each, ~1 % crowd, COCO's category ids)
+   with ~70k detections near the ground truth plus false positives:
    ground-truth load and ``evaluate_results`` time per backend (median of ``--repeats``), and
    whether the 12 numbers agree.
 2. Gathering 5,000 images x 200 detections from 2 gloo ranks onto rank 0: today's

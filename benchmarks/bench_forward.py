@@ -131,7 +131,8 @@ def main() -> None:
 
     # Emulated bf16 matmul runs at well under 1 GFLOP/s: a small n keeps it to about a second.
     matmul_n = {"fp32": 2048, "bf16": 2048 if bf16_native else 512}
-    probes = {f"matmul {d}": matmul_probe(dt, matmul_n[d]) for d, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    probes = {f"matmul {d}": matmul_probe(dt, matmul_n[d])
+              for d, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     calls = {f"{name} {dtype}": fn for name, dtype, _, fn, _ in variants} | probes
     seconds = time_interleaved(calls, args.iterations)
     peak = {d: 2 * matmul_n[d] ** 3 / seconds[f"matmul {d}"] / 1e9 for d in matmul_n}

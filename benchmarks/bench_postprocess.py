@@ -134,7 +134,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     dboxes = default_boxes_300()
     coder = BoxCoder(dboxes)
-    print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, threads {torch.get_num_threads()}, batch {BATCH}\n")
+    print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, threads {torch.get_num_threads()}, "
+          f"batch {BATCH}\n")
     print("| scores | candidates/image | reference style (s) | per-class torchvision (s) | ours: per_group (s) "
           "| ours: matrix (s) | ours: offsets (s) | speed-up vs reference style | vs per-class torchvision "
           "| ours without candidate skipping (s) | skipping speed-up |")

@@ -79,7 +79,8 @@ def test_detect_writes_json_coco_results_and_annotated_images(inputs, checkpoint
 
     # The per-image JSON equals the Python API's result for that file.
     record = json.loads((out / "detections" / "two.json").read_text())
-    expected = Detector.from_checkpoint(checkpoint, score_threshold=0.2, max_detections=50)(inputs / "folder" / "two.png")
+    detector = Detector.from_checkpoint(checkpoint, score_threshold=0.2, max_detections=50)
+    expected = detector(inputs / "folder" / "two.png")
     assert record["image_id"] == 4 and (record["width"], record["height"]) == (200, 300)
     assert len(record["detections"]) == len(expected) > 0
     first = record["detections"][0]

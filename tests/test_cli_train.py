@@ -8,18 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TWO_CLASSES
 
 from ssd300.cli import main
-from ssd300.data.synth import generate_synthetic_dataset
 from ssd300.labels import LabelMap
 from ssd300.model import SSD300
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return generate_synthetic_dataset(tmp_path_factory.mktemp("synth"), num_train=2, num_val=2, seed=0,
-                                      num_classes=2, max_objects=2, min_width=240, max_width=260,
-                                      min_height=200, max_height=220)
+def data_dir(synthetic_dataset) -> Path:
+    return synthetic_dataset(num_train=2, num_val=2, seed=0, **TWO_CLASSES)
 
 
 @pytest.fixture(scope="module")
@@ -133,9 +131,8 @@ def test_benchmark_modes_report_images_per_second(capsys, data_dir, checkpoint, 
     assert "benchmark-training: images_per_second" in capsys.readouterr().err
 
 
-def test_strict_images_makes_an_undecodable_image_fatal(capsys, tmp_path):
-    data = generate_synthetic_dataset(tmp_path / "synth", num_train=2, num_val=2, seed=0, num_classes=2,
-                                      max_objects=2, min_width=240, max_width=260, min_height=200, max_height=220)
+def test_strict_images_makes_an_undecodable_image_fatal(capsys, synthetic_dataset, tmp_path):
+    data = synthetic_dataset(num_train=2, num_val=2, seed=0, copy_to=tmp_path / "synth", **TWO_CLASSES)
     broken = sorted((data / "train").iterdir())[0]
     broken.write_bytes(b"not a jpeg")
     argv = ["train", "--data", str(data), "--backbone", "resnet18", "--epochs", "1", "--bs", "2", "--num-workers", "0",

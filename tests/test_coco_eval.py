@@ -104,7 +104,9 @@ def test_no_detections_give_zero_metrics(tmp_path):
 
 def test_merge_counts_sampler_padding_once():
     # rank 0 ran images 1, 2; rank 1 ran 3 and (padding) 1 again with identical detections
-    row = lambda i, s: [i, 0, 0, 5, 5, s, 3]
+    def row(i: int, s: float) -> list[float]:
+        return [i, 0, 0, 5, 5, s, 3]
+
     rank0 = ([1, 2], np.array([row(1, 0.9), row(2, 0.8)], dtype=np.float64))
     rank1 = ([3, 1], np.array([row(3, 0.7), row(1, 0.9)], dtype=np.float64))
     ids, merged = merge_rank_rows([rank0, rank1])
@@ -137,8 +139,9 @@ def _crowded_ground_truth(tmp_path, num_images=40, seed=4):
         for _ in range(int(rng.integers(1, 8))):
             w, h = float(rng.uniform(4, width / 2)), float(rng.uniform(4, height / 2))  # small to large
             x, y = float(rng.uniform(0, width - w)), float(rng.uniform(0, height - h))
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(rng.choice([3, 7])),
-                                "bbox": [x, y, w, h], "area": w * h, "iscrowd": int(rng.random() < 0.12)})
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id,
+                                "category_id": int(rng.choice([3, 7])), "bbox": [x, y, w, h], "area": w * h,
+                                "iscrowd": int(rng.random() < 0.12)})
     gt = {"images": images, "annotations": annotations,
           "categories": [{"id": 3, "name": "three"}, {"id": 7, "name": "seven"}, {"id": 9, "name": "never"}]}
     path = tmp_path / "crowded.json"

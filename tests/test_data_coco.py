@@ -72,7 +72,8 @@ GOOD = {"images": [{"id": 1, "file_name": "1.jpg", "width": 10, "height": 10}],
     (lambda d: d["images"][0].pop("file_name"), r"images\[0\] \(id 1\): missing key 'file_name'"),
     (lambda d: d["images"][0].update(width=-3), r"images\[0\] \(id 1\): 'width' must be a positive number"),
     (lambda d: d["annotations"][0].update(image_id=99), r"annotations\[0\] \(id 5\): refers to unknown image_id 99"),
-    (lambda d: d["annotations"][0].update(category_id=7), r"annotations\[0\] \(id 5\): refers to unknown category_id 7"),
+    (lambda d: d["annotations"][0].update(category_id=7),
+     r"annotations\[0\] \(id 5\): refers to unknown category_id 7"),
     (lambda d: d["annotations"][0].update(bbox=[1, 1, -2, 2]), "negative width or height"),
     (lambda d: d["annotations"][0].update(bbox=[1, 1, 2]), "'bbox' must be 4 finite numbers"),
     (lambda d: d["annotations"][0].pop("bbox"), r"annotations\[0\] \(id 5\): missing key 'bbox'"),
@@ -162,7 +163,8 @@ def _modes(tmp_path: Path) -> dict[str, Path]:
     rgb = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
     paths = {}
     Image.fromarray(rgb[:, :, 0], "L").save(paths.setdefault("gray", tmp_path / "gray.jpg"))
-    Image.fromarray(np.dstack([rgb, np.full((30, 40), 128, np.uint8)]), "RGBA").save(paths.setdefault("rgba", tmp_path / "rgba.png"))
+    rgba = Image.fromarray(np.dstack([rgb, np.full((30, 40), 128, np.uint8)]), "RGBA")
+    rgba.save(paths.setdefault("rgba", tmp_path / "rgba.png"))
     Image.fromarray(rgb).convert("CMYK").save(paths.setdefault("cmyk", tmp_path / "cmyk.jpg"))
     palette = Image.fromarray(rgb).convert("P", palette=Image.ADAPTIVE, colors=16)
     palette.info["transparency"] = 0

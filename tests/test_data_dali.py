@@ -14,12 +14,11 @@ from ssd300.data.dali import dali_available
 pytestmark = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI (extra 'dali') is not importable here")
 
 from ssd300.data.coco import CocoDetection  # noqa: E402
-from ssd300.data.synth import generate_synthetic_dataset  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = generate_synthetic_dataset(tmp_path_factory.mktemp("synth"), num_train=16, num_val=1, seed=2)
+def dataset(synthetic_dataset):
+    root = synthetic_dataset(num_train=16, num_val=1, seed=2)
     return CocoDetection.from_root(root, "train")
 
 
@@ -149,9 +148,21 @@ def test_encoding_dali_boxes_with_box_coder_equals_dali_box_encoder(dataset):
     assert compared > 8732 * 10
 
 
-def test_missing_file_is_skipped_and_reported(tmp_path):
-    root = generate_synthetic_dataset(tmp_path / "d", num_train=8, num_val=1, seed=4)
+def test_missing_file_is_skipped_and_reported(synthetic_dataset, tmp_path):
+    root = synthetic_dataset(num_train=8, num_val=1, seed=4, copy_to=tmp_path / "d")
     (root / "train" / "000002.jpg").unlink()
     dataset = CocoDetection.from_root(root, "train")
     skipped = sum((batch.skipped for batch in _loader(dataset)), [])
     assert len(skipped) == 1 and "000002.jpg" in skipped[0]
+
+
+def test_image_of_another_size_than_the_json_says_is_skipped_and_reported(synthetic_dataset, tmp_path):
+    from ssd300.data.coco import SIZE_MISMATCH
+
+    root = synthetic_dataset(num_train=8, num_val=1, seed=4, copy_to=tmp_path / "d")
+    path = root / "train" / "000003.jpg"
+    with Image.open(path) as image:
+        image.transpose(Image.Transpose.ROTATE_90).save(path)  # as a phone photo stored sideways
+    dataset = CocoDetection.from_root(root, "train")
+    skipped = sum((batch.skipped for batch in _loader(dataset)), [])
+    assert len(skipped) == 1 and "000003.jpg" in skipped[0] and SIZE_MISMATCH in skipped[0]

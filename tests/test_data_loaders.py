@@ -7,13 +7,12 @@ import torch
 
 from ssd300.data.coco import CocoDetection, Sample
 from ssd300.data.loaders import EpochSampler, build_eval_loader, build_train_loader, collate
-from ssd300.data.synth import generate_synthetic_dataset
 from ssd300.data.transforms import normalize
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return generate_synthetic_dataset(tmp_path_factory.mktemp("synth"), num_train=24, num_val=10, seed=5)
+def data_root(synthetic_dataset):
+    return synthetic_dataset(num_train=24, num_val=10, seed=5)
 
 
 def _sample(num_boxes: int, image_id: int) -> Sample:

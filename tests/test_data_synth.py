@@ -81,7 +81,7 @@ def test_knobs_are_respected():
         image, objects = render_image(np.random.default_rng(seed), config)
         assert len(objects) == 3
         shorter = min(image.size)
-        for (x, y, w, h), category in objects:
+        for (_, _, w, h), category in objects:
             assert category in (1, 2)
             assert 0.3 * shorter - 2 <= max(w, h) <= 0.4 * shorter + 2
 

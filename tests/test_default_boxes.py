@@ -47,7 +47,7 @@ def test_count_and_per_level_counts() -> None:
 def test_first_and_last_box_of_each_level(level: int) -> None:
     boxes = default_boxes_300().xywh
     fk = 300 / STEPS[level]
-    sk, sk_next = SCALES[level] / 300, SCALES[level + 1] / 300
+    sk = SCALES[level] / 300
     size = FEATURE_SIZES[level]
     # First box: first size (sk, sk) at row 0, column 0.
     first = _clamp([0.5 / fk, 0.5 / fk, sk, sk])

@@ -101,3 +101,33 @@ def test_detector_entry_point(checkpoint, photo):
     result = detector(str(photo))
     assert result.image_size == (360, 300)
     assert set(result.class_names) <= set(LabelMap.coco2017().names[1:])
+
+
+def test_processing_utils_name_a_custom_checkpoints_classes(tmp_path):
+    torch.manual_seed(0)
+    custom = SSD300("resnet18", num_classes=3)
+    path = tmp_path / "custom.pt"
+    save_checkpoint(path, model_checkpoint(custom, LabelMap.from_categories([(4, "cat"), (9, "dog")])))
+    utils = _hub("nvidia_ssd_processing_utils", checkpoint=str(path), device="cpu")
+    assert utils.get_coco_object_dictionary() == ["cat", "dog"]
+    model = _hub("nvidia_ssd", checkpoint=str(path), device="cpu")
+    plain = _hub("nvidia_ssd_processing_utils", device="cpu")
+    assert plain.get_coco_object_dictionary(model) == ["cat", "dog"]          # the model's names
+    assert len(plain.get_coco_object_dictionary()) == 80                       # no checkpoint: COCO's
+
+
+def test_model_and_prepared_tensors_share_one_device(checkpoint, photo, monkeypatch):
+    # Both follow one rule (CUDA when available, else the CPU) and one explicit choice: asked for
+    # the CPU, the batch stays there even where CUDA "is available" (the old prepare_tensor moved it).
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    model = _hub("nvidia_ssd", checkpoint=str(checkpoint), device="cpu")
+    utils = _hub("nvidia_ssd_processing_utils", device="cpu")
+    batch = utils.prepare_tensor([utils.prepare_input(str(photo))])
+    assert batch.device == next(model.parameters()).device == torch.device("cpu")
+    with torch.no_grad():
+        locs, _ = model(batch)
+    assert locs.shape == (1, 4, 8732)
+    monkeypatch.undo()
+    default_model = _hub("nvidia_ssd", checkpoint=str(checkpoint))
+    default_utils = _hub("nvidia_ssd_processing_utils")
+    assert next(default_model.parameters()).device.type == default_utils.device.type

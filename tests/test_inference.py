@@ -107,8 +107,8 @@ def test_batched_call_equals_one_by_one(detector, images):
 def test_reference_checkpoint_with_module_prefix_loads(model, tmp_path, images):
     state = {f"module.{k}": v for k, v in model.state_dict().items()}
     path = tmp_path / "reference.pt"
-    torch.save({"model": state, "epoch": 64, "iteration": 100, "label_map": {0: "background", 1: "cat", 2: "dog", 3: "bird"}},
-               path)
+    torch.save({"model": state, "epoch": 64, "iteration": 100,
+                "label_map": {0: "background", 1: "cat", 2: "dog", 3: "bird"}}, path)
     reference = Detector.from_checkpoint(path, device="cpu", score_threshold=0.1)
     assert reference.label_map.names == LABEL_MAP.names
     # Without category_ids, COCO class names map to their COCO category ids.

@@ -103,7 +103,8 @@ def test_int8_detections_agree_with_fp32_on_confident_objects(photos, int8_file,
 def test_int8_file_has_the_fp32_files_outputs_and_metadata(photos, int8_file, tmp_path):
     model, label_map, _ = load_model(CHECKPOINT)
     fp32_file = export_model(model, label_map, tmp_path / "ssd.onnx", "onnx", exporter="legacy")
-    sessions = [onnxruntime.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (fp32_file, int8_file)]
+    sessions = [onnxruntime.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+                for p in (fp32_file, int8_file)]
     for kind in ("get_inputs", "get_outputs"):
         fp32_io, int8_io = ([(a.name, a.type, len(a.shape)) for a in getattr(s, kind)()] for s in sessions)
         assert fp32_io == int8_io

@@ -29,7 +29,7 @@ def test_checkpoint_round_trip_keeps_custom_ids():
 
 def test_reference_checkpoint_label_map_with_coco_names_gets_coco_ids():
     # The reference stores only {label: name}, background included.
-    reference = {"label_map": {i: name for i, name in enumerate(["background", *(n for _, n in COCO_CATEGORIES)])}}
+    reference = {"label_map": dict(enumerate(["background", *(n for _, n in COCO_CATEGORIES)]))}
     assert LabelMap.from_checkpoint(reference, num_classes=81) == LabelMap.coco2017()
 
 

@@ -343,7 +343,8 @@ def test_backbone_weights_wrong_files(tmp_path) -> None:
     reshaped["conv1.weight"] = torch.zeros(64, 1, 7, 7)
     bad_shape = tmp_path / "bad_shape.pth"
     torch.save(reshaped, bad_shape)
-    with pytest.raises(UserInputError, match=r"conv1.weight has shape \(64, 1, 7, 7\), resnet18 expects \(64, 3, 7, 7\)"):
+    with pytest.raises(UserInputError,
+                       match=r"conv1.weight has shape \(64, 1, 7, 7\), resnet18 expects \(64, 3, 7, 7\)"):
         ResNetTrunk("resnet18", bad_shape)
 
 

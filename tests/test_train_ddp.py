@@ -17,8 +17,7 @@ import sys
 from pathlib import Path
 
 import torch
-
-from ssd300.data.synth import generate_synthetic_dataset
+from conftest import TWO_CLASSES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,9 +35,8 @@ def _run(command: list[str]) -> str:
     return proc.stdout + proc.stderr
 
 
-def test_two_ranks_match_one_rank_with_double_batch(tmp_path):
-    data = generate_synthetic_dataset(tmp_path / "data", num_train=4, num_val=3, seed=1, num_classes=2,
-                                      max_objects=2, min_width=240, max_width=300, min_height=200, max_height=260)
+def test_two_ranks_match_one_rank_with_double_batch(synthetic_dataset, tmp_path):
+    data = synthetic_dataset(num_train=4, num_val=3, seed=1, **TWO_CLASSES)
     common = ["train", "--data", str(data), "--backbone", "resnet18", "--epochs", "1", "--seed", "3",
               "--num-workers", "0", "--no-amp", "--freeze-bn", "--warmup", "0", "--lr", "0.1", "--device", "cpu",
               "--evaluation", "0", "--ebs", "2", "--no-progress", "--log-interval", "1"]

@@ -45,6 +45,14 @@ BACKBONE_CHANNELS: dict[str, tuple[int, int, int, int, int, int]] = {
 _TRUNK_CHILDREN = 7
 
 
+# torchvision's ImageNet weight files (``ResNet<n>_Weights.IMAGENET1K_V1``) for --backbone-path; the
+# 8 hex digits in each name are the first 8 of the file's sha256 (torch.hub checks them so too).
+TORCHVISION_IMAGENET_FILES: dict[str, str] = {
+    "resnet18": "resnet18-f37072fd.pth", "resnet34": "resnet34-b627a593.pth", "resnet50": "resnet50-0676ba61.pth",
+    "resnet101": "resnet101-63fe2227.pth", "resnet152": "resnet152-394f9c45.pth",
+}
+
+
 def check_backbone_name(name: str) -> str:
     if name not in _RESNETS:
         raise UserInputError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
@@ -69,7 +77,7 @@ class ResNetTrunk(nn.Module):
 
 
 def _set_first_block_stride_one(layer3: nn.Module) -> None:
-    block = layer3[0]
+    block: Any = layer3[0]  # type: ignore[index]  # a torchvision Bottleneck/BasicBlock
     block.conv1.stride = (1, 1)
     block.conv2.stride = (1, 1)
     if block.downsample is not None:

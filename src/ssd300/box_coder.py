@@ -123,8 +123,10 @@ def _best_matches(
             best_anchor_iou, best_anchor = chunk_iou, chunk_anchor
         else:
             better = chunk_iou > best_anchor_iou  # strict: an earlier chunk keeps ties
+            assert best_anchor is not None
             best_anchor_iou = torch.where(better, chunk_iou, best_anchor_iou)
             best_anchor = torch.where(better, chunk_anchor, best_anchor)
+    assert best_anchor is not None  # at least one chunk
     return torch.cat(best_ious, dim=1), best_anchor
 
 
@@ -272,7 +274,6 @@ def _grid_candidates(
     bound, threshold), a few default boxes around the gt instead of all 8732.
     """
     num_gt = gt.shape[0]
-    num_blocks = grid.start.shape[0]
     left, top, right, bottom = (c[None, :] for c in gt.unbind(1))  # (1, V)
 
     # Lower bound of each gt's best IoU: exact IoU with the probe of every block.
@@ -281,7 +282,8 @@ def _grid_candidates(
     probe_col = (((left + right) * 0.5) * grid.fk[:, None]).long().clamp_(min=0).minimum(last)
     probe_row = (((top + bottom) * 0.5) * grid.fk[:, None]).long().clamp_(min=0).minimum(last)
     probes = grid.start[:, None] + probe_row * grid.size[:, None] + probe_col  # (B, V)
-    probe_iou = _iou(left, top, right, bottom, *anchors_ltrb.index_select(0, probes.view(-1)).view(*probes.shape, 4).unbind(-1))
+    probe_boxes = anchors_ltrb.index_select(0, probes.view(-1)).view(*probes.shape, 4)
+    probe_iou = _iou(left, top, right, bottom, *probe_boxes.unbind(-1))
     floor = probe_iou.amax(dim=0, keepdim=True).clamp_(max=iou_threshold)
     floor = floor - floor.abs() * _BOUND_SLACK  # (1, V)
 

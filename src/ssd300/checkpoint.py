@@ -26,7 +26,7 @@ from torch import nn
 from .backbone import check_backbone_name
 from .default_boxes import DefaultBoxesConfig
 from .errors import UserInputError
-from .labels import LabelMap
+from .labels import LabelMap, category_mismatch
 from .model import SSD300
 from .files import MapLocation, PathLike, read_torch_file, strip_module_prefix
 
@@ -152,14 +152,18 @@ class ModelSpec:
 
 
 def resolve_model_spec(checkpoint: Mapping[str, Any] | None = None, *, source: str = "checkpoint",
-                       data_label_map: LabelMap | None = None, backbone: str | None = None,
+                       data_label_map: LabelMap | None = None, data_source: str = "the dataset",
+                       data_subset_ok: bool = False, backbone: str | None = None,
                        num_classes: int | None = None, default_backbone: str = "resnet50") -> ModelSpec:
     """Decide the model's architecture and label map once, from (checkpoint, dataset, explicit choices).
 
     * With a checkpoint, its weights decide the architecture (:func:`checkpoint_architecture`); an
       explicit ``backbone``/``num_classes`` must agree. Its ``label_map`` names the classes; a file
       without one (a bare state dict) takes the dataset's, else generic names.
-      ``data_label_map`` (the training data's) must have the checkpoint's category ids.
+      ``data_label_map`` (the dataset's, read from ``data_source``) must have the checkpoint's
+      categories: the same ids with the same names, in the same order (training), or a subset of
+      them (``data_subset_ok``: evaluation); otherwise a one-line error names both files and the
+      first difference (:func:`ssd300.labels.category_mismatch`).
     * Without one: ``backbone`` (default ``default_backbone``) and the dataset's label map.
     """
     if backbone is not None:
@@ -173,21 +177,20 @@ def resolve_model_spec(checkpoint: Mapping[str, Any] | None = None, *, source: s
         return ModelSpec(backbone or default_backbone, data_label_map)
     stored = checkpoint_architecture(checkpoint, source)
     _check_match(source, stored, backbone, num_classes)
-    if checkpoint.get("label_map") or data_label_map is None:
+    if not checkpoint.get("label_map") and data_label_map is not None and data_label_map.num_classes == stored[1]:
+        label_map = data_label_map  # a bare state dict: the dataset names its classes
+    elif checkpoint.get("label_map") or data_label_map is None or data_subset_ok:
         try:
             label_map = LabelMap.from_checkpoint(checkpoint, num_classes=stored[1])
         except ValueError as exc:
             raise UserInputError(f"{source}: {exc}") from None
     else:
-        if data_label_map.num_classes != stored[1]:
-            raise UserInputError(f"{source}: has {stored[1]} classes (incl. background) but the dataset has "
-                                 f"{data_label_map.num_classes}")
-        label_map = data_label_map
-    if data_label_map is not None and (label_map.num_classes != data_label_map.num_classes
-                                       or label_map.category_ids != data_label_map.category_ids):
-        raise UserInputError(
-            f"{source} was trained on {label_map.num_classes - 1} classes with other category ids than the "
-            f"dataset's ({data_label_map.num_classes - 1} classes)")
+        raise UserInputError(f"{source}: has {stored[1]} classes (incl. background) but the dataset has "
+                             f"{data_label_map.num_classes}")
+    if data_label_map is not None and label_map is not data_label_map:
+        mismatch = category_mismatch(label_map, data_label_map, subset_ok=data_subset_ok)
+        if mismatch is not None:
+            raise UserInputError(f"{source} and {data_source} have different categories: {mismatch}")
     return ModelSpec(stored[0], label_map)
 
 

@@ -86,6 +86,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     module.add_arguments(parser)
     _help_for_defaults(parser)
     args = parser.parse_args(rest)
+    from ssd300.logging_utils import configure_logging
+
+    configure_logging()  # warnings (ours and libraries') above the progress bars, not through them
     previous = _raise_on_sigterm()
     try:
         return int(module.run(args) or 0)

@@ -24,6 +24,7 @@ import torch
 
 from ssd300.errors import UserInputError
 from ssd300.files import write_json
+from ssd300.optional import available, install_hint
 from ssd300.postprocess import boxes_to_pixels, clip_boxes
 
 EVAL_BACKENDS: tuple[str, ...] = ("faster-coco-eval", "pycocotools")
@@ -36,13 +37,18 @@ STAT_NAMES: tuple[str, ...] = (
 ROW_WIDTH = 7
 
 
+RECALL_POINTS = 101  # pycocotools' recall thresholds 0, 0.01, ..., 1
+
+
 @dataclass
 class CocoMetrics:
     """The 12 COCO bbox statistics (-1 where undefined), the printed summary, and per-class AP.
 
-    ``per_class`` maps each ground-truth category id to ``{"AP": ..., "AP50": ...}`` (area all,
+    ``per_class`` maps each evaluated category id to ``{"AP": ..., "AP50": ...}`` (area all,
     100 detections; -1 for a category without ground truth in the evaluated images), taken from
     the accumulated precision array as pycocotools' summary does for all classes together.
+    ``pr_curves`` holds each category's interpolated precision at IoU 0.5 at the 101 recall
+    points 0..1 (categories with ground truth only).
     """
 
     stats: list[float] = field(default_factory=lambda: [0.0] * len(STAT_NAMES))
@@ -51,6 +57,7 @@ class CocoMetrics:
     num_detections: int = 0
     per_class: dict[int, dict[str, float]] = field(default_factory=dict)
     backend: str = ""
+    pr_curves: dict[int, list[float]] = field(default_factory=dict)
 
     @property
     def ap(self) -> float:
@@ -62,6 +69,22 @@ class CocoMetrics:
 
     def as_dict(self) -> dict[str, float]:
         return {name: float(v) for name, v in zip(STAT_NAMES, self.stats)}
+
+    def per_class_records(self, names: dict[int, str]) -> list[dict[str, Any]]:
+        """``[{"category_id", "name", "AP", "AP50"}]`` in category order (for JSON files)."""
+        return [{"category_id": cid, "name": names.get(cid, str(cid)), "AP": round(v["AP"], 5),
+                 "AP50": round(v["AP50"], 5)} for cid, v in self.per_class.items()]
+
+    def per_class_table(self, names: dict[int, str]) -> str:
+        """The per-class AP and AP50 as a text table ("-" where a class has no ground truth)."""
+        if not self.per_class:
+            return ""
+        width = max(8, *(len(names.get(cid, str(cid))) for cid in self.per_class))
+        lines = [f" {'class':<{width}}  {'id':>5}  {'AP':>6}  {'AP50':>6}"]
+        for cid, values in self.per_class.items():
+            cells = [f"{values[k]:6.3f}" if values[k] >= 0 else f"{'-':>6}" for k in ("AP", "AP50")]
+            lines.append(f" {names.get(cid, str(cid)):<{width}}  {cid:>5}  {cells[0]}  {cells[1]}")
+        return "\n".join(lines)
 
 
 def detections_to_rows(boxes_ltrb: Sequence[torch.Tensor], scores: Sequence[torch.Tensor],
@@ -92,7 +115,7 @@ def detections_to_rows(boxes_ltrb: Sequence[torch.Tensor], scores: Sequence[torc
     return np.concatenate(chunks) if chunks else np.zeros((0, ROW_WIDTH))
 
 
-def merge_rank_rows(per_rank: Iterable[tuple[Sequence[int], np.ndarray]]) -> tuple[list[int], np.ndarray]:
+def merge_rank_rows(per_rank: Iterable[tuple[Sequence[int] | np.ndarray, np.ndarray]]) -> tuple[list[int], np.ndarray]:
     """Merge (image ids, rows) from every rank, counting each image once.
 
     A ``DistributedSampler`` pads the last shard by repeating images; the first rank that saw an
@@ -127,11 +150,7 @@ def write_results_json(results: list[dict[str, Any]], path: str | os.PathLike[st
 
 
 def faster_coco_eval_available() -> bool:
-    try:
-        import faster_coco_eval  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return available("faster_coco_eval")
 
 
 def resolve_eval_backend(backend: Optional[str] = None) -> str:
@@ -141,7 +160,7 @@ def resolve_eval_backend(backend: Optional[str] = None) -> str:
     if backend not in EVAL_BACKENDS:
         raise UserInputError(f"--eval-backend {backend}: choose one of auto, {', '.join(EVAL_BACKENDS)}")
     if backend == "faster-coco-eval" and not faster_coco_eval_available():
-        raise UserInputError("--eval-backend faster-coco-eval: not installed (pip install 'ssd300[eval]')")
+        raise UserInputError(f"--eval-backend faster-coco-eval: not installed ({install_hint('faster_coco_eval')})")
     return backend
 
 
@@ -163,26 +182,35 @@ def backend_of(coco_gt: Any) -> str:
 
 
 def evaluate_results(coco_gt: Any, results: list[dict[str, Any]] | str | os.PathLike[str],
-                     image_ids: Sequence[int] | None = None) -> CocoMetrics:
+                     image_ids: Sequence[int] | None = None,
+                     category_ids: Sequence[int] | None = None) -> CocoMetrics:
     """COCO bbox evaluation with ``coco_gt``'s backend; ``results`` is a list of result dicts or a
     json path.
 
     ``image_ids`` restricts the evaluation to the images that were actually run (default: all
-    images of the ground truth, as pycocotools does).
+    images of the ground truth, as pycocotools does); ``category_ids`` to the model's object
+    classes (default: every category of the ground truth), so that a background category of the
+    file (labelme's ``_background_``) is not scored as a class the model missed.
     """
     backend = backend_of(coco_gt)
     if not isinstance(results, list):
         with open(results) as f:
-            results = json.load(f)
+            results = list(json.load(f))
     evaluated = sorted(int(i) for i in (image_ids if image_ids is not None else coco_gt.getImgIds()))
+    gt_categories = [int(c) for c in coco_gt.getCatIds()]
+    categories = gt_categories if category_ids is None else [c for c in gt_categories if c in set(category_ids)]
     if not results:  # pycocotools cannot load an empty result list; every metric is then 0
-        return CocoMetrics(summary=_empty_summary(), num_images=len(evaluated), num_detections=0, backend=backend)
+        per_class = {c: {"AP": 0.0, "AP50": 0.0} if coco_gt.getAnnIds(imgIds=evaluated, catIds=[c], iscrowd=False)
+                     else {"AP": -1.0, "AP50": -1.0} for c in categories}
+        return CocoMetrics(summary=_empty_summary(), num_images=len(evaluated), num_detections=0, backend=backend,
+                           per_class=per_class)
     if backend == "faster-coco-eval":
         from faster_coco_eval import COCOeval_faster
 
         lines: list[str] = []
         evaluator = COCOeval_faster(coco_gt, coco_gt.loadRes(results), iouType="bbox", print_function=lines.append)
         evaluator.params.imgIds = evaluated
+        evaluator.params.catIds = categories
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
@@ -194,6 +222,7 @@ def evaluate_results(coco_gt: Any, results: list[dict[str, Any]] | str | os.Path
         with contextlib.redirect_stdout(io.StringIO()):
             evaluator = COCOeval(coco_gt, coco_gt.loadRes(results), iouType="bbox")
             evaluator.params.imgIds = evaluated
+            evaluator.params.catIds = categories
             evaluator.evaluate()
             evaluator.accumulate()
         summary_buffer = io.StringIO()
@@ -204,7 +233,9 @@ def evaluate_results(coco_gt: Any, results: list[dict[str, Any]] | str | os.Path
                        num_images=len(evaluated), num_detections=len(results),
                        per_class=per_class_ap(evaluator.eval["precision"], evaluator.params.catIds,
                                               evaluator.params.iouThrs),
-                       backend=backend)
+                       backend=backend,
+                       pr_curves=pr_curves_at_50(evaluator.eval["precision"], evaluator.params.catIds,
+                                                 evaluator.params.iouThrs))
 
 
 def per_class_ap(precision: np.ndarray, category_ids: Sequence[int], iou_thresholds: Sequence[float]
@@ -218,8 +249,22 @@ def per_class_ap(precision: np.ndarray, category_ids: Sequence[int], iou_thresho
         defined = values[values > -1]
         return float(defined.mean()) if defined.size else -1.0
 
-    return {int(cid): {"AP": mean_defined(precision[:, :, k, 0, -1]), "AP50": mean_defined(precision[at_50, :, k, 0, -1])}
+    return {int(cid): {"AP": mean_defined(precision[:, :, k, 0, -1]),
+                       "AP50": mean_defined(precision[at_50, :, k, 0, -1])}
             for k, cid in enumerate(category_ids)}
+
+
+def pr_curves_at_50(precision: np.ndarray, category_ids: Sequence[int], iou_thresholds: Sequence[float]
+                    ) -> dict[int, list[float]]:
+    """Interpolated precision at IoU 0.5 per category at the 101 recall points (categories with
+    ground truth only); recall levels a class never reaches have precision 0."""
+    at_50 = int(np.argmin(np.abs(np.asarray(iou_thresholds) - 0.5)))
+    curves = {}
+    for k, cid in enumerate(category_ids):
+        curve = precision[at_50, :, k, 0, -1]
+        if (curve > -1).any():
+            curves[int(cid)] = [round(float(v), 5) for v in np.clip(curve, 0, None)]
+    return curves
 
 
 def _empty_summary() -> str:

@@ -131,7 +131,7 @@ def broadcast_object(obj: T, src: int = 0) -> T:
 
 def capture_rng_state() -> dict[str, Any]:
     """Python, NumPy, torch (and CUDA) generator states as tensors and plain containers."""
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()  # the legacy 5-tuple
     state: dict[str, Any] = {
         "python": _to_plain(random.getstate()),
         "numpy": {

@@ -13,6 +13,7 @@ from torch import nn
 from ssd300.checkpoint import unwrap_model
 from ssd300.coco_eval import CocoMetrics, detections_to_rows, evaluate_results, merge_rank_rows, rows_to_results, \
     write_results_json
+from ssd300.data.coco import skipped_summary
 from ssd300.default_boxes import default_boxes_300
 from ssd300.distributed import DistributedContext, all_gather_objects, broadcast_object, gather_arrays
 from ssd300.errors import Interrupted
@@ -64,8 +65,10 @@ def predict_rows(model: nn.Module, loader: Iterable[Any], postprocessor: PostPro
 
 
 def evaluate_model(model: nn.Module, loader: Iterable[Any], coco_gt: Any, label_map: LabelMap, *,
-                   ctx: DistributedContext, runtime: Runtime, channels_last: bool, results_path: Optional[Path] = None,
-                   postprocess: PostprocessConfig = COCO_EVAL, log: Optional[Callable[[str], None]] = None,
+                   ctx: DistributedContext, runtime: Runtime, channels_last: bool,
+                   results_path: Optional[Path] = None, postprocess: PostprocessConfig = COCO_EVAL,
+                   log: Optional[Callable[[str], None]] = None,
+                   progress: Optional[Callable[[int], None]] = None,
                    should_stop: Optional[Callable[[], bool]] = None) -> CocoMetrics:
     """COCO evaluation over ``loader`` (all ranks take part); every rank returns the same metrics.
 
@@ -74,11 +77,14 @@ def evaluate_model(model: nn.Module, loader: Iterable[Any], coco_gt: Any, label_
 
     Post-processing defaults to :data:`~ssd300.postprocess.COCO_EVAL` (NMS IoU 0.5, as the reference's
     evaluation, SPEC §5).
-    ``coco_gt`` is only needed on the main rank.
+    ``coco_gt`` is only needed on the main rank. ``progress(n)`` is called after each batch of
+    ``n`` images (e.g. :meth:`ssd300.logging_utils.Progress.update`). Only the label map's
+    categories are scored (a background category of the file is not a class the model missed).
     """
     postprocessor = PostProcessor(default_boxes_300().to(ctx.device), postprocess)
     image_ids, rows, skipped = predict_rows(unwrap_model(model), loader, postprocessor, runtime,
-                                            label_map.category_ids, channels_last, should_stop=should_stop)
+                                            label_map.category_ids, channels_last, progress=progress,
+                                            should_stop=should_stop)
     # Detections travel as arrays to rank 0 only (not pickles to every rank); skips are few and small.
     gathered_ids = gather_arrays(np.asarray(image_ids, dtype=np.int64), ctx.device)
     gathered_rows = gather_arrays(rows, ctx.device)
@@ -90,10 +96,11 @@ def evaluate_model(model: nn.Module, loader: Iterable[Any], coco_gt: Any, label_
         results = rows_to_results(merged)
         all_skipped = [s for g in gathered for s in g]
         if all_skipped and log is not None:
-            log(f"evaluation skipped {len(all_skipped)} unreadable images, e.g. {all_skipped[0]}")
-        metrics = evaluate_results(coco_gt, results, image_ids=ids)
-        if log is not None:
+            log(f"evaluation: {skipped_summary(all_skipped)}")
+        metrics = evaluate_results(coco_gt, results, image_ids=ids, category_ids=label_map.category_ids[1:])
+        if log is not None:  # the figures first: a failing results write must not lose them
             log(metrics.summary)
+            log(metrics.per_class_table(label_map.names_by_category_id()))
         if results_path is not None:
             write_results_json(results, results_path)
     metrics = broadcast_object(metrics)

@@ -21,8 +21,8 @@ ONNX exporters (``exporter=``): ``"dynamo"`` is torch's default exporter since 2
 maintained one (the TorchScript-based exporter is deprecated); the post-processing is written so
 that it needs no guards: the data-dependent sizes (score filter, NMS) become unbacked sizes and
 the outputs are padded to K with tensor ops. It needs ``onnxscript`` and exports in ~3x the time.
-``"legacy"`` is the TorchScript-based exporter (``dynamo=False``), which works on every torch
-from 2.1 and maps ``torchvision.ops.nms`` straight to ONNX ``NonMaxSuppression``. ``"auto"``
+``"legacy"`` is the TorchScript-based exporter (``dynamo=False``), which works
+on every supported torch and maps ``torchvision.ops.nms`` straight to ONNX ``NonMaxSuppression``. ``"auto"``
 (default) uses dynamo when onnxscript is installed and torch >= 2.9, falling back to legacy if
 the dynamo export fails. Both give the same detections (tested against PyTorch).
 TorchScript is traced (``torch.jit.trace``): every size in the post-processing is computed with
@@ -50,6 +50,7 @@ from ssd300.box_coder import decode_boxes
 from ssd300.default_boxes import DefaultBoxes, default_boxes_300
 from ssd300.errors import UserInputError
 from ssd300.labels import LabelMap
+from ssd300.optional import available, require
 from ssd300.postprocess import PostprocessConfig, clip_boxes
 
 ExportFormat = Literal["onnx", "torchscript", "pt2"]
@@ -150,6 +151,8 @@ def pad_per_image(
 class ExportableDetector(nn.Module):
     """SSD300 + decoding + NMS with fixed-size padded outputs (see the module docstring)."""
 
+    dboxes_xywh: torch.Tensor  # a buffer
+
     def __init__(
         self,
         model: nn.Module,
@@ -198,7 +201,7 @@ def build_export_module(model: nn.Module, raw: bool = False, config: Postprocess
     config = (config or PostprocessConfig()).replace(**overrides)  # validated before the slow part
     model = model.eval().cpu()
     if hasattr(model, "fuse"):
-        model = model.fuse()
+        model = model.fuse()  # type: ignore[operator]  # SSD300.fuse
     if raw:
         return RawOutputs(model).eval()
     return ExportableDetector(model, config=config).eval()
@@ -214,9 +217,7 @@ def output_names(raw: bool) -> tuple[str, ...]:
 
 
 def _dynamo_available() -> bool:
-    try:
-        import onnxscript  # noqa: F401
-    except ImportError:
+    if not available("onnxscript"):
         return False
     major, minor = (int(part) for part in torch.__version__.split(".")[:2])
     return (major, minor) >= (2, 9)
@@ -276,6 +277,7 @@ def export_onnx(module: nn.Module, path: str | Path, raw: bool = False, opset: i
     exactly ``opset`` (see :func:`resolve_exporter`)."""
     requested = exporter
     exporter = resolve_exporter(exporter, opset)
+    require("onnx", "ONNX export")  # before the export: the metadata is written with onnx afterwards
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     names = output_names(raw)

@@ -37,7 +37,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ssd300.data.images import DECODE_ERRORS, draft_for_crop, open_image, to_rgb, to_uint8_chw
+from ssd300.data.images import DECODE_ERRORS, apply_orientation, draft_for_crop, exif_orientation, open_image, \
+    oriented_size, to_rgb, to_uint8_chw
 from ssd300.data.transforms import EvalTransform
 from ssd300.default_boxes import default_boxes_300
 from ssd300.errors import UserInputError, one_line
@@ -104,16 +105,19 @@ class ImageDetections:
 
 
 def load_rgb(path: PathLike, draft: bool = True) -> Image.Image:
-    """Decode an image file to RGB; with ``draft`` big JPEGs decode at a reduced scale (>= 300 px).
+    """Decode an image file to RGB as a viewer shows it: EXIF orientation applied (a phone photo
+    stored sideways comes out upright); with ``draft`` big JPEGs decode at a reduced scale (>= 300 px).
 
-    Returns the decoded image and keeps the file's full size in ``image.info["original_size"]``,
-    so boxes are reported in the original pixel grid. Raises one of ``DECODE_ERRORS``.
+    Returns the decoded image and keeps the file's full size (as displayed) in
+    ``image.info["original_size"]``, so boxes are reported in the upright picture's pixels.
+    Raises one of ``DECODE_ERRORS``.
     """
     image = open_image(path)
-    original_size = image.size
+    orientation = exif_orientation(image)
+    original_size = oriented_size(image.size, orientation)
     if draft:
         draft_for_crop(image, (1.0, 1.0), EvalTransform.size)
-    image = to_rgb(image)
+    image = apply_orientation(to_rgb(image), orientation)
     image.info["original_size"] = original_size
     return image
 
@@ -195,7 +199,7 @@ class Detector:
             self._session = _onnxruntime_session(model)
         # Work on a copy (the caller's model keeps its mode, device and dtype). Folding BatchNorm
         # into the convolutions gives the same outputs with fewer kernels.
-        model = model.fuse() if fuse and hasattr(model, "fuse") else copy.deepcopy(model).eval()
+        model = model.fuse() if fuse and hasattr(model, "fuse") else copy.deepcopy(model).eval()  # type: ignore[operator]
         model = model.to(self.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -277,7 +281,7 @@ class Detector:
     # ------------------------------------------------------------------ calling
 
     @overload
-    def __call__(self, images: Sequence[ImageInput]) -> list[ImageDetections]: ...
+    def __call__(self, images: Sequence[ImageInput]) -> list[ImageDetections]: ...  # type: ignore[overload-overlap]
 
     @overload
     def __call__(self, images: ImageInput) -> ImageDetections: ...
@@ -299,6 +303,7 @@ class Detector:
         """Yield ``(path, detections)`` in order; with ``on_error="skip"`` an unreadable file yields
         ``(path, error)`` instead and the run goes on (``"raise"``: UserInputError)."""
         for source, result in self._run([os.fspath(p) for p in paths], on_error=on_error):
+            assert source is not None  # every item is a path
             yield source, result
 
     def predict_tensor(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -336,7 +341,8 @@ class Detector:
                 raise UserInputError(f"{source}: not a readable image ({one_line(exc)})") from None
         return item, None
 
-    def _decode_batch(self, items: Sequence[Any], on_error: str) -> list[Union[tuple[Any, Optional[str]], UserInputError]]:
+    def _decode_batch(self, items: Sequence[Any],
+                      on_error: str) -> list[Union[tuple[Any, Optional[str]], UserInputError]]:
         decoded: list[Union[tuple[Any, Optional[str]], UserInputError]] = []
         for item in items:
             try:
@@ -414,11 +420,11 @@ class Detector:
 
 def _onnxruntime_session(model: torch.nn.Module) -> Any:
     """The network (no NMS) as ONNX, exported once per weights and cached, loaded into onnxruntime (CPU)."""
-    try:
-        import onnxruntime
-    except ImportError:
-        raise UserInputError("--backend onnxruntime needs onnxruntime: pip install 'ssd300[onnx]'") from None
     from ssd300.exported import cached_network_onnx
+    from ssd300.optional import require
+
+    onnxruntime = require("onnxruntime", "--backend onnxruntime")
+    require("onnx", "--backend onnxruntime exports the network to ONNX first")
 
     path = cached_network_onnx(model)
     return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])

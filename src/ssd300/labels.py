@@ -14,6 +14,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 BACKGROUND = "background"
+# Category names that mean "no object" (labelme's COCO export lists ``_background_`` with id 0).
+BACKGROUND_NAMES = frozenset({"background", "_background_", "__background__"})
 
 # COCO 2017 detection categories (id, name), in the order of the official annotation files.
 COCO_CATEGORIES: tuple[tuple[int, str], ...] = (
@@ -34,6 +36,12 @@ COCO_CATEGORIES: tuple[tuple[int, str], ...] = (
     (82, "refrigerator"), (84, "book"), (85, "clock"), (86, "vase"), (87, "scissors"),
     (88, "teddy bear"), (89, "hair drier"), (90, "toothbrush"),
 )
+
+
+def is_background_category(category_id: int, name: str) -> bool:
+    """A dataset category that is the background, not an object class: id 0 (label 0 is the
+    background, and labelme exports it as id 0) or a name in :data:`BACKGROUND_NAMES` (any case)."""
+    return int(category_id) == 0 or str(name).strip().lower() in BACKGROUND_NAMES
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,10 @@ class LabelMap:
     def generic(cls, num_classes: int) -> "LabelMap":
         """Names ``class_<i>`` and category id = label, when nothing better is known."""
         return cls((BACKGROUND, *(f"class_{i}" for i in range(1, num_classes))), tuple(range(num_classes)))
+
+    def names_by_category_id(self) -> dict[int, str]:
+        """{category id: class name} of the object classes (background excluded)."""
+        return dict(zip(self.category_ids[1:], self.names[1:]))
 
     def category_id_to_label(self) -> dict[int, int]:
         return {cid: label for label, cid in enumerate(self.category_ids) if label > 0}
@@ -118,3 +130,26 @@ class LabelMap:
         if num_classes is not None and len(names) != num_classes:
             raise ValueError(f"checkpoint label_map has {len(names)} classes but the model has {num_classes}")
         return cls(tuple(names), tuple(ids))
+
+
+def category_mismatch(model: LabelMap, data: LabelMap, *, subset_ok: bool = False) -> str | None:
+    """The first difference between a model's categories and a dataset's, in words; None if none.
+
+    Names are compared case-insensitively. ``subset_ok``: the dataset may lack some of the model's
+    categories (evaluating a COCO model on a person-only split); training needs the same labels in
+    the same order, since label ``i`` of the weights is the dataset's ``i``-th category.
+    """
+    model_names, data_names = model.names_by_category_id(), data.names_by_category_id()
+    for cid, name in data_names.items():
+        if cid not in model_names:
+            return f"category id {cid} ({name!r}) of the dataset is not in the checkpoint"
+        if model_names[cid].strip().lower() != name.strip().lower():
+            return f"category id {cid} is {model_names[cid]!r} in the checkpoint but {name!r} in the dataset"
+    if subset_ok:
+        return None
+    for cid, name in model_names.items():
+        if cid not in data_names:
+            return f"category id {cid} ({name!r}) of the checkpoint is not in the dataset"
+    if model.category_ids != data.category_ids:
+        return "the same categories in another order (labels would not match the weights)"
+    return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -65,7 +66,8 @@ class SSD300(nn.Module):
             nn.Conv2d(ch, nd * 4, kernel_size=3, padding=1) for nd, ch in zip(self.boxes_per_location, channels)
         )
         self.conf = nn.ModuleList(
-            nn.Conv2d(ch, nd * num_classes, kernel_size=3, padding=1) for nd, ch in zip(self.boxes_per_location, channels)
+            nn.Conv2d(ch, nd * num_classes, kernel_size=3, padding=1)
+            for nd, ch in zip(self.boxes_per_location, channels)
         )
         self._init_weights()
 
@@ -105,9 +107,10 @@ def fuse_for_inference(model: SSD300) -> SSD300:
     inference and export, not for training or checkpoints. ``model`` itself is not changed.
     """
     fused = copy.deepcopy(model).eval()
-    trunk = fused.feature_extractor.feature_extractor
+    trunk: Any = fused.feature_extractor.feature_extractor  # conv1, bn1, relu, maxpool, layer1..3
     trunk[0] = fuse_conv_bn_eval(trunk[0], trunk[1])
     trunk[1] = nn.Identity()
+    block: Any
     for layer in trunk[4:]:
         for block in layer:
             for idx in (1, 2, 3):

@@ -38,7 +38,7 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import torch
 import torchvision
@@ -89,7 +89,7 @@ class PostprocessConfig:
         if not 0.0 < self.iou_threshold <= 1.0:
             raise bad("iou_threshold", "in (0, 1]", self.iou_threshold)
 
-    def replace(self, **changes: object) -> "PostprocessConfig":
+    def replace(self, **changes: Any) -> "PostprocessConfig":
         """A copy with some settings changed (validated again); ``None`` values keep the setting."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
@@ -208,7 +208,8 @@ def _nms_matrix(boxes: torch.Tensor, groups: torch.Tensor, rank: torch.Tensor, i
     return ~suppressed[row, rank]
 
 
-def _nms_per_group(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+def _nms_per_group(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
+                   iou_threshold: float) -> torch.Tensor:
     """torchvision.ops.nms on each contiguous group; candidates are sorted by (group, score desc)."""
     keep = torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device)
     if boxes.shape[0] == 0:
@@ -320,7 +321,8 @@ class PostProcessor:
             )
         num_images = logits.shape[0]
         if image_sizes is not None and tuple(image_sizes.shape) != (num_images, 2):
-            raise ValueError(f"image_sizes must be ({num_images}, 2) as (width, height), got {tuple(image_sizes.shape)}")
+            raise ValueError(f"image_sizes must be ({num_images}, 2) as (width, height), "
+                             f"got {tuple(image_sizes.shape)}")
         boxes, scores, labels, image_index = self.flat(locs, logits)
         counts = torch.bincount(image_index, minlength=num_images).tolist()
         per_image_pixels: list[Optional[torch.Tensor]] = [None] * num_images

@@ -263,7 +263,7 @@ def _quantize_nncf(fp32_path: Path, out: Path, files: Sequence[PathLike]) -> Pat
         raise UserInputError("--quantizer nncf needs nncf: pip install nncf") from None
     import onnx
 
-    batches = [batch for batch in calibration_batches(files)]
+    batches = list(calibration_batches(files))
     # NNCF feeds items one by one; per-image items keep its subset size in images.
     items = [image[None] for batch in batches for image in batch]
     with _quiet():

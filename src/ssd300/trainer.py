@@ -24,6 +24,7 @@ from torch import nn
 from ssd300.batchnorm import set_frozen_batchnorm
 from ssd300.box_coder import BoxCoder
 from ssd300.checkpoint import model_checkpoint, save_checkpoint
+from ssd300.data.coco import skipped_summary
 from ssd300.distributed import DistributedContext, capture_rng_state, restore_rng_state
 from ssd300.errors import EXIT_DIVERGED, Interrupted, UserInputError
 from ssd300.labels import LabelMap
@@ -164,8 +165,10 @@ class Trainer:
         batches: Iterable[Any] = islice(iter(loader), skip, None) if skip else loader
         self.logger.start_epoch(epoch, total_epochs, iterations, initial=skip)
         tick = time.perf_counter()
+        skipped: list[str] = []
         for batch in batches:
             batch_size = len(batch)
+            skipped.extend(batch.skipped)
             loss, stop_now = self.train_step(batch, stop)
             now = time.perf_counter()
             images_per_second = batch_size * self.ctx.world_size / max(now - tick, 1e-9)
@@ -184,6 +187,8 @@ class Trainer:
                 self.logger.info(message)
                 raise TrainingInterrupted(message, stop.signal_number if stop and stop.signal_number else 2)
         self.logger.end_epoch()
+        if skipped:  # this rank's; each was also logged when it happened
+            self.logger.info(f"epoch {epoch + 1}: {skipped_summary(skipped)}")
         self.position.epoch += 1
         self.position.batch_in_epoch = 0
 

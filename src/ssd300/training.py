@@ -30,7 +30,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ssd300.backbone import BACKBONES
+from ssd300.backbone import BACKBONES, TORCHVISION_IMAGENET_FILES
 from ssd300.batchnorm import recalibrate_batchnorm
 from ssd300.benchmarking import benchmark_inference, benchmark_training
 from ssd300.box_coder import BoxCoder
@@ -48,6 +48,8 @@ from ssd300.files import check_output_path, write_json
 from ssd300.logging_utils import RunLogger
 from ssd300.model import SSD300
 from ssd300.optim import WarmupMultiStepSchedule, build_optimizer, scaled_learning_rate
+from ssd300.optional import install_hint
+from ssd300.plots import CURVES_NAME, evaluation_plot_name, plot_curves, plot_evaluation
 from ssd300.runtime import Runtime, default_workers
 from ssd300.run_folder import BEST, INTERRUPTED, LAST, RunFolder, epoch_file_name
 from ssd300.trainer import StopFlag, Trainer, TrainingInterrupted
@@ -120,7 +122,7 @@ class TrainConfig:
     benchmark_warmup: int = 20
     # logging
     log_interval: int = 20
-    json_summary: Optional[Path] = None
+    json_summary: Optional[Path] = None      # None: <save>/metrics.json when save is set
     log_file: Optional[Path] = None          # None: <save>/log.jsonl when save is set
     results: Optional[Path] = None           # None: <save>/results.json when save is set
     tensorboard: Optional[Path] = None
@@ -182,7 +184,7 @@ class TrainConfig:
             from ssd300.data.dali import dali_available
 
             if not dali_available():
-                raise UserInputError(f"{_named('dali')}: NVIDIA DALI is not installed (pip install nvidia-dali-cuda120)")
+                raise UserInputError(f"{_named('dali')}: NVIDIA DALI is not installed ({install_hint('nvidia.dali')})")
         for name in ("checkpoint", "backbone_path"):
             path = getattr(self, name)
             if path is not None and not path.is_file():
@@ -355,6 +357,8 @@ class _Run:
                 self.folder.release_lock()
             raise
         self.results_path = config.results or (self.save_dir / "results.json" if self.save_dir is not None else None)
+        self.summary_path = config.json_summary or (
+            self.save_dir / "metrics.json" if self.save_dir is not None else None)
         self.result = RunResult(mode=config.mode)
         for note in notes:
             self.logger.info(note)
@@ -393,12 +397,19 @@ class _Run:
         if paths.train is not None:
             self.train_set = CocoDetection(*paths.train, train=True, seed=self.seed, strict=config.strict_images,
                                            transform=TrainTransform(crop=config.iou_crop))
-        data_label_map = self.train_set.label_map if self.train_set is not None else None
-        if self.checkpoint is None and data_label_map is None and paths.val is not None:
-            data_label_map = CocoDetection(*paths.val, train=False).label_map
+        data_label_map, data_source = None, "the dataset"
+        if self.train_set is not None and paths.train is not None:
+            data_label_map, data_source = self.train_set.label_map, f"annotation file {paths.train[1]}"
+        elif paths.val is not None:
+            # evaluation: the validation file's own categories, checked against the checkpoint's
+            self.val_set = CocoDetection(*paths.val, train=False, strict=config.strict_images)
+            data_label_map, data_source = self.val_set.label_map, f"annotation file {paths.val[1]}"
+        # A checkpoint and the data must agree on every category (id and name): training needs the
+        # same labels in the same order; evaluation may use a subset of the checkpoint's categories.
         self.spec = resolve_model_spec(self.checkpoint, source=f"checkpoint {config.checkpoint}",
-                                       data_label_map=data_label_map, backbone=config.backbone)
-        if paths.val is not None:
+                                       data_label_map=data_label_map, data_source=data_source,
+                                       data_subset_ok=self.train_set is None, backbone=config.backbone)
+        if paths.val is not None and (self.val_set is None or self.val_set.label_map != self.spec.label_map):
             self.val_set = CocoDetection(*paths.val, train=False, label_map=self.spec.label_map,
                                          strict=config.strict_images)
         self.coco_gt = load_coco_ground_truth(paths.val[1], backend=config.eval_backend) if (
@@ -468,16 +479,26 @@ class _Run:
         start = time.perf_counter()
         if train_loader is not None and self.config.bn_recalibration > 0:
             self.recalibrate(train_loader)
-        metrics = evaluate_model(self.model, self.eval_loader(), self.coco_gt, self.spec.label_map, ctx=self.ctx,
-                                 runtime=self.runtime, channels_last=self.channels_last,
-                                 results_path=self.results_path, log=self.logger.info,
-                                 should_stop=self.stop_vote(stop) if stop is not None else None)
+        loader = self.eval_loader()
+        with self.logger.progress_bar(len(loader.sampler), f"evaluation after epoch {epoch}") as bar:
+            metrics = evaluate_model(self.model, loader, self.coco_gt, self.spec.label_map, ctx=self.ctx,
+                                     runtime=self.runtime, channels_last=self.channels_last,
+                                     results_path=self.results_path, log=self.logger.info, progress=bar.update,
+                                     should_stop=self.stop_vote(stop) if stop is not None else None)
         seconds = time.perf_counter() - start
+        names = self.spec.label_map.names_by_category_id()
         self.logger.info(f"epoch {epoch}: AP {metrics.ap:.4f}  AP50 {metrics.ap50:.4f}  ({seconds:.1f} s, "
                          f"{metrics.num_images} images, {metrics.backend})")
-        self.logger.evaluation(epoch=epoch, iteration=iteration, metrics=metrics.as_dict(), seconds=seconds)
-        self.result.evaluations.append({"epoch": epoch, "iteration": iteration, **metrics.as_dict()})
+        per_class = metrics.per_class_records(names)
+        self.logger.evaluation(epoch=epoch, iteration=iteration, metrics=metrics.as_dict(), seconds=seconds,
+                               per_class=per_class)
+        self.result.evaluations.append({"epoch": epoch, "iteration": iteration, **metrics.as_dict(),
+                                        "per_class": per_class})
         self.result.metrics = metrics
+        if self.save_dir is not None and self.ctx.is_main:
+            plot = plot_evaluation(metrics, names, self.save_dir / evaluation_plot_name(epoch),
+                                   title=f"epoch {epoch}")
+            self.logger.info(f"per-class AP and precision-recall curves: {plot}")
         return metrics
 
     def stop_vote(self, stop: StopFlag) -> Any:
@@ -565,6 +586,10 @@ class _Run:
             self.logger.info(f"ssd300 {config.mode}: {self.spec.backbone}, {self.spec.num_classes - 1} classes, "
                              f"{self.ctx.world_size} process(es), seed {self.seed}")
             self.logger.info(self.runtime.describe())
+            warning = random_backbone_warning(config, self.spec.backbone, has_checkpoint=self.checkpoint is not None)
+            if warning is not None:
+                self.logger.info(warning)
+                self.logger.record("warning", message=warning)
             if config.mode == "evaluation":
                 assert self.checkpoint is not None
                 self.run_evaluation(int(self.checkpoint.get("epoch", 0)) - 1, int(self.checkpoint.get("iteration", 0)))
@@ -582,7 +607,10 @@ class _Run:
                                                           iterations=config.benchmark_iterations)
                     self.logger.info(_format_benchmark("training", result.benchmark))
                 else:
-                    self.train_epochs(trainer, loader)
+                    try:
+                        self.train_epochs(trainer, loader)
+                    finally:  # an interrupted run's curves too
+                        self.write_curves(trainer)
                 result.loss_history = trainer.loss_history
         finally:
             self.logger.close()
@@ -590,6 +618,11 @@ class _Run:
                 self.folder.release_lock()
         self.write_summary()
         return result
+
+    def write_curves(self, trainer: Trainer) -> None:
+        if self.save_dir is not None and self.ctx.is_main and trainer.loss_history:
+            path = plot_curves(trainer.loss_history, self.result.evaluations, self.save_dir / CURVES_NAME)
+            self.logger.info(f"loss and mAP curves: {path}")
 
     def write_summary(self) -> None:
         result = self.result
@@ -601,8 +634,18 @@ class _Run:
             result.summary["iterations"] = result.loss_history[-1][0]
         if result.evaluations:
             result.summary.update(AP=result.last_metrics["AP"], AP50=result.last_metrics["AP50"])
-        if self.config.json_summary is not None and self.ctx.is_main:
-            write_json(self.config.json_summary, result.summary)
+        if self.summary_path is not None and self.ctx.is_main:
+            write_json(self.summary_path, result.summary)
+
+
+def random_backbone_warning(config: TrainConfig, backbone: str, *, has_checkpoint: bool) -> Optional[str]:
+    """The loud line for training ResNet-50 from random weights: the published mAP (SPEC §8, 0.27
+    on COCO) assumes an ImageNet-trained trunk. None when there is nothing to warn about."""
+    if config.mode != "training" or has_checkpoint or config.backbone_path is not None or backbone != "resnet50":
+        return None
+    return ("WARNING: training ResNet-50 from random weights (no --backbone-path): the published mAP (0.27 on "
+            "COCO) assumes ImageNet weights; pass torchvision's ResNet50_Weights.IMAGENET1K_V1 file "
+            f"({TORCHVISION_IMAGENET_FILES['resnet50']}) with --backbone-path (see README, 'Backbone weights')")
 
 
 def _format_benchmark(kind: str, figures: dict[str, float]) -> str:

@@ -72,8 +72,8 @@ def draw_detections(
     """Draw boxes (ltrb, in pixels of ``image``) with "<class name> <score>" captions.
 
     ``class_names[label]`` names a label (a sequence such as ``LabelMap.names``, or a mapping);
-    without it the label id is shown. Boxes scoring below ``score_threshold`` are not drawn. Line width and font size scale
-    with the image unless given. Returns a new 3xHxW uint8 tensor.
+    without it the label id is shown. Boxes scoring below ``score_threshold`` are not drawn. Line
+    width and font size scale with the image unless given. Returns a new 3xHxW uint8 tensor.
     """
     canvas = to_uint8_chw(image)
     height, width = canvas.shape[1:]
@@ -98,7 +98,8 @@ def draw_detections(
     font_size = font_size or max(10, round(short_side / 40))
     texts = [
         _label_text(int(label), None if scores_t is None else float(score), class_names)
-        for label, score in zip(labels_t.tolist(), scores_t.tolist() if scores_t is not None else [None] * len(labels_t))
+        for label, score in zip(labels_t.tolist(),
+                                scores_t.tolist() if scores_t is not None else [None] * len(labels_t))
     ]
     return draw_bounding_boxes(
         canvas,

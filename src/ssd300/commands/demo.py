@@ -2,8 +2,8 @@
 
 Sized to finish on 2 quiet CPU cores in about 9 minutes while visibly learning: a ResNet-18
 SSD300 (no pretrained weights exist offline) on a few hundred synthetic images of large shapes,
-bf16 where the CPU has it natively, else fp32. Everything lands in ``--out``: the dataset, checkpoints, ``metrics.json``,
-``log.jsonl``, ``curves.png`` and ``predictions/*.jpg``.
+bf16 where the CPU has it natively, else fp32. Everything lands in ``--out``: the dataset,
+checkpoints, ``metrics.json``, ``log.jsonl``, ``curves.png`` and ``predictions/*.jpg``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ssd300.backbone import BACKBONES
-from ssd300.training import RunResult, TrainConfig, train
+from ssd300.plots import CURVES_NAME
+from ssd300.training import TrainConfig, train
 
 # Measured on a loaded 2-core CPU; see BENCHMARKS.md ("Training and evaluation").
 DEMO_DEFAULTS: dict[str, Any] = dict(
@@ -89,8 +90,8 @@ def run(args: argparse.Namespace) -> int:
         json_summary=out / "metrics.json", progress=args.progress, results=out / "results.json",
         bn_recalibration=args.bn_recalibration, iou_crop=args.iou_crop, overwrite=args.overwrite,
     )
-    result = train(config)
-    figure = plot_curves(result, out / "curves.png")
+    result = train(config)  # writes curves.png and evaluation_epoch_<n>.png into the run folder
+    figure = out / CURVES_NAME
     drawn = draw_predictions(result.checkpoint, data_dir, out / "predictions", count=8)
     metrics = result.last_metrics
     elapsed = time.perf_counter() - start
@@ -99,37 +100,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"  checkpoint:  {result.checkpoint}\n  metrics:     {out / 'metrics.json'}\n"
           f"  curves:      {figure}\n  predictions: {drawn[0].parent if drawn else '-'} ({len(drawn)} images)")
     return 0
-
-
-def plot_curves(result: RunResult, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_map) = plt.subplots(1, 2, figsize=(11, 4))
-    if result.loss_history:
-        steps, losses = zip(*result.loss_history)
-        ax_loss.plot(steps, losses, color="tab:blue", linewidth=0.8, alpha=0.5, label="loss")
-        window = max(1, len(losses) // 30)
-        if window > 1:
-            smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
-                      for i in range(len(losses))]
-            ax_loss.plot(steps, smooth, color="tab:blue", linewidth=2, label=f"mean of {window}")
-        ax_loss.legend()
-    ax_loss.set(title="training loss", xlabel="iteration", ylabel="loss")
-    if result.evaluations:
-        epochs = [e["epoch"] for e in result.evaluations]
-        ax_map.plot(epochs, [e["AP50"] for e in result.evaluations], "o-", label="AP50")
-        ax_map.plot(epochs, [e["AP"] for e in result.evaluations], "s-", label="AP@[.5:.95]")
-        ax_map.set_ylim(0, 1)
-        ax_map.legend()
-    ax_map.set(title="validation mAP (COCO)", xlabel="epoch (0-based)", ylabel="mAP")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 def draw_predictions(checkpoint: Path | None, data_dir: Path, out_dir: Path, count: int = 8,

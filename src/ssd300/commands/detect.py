@@ -51,7 +51,8 @@ _GLOB_CHARS = set("*?[")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
-                        help="image files, folders (their images, not recursive) or glob patterns (quote them; ** recurses)")
+                        help="image files, folders (their images, not recursive) or glob patterns "
+                             "(quote them; ** recurses)")
     parser.add_argument("--checkpoint", "--model", required=True,
                         help="an SSD300 checkpoint (ours or NVIDIA's reference) or a file from `ssd300 export` "
                              "(.onnx, INT8 .onnx, .pt2, .ts)")
@@ -71,6 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strict", action="store_true",
                         help="stop at the first unreadable or non-image file instead of skipping it")
     parser.add_argument("--no-images", action="store_true", help="do not write annotated images")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress bar (default: when stderr is a terminal; else a line every 10 s)")
     parser.add_argument("--full-decode", action="store_true",
                         help="decode big JPEGs at full size (default: reduced DCT scale that still gives >= 300 px)")
 
@@ -155,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
     if not paths:
         raise UserInputError("no images to process in " + " ".join(args.inputs))
 
+    from ssd300.logging_utils import Progress
     from ssd300.visualize import draw_detection_result, save_image
 
     detector = _build_detector(args, postprocess)
@@ -173,12 +177,14 @@ def run(args: argparse.Namespace) -> int:
 
     images: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
-    skipped: list[dict[str, str]] = [{"file_name": item, "error": problem} for item, problem in missing]
+    skipped: list[dict[str, Any]] = [{"file_name": item, "error": problem} for item, problem in missing]
     start = time.perf_counter()
     on_error = "raise" if args.strict else "skip"
+    progress = Progress(len(paths), "ssd300 detect", enabled=args.progress)
     for path, result in detector.detect_files(paths, on_error=on_error):
+        progress.update(1)
         if isinstance(result, Exception):
-            print(f"ssd300 detect: skipping {result}", file=sys.stderr)
+            progress.write(f"ssd300 detect: skipping {result}")
             skipped.append({"id": image_ids[path], "file_name": path, "error": str(result)})
             continue
         image_id = image_ids[path]
@@ -194,6 +200,7 @@ def run(args: argparse.Namespace) -> int:
             picture = load_rgb(path, draft=False)
             drawn = draw_detection_result(picture, result, score_threshold=args.draw_threshold)
             save_image(drawn, out / "annotated" / f"{name_of[path]}{suffix}")
+    progress.close()
     elapsed = time.perf_counter() - start
 
     categories = [{"id": cid, "name": name}

@@ -32,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
     layout = None if args.data_layout is None else args.data_layout == "channels_last"
     run_config(TrainConfig(
         mode="evaluation", checkpoint=args.checkpoint, data=args.data, val_images=args.val_images,
-        val_annotations=args.val_annotations, eval_batch_size=args.eval_batch_size, eval_backend=args.eval_backend, num_workers=args.num_workers,
+        val_annotations=args.val_annotations, eval_batch_size=args.eval_batch_size, eval_backend=args.eval_backend,
+        num_workers=args.num_workers,
         device=args.device, backbone=args.backbone, amp=args.amp, channels_last=layout, results=args.results,
         json_summary=args.json_summary))
     return 0

@@ -29,6 +29,7 @@ from ssd300.export import DEFAULT_OPSET, DYNAMO_OPSETS, EXPORTERS, FORMATS, LEGA
     export_model, format_from_suffix, resolve_exporter
 from ssd300.files import check_output_path
 from ssd300.labels import LabelMap
+from ssd300.optional import available, install_hint, require
 from ssd300.postprocess import PostprocessConfig
 from ssd300.quantize import DEFAULT_CALIBRATION_IMAGES, QUANTIZERS
 
@@ -69,11 +70,11 @@ def check_export(module: torch.nn.Module, path: Path, fmt: str, batch: int = 2) 
     with torch.no_grad():
         expected = [t.detach().cpu() for t in module(images)]
     if fmt == "onnx":
-        try:
-            import onnxruntime
-        except ImportError:
-            print("ssd300 export: onnxruntime is not installed; skipping the check (pip install onnxruntime)")
+        if not available("onnxruntime"):
+            print(f"ssd300 export: onnxruntime is not installed; skipping the check ({install_hint('onnxruntime')})")
             return float("nan"), True
+        import onnxruntime
+
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         got = [torch.from_numpy(a) for a in session.run(None, {"images": images.numpy()})]
     else:
@@ -85,7 +86,8 @@ def check_export(module: torch.nn.Module, path: Path, fmt: str, batch: int = 2) 
     worst, same_ints = 0.0, True
     for want, have in zip(expected, got):
         if want.shape != have.shape:
-            raise UserInputError(f"{path}: exported outputs have shape {tuple(have.shape)}, expected {tuple(want.shape)}")
+            raise UserInputError(f"{path}: exported outputs have shape {tuple(have.shape)}, "
+                                 f"expected {tuple(want.shape)}")
         if want.is_floating_point():
             worst = max(worst, float((want - have).abs().max()) if want.numel() else 0.0)
         else:
@@ -97,8 +99,7 @@ def _canonical_rows(outputs: list[torch.Tensor]) -> list[torch.Tensor]:
     """Sort each image's rows by (score, label, box) so that equal scores in another order compare equal."""
     boxes, scores, labels, counts = outputs
     rows = torch.cat((scores.unsqueeze(-1), labels.unsqueeze(-1).to(scores.dtype), boxes), dim=-1).numpy()
-    ordered = np.stack([row[np.lexsort(row.T[::-1])] for row in rows])
-    ordered = torch.from_numpy(ordered)
+    ordered = torch.from_numpy(np.stack([row[np.lexsort(row.T[::-1])] for row in rows]))
     return [ordered[..., 2:], ordered[..., 0], ordered[..., 1].round().long(), counts.long()]
 
 
@@ -124,10 +125,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserInputError("--calibration is only used with --int8")
     check_output_path(args.out, "--out", folder=False)  # before the checkpoint is read and the model traced
     if fmt == "onnx":
-        try:
-            import onnx  # noqa: F401  (the exporter needs it)
-        except ImportError:
-            raise UserInputError("--format onnx needs the onnx package: pip install 'ssd300[onnx]'") from None
+        require("onnx", "--format onnx")  # before loading the checkpoint
         resolve_exporter(args.exporter, args.opset)
     from ssd300.checkpoint import load_model
 

@@ -23,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="smallest object, fraction of the image's shorter side")
     parser.add_argument("--max-size", type=float, default=_DEFAULTS.max_size,
                         help="largest object, fraction of the image's shorter side")
-    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --out (replacing its annotations/instances_{train,val}.json "
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty --out (replacing its annotations/instances_{train,val}.json "
                              "and same-named images); a split identical to the requested one is kept either way")
 
 

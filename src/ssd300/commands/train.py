@@ -72,7 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="learning rate for a global batch of 32; scaled by world size x batch / 32")
     recipe.add_argument("--momentum", "-m", type=float, default=DEFAULTS.momentum)
     recipe.add_argument("--weight-decay", "--wd", type=float, default=DEFAULTS.weight_decay)
-    recipe.add_argument("--warmup", type=int, default=DEFAULTS.warmup, help="linear warmup iterations (published runs: 300)")
+    recipe.add_argument("--warmup", type=int, default=DEFAULTS.warmup,
+                        help="linear warmup iterations (published runs: 300)")
     recipe.add_argument("--multistep", nargs="*", type=int, default=list(DEFAULTS.multistep),
                         help="epochs at which the learning rate is multiplied by 0.1")
     recipe.add_argument("--bn-recalibration", type=int, default=DEFAULTS.bn_recalibration, metavar="BATCHES",
@@ -99,7 +100,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     log = parser.add_argument_group("logging")
     log.add_argument("--log-interval", type=int, default=DEFAULTS.log_interval)
-    log.add_argument("--json-summary", type=Path, default=None, help="write a JSON summary of the run here")
+    log.add_argument("--json-summary", type=Path, default=None,
+                     help="write a JSON summary of the run here (default: <save>/metrics.json)")
     log.add_argument("--log-file", type=Path, default=None,
                      help="JSON-lines log (default: <save>/log.jsonl when --save is given)")
     log.add_argument("--results", type=Path, default=None,

@@ -23,10 +23,12 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 import torch
 
-from ssd300.data.images import DECODE_ERRORS, draft_for_crop, open_image
+from PIL import Image
+
+from ssd300.data.images import DECODE_ERRORS, draft_for_crop, exif_orientation, open_image
 from ssd300.data.transforms import INPUT_SIZE, EvalTransform, TrainTransform
 from ssd300.errors import UserInputError, one_line
-from ssd300.labels import LabelMap
+from ssd300.labels import LabelMap, is_background_category
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +88,12 @@ class DatasetStats:
     images_without_boxes: int = 0      # skipped for training
     crowd_boxes: int = 0               # excluded from training targets
     small_boxes: int = 0               # under 1 pixel wide or high after clipping
+    background_boxes: int = 0          # of a background category (see labels.is_background_category)
 
     def summary(self) -> str:
+        background = f"{self.background_boxes} background-category boxes, " if self.background_boxes else ""
         return (f"{self.images} images, {self.annotations} annotations; left out: "
-                f"{self.crowd_boxes} crowd boxes, {self.small_boxes} boxes under 1 px, "
+                f"{self.crowd_boxes} crowd boxes, {background}{self.small_boxes} boxes under 1 px, "
                 f"{self.images_without_boxes} images without usable boxes")
 
 
@@ -294,9 +298,25 @@ def _check_entries(data: dict[str, Any], fail: Callable[[str], UserInputError], 
             raise fail(f"{where}: 'bbox' has a negative width or height: {bbox!r}")
 
 
-def label_map_from_annotations(data: dict[str, Any]) -> LabelMap:
-    """Labels 1..K in the json's category order (COCO's own order for COCO 2017)."""
-    return LabelMap.from_categories((int(c["id"]), str(c["name"])) for c in data["categories"])
+def background_categories(categories: Sequence[tuple[int, str]]) -> dict[int, str]:
+    """{id: name} of the categories that mean background (id 0, "background", labelme's "_background_")."""
+    return {int(cid): str(name) for cid, name in categories if is_background_category(cid, name)}
+
+
+def label_map_from_categories(categories: Sequence[tuple[int, str]], path: PathLike = "annotation file") -> LabelMap:
+    """Labels 1..K in the file's category order (COCO's own order for COCO 2017); background
+    categories (:func:`background_categories`) are the background, not object classes."""
+    background = background_categories(categories)
+    objects = [(int(cid), str(name)) for cid, name in categories if int(cid) not in background]
+    if not objects:
+        raise UserInputError(f"{path}: no object categories (every category is background: "
+                             f"{', '.join(repr(n) for n in background.values())})")
+    return LabelMap.from_categories(objects)
+
+
+def label_map_from_annotations(data: dict[str, Any], path: PathLike = "annotation file") -> LabelMap:
+    """:func:`label_map_from_categories` of a COCO instances dict."""
+    return label_map_from_categories([(int(c["id"]), str(c["name"])) for c in data["categories"]], path)
 
 
 # ----------------------------------------------------------------------------- the flat index
@@ -415,21 +435,26 @@ class AnnotationIndex:
 
 def build_index(parsed: ParsedAnnotations, label_map: LabelMap, *, skip_empty: bool,
                 stats: DatasetStats) -> AnnotationIndex:
-    """Map categories to labels, drop boxes under 1 px and (``skip_empty``) images left without boxes."""
+    """Map categories to labels, drop boxes of background categories and under 1 px, and
+    (``skip_empty``) images left without boxes."""
     to_label = label_map.category_id_to_label()
+    background = background_categories(parsed.categories)
     for category_id in parsed.category_order.tolist():
-        if category_id not in to_label:
+        if category_id not in to_label and category_id not in background:
             raise UserInputError(f"category id {category_id} is not in the model's label map")
     num_images = len(parsed.image_ids)
     boxes = parsed.boxes
-    usable = ((boxes[:, 2] - boxes[:, 0]) >= 1) & ((boxes[:, 3] - boxes[:, 1]) >= 1)
+    is_background = np.isin(parsed.category_ids, np.array(sorted(background), dtype=np.int64))
+    big_enough = ((boxes[:, 2] - boxes[:, 0]) >= 1) & ((boxes[:, 3] - boxes[:, 1]) >= 1)
+    usable = big_enough & ~is_background
+    stats.background_boxes += int(is_background.sum())
     row_of_box = np.repeat(np.arange(num_images), np.diff(parsed.box_offsets))
     counts = np.bincount(row_of_box[usable], minlength=num_images)
     empty = counts == 0
     stats.images += num_images
     stats.annotations += parsed.num_annotations
     stats.crowd_boxes += parsed.num_crowd
-    stats.small_boxes += int((~usable).sum())
+    stats.small_boxes += int((~big_enough & ~is_background).sum())
     stats.images_without_boxes += int(empty.sum())
     known = np.array(sorted(to_label), dtype=np.int64)
     label_of = np.array([to_label[c] for c in known.tolist()], dtype=np.int64)
@@ -591,19 +616,24 @@ class CocoDetection(torch.utils.data.Dataset):
         if not self.image_dir.is_dir():
             raise UserInputError(f"{self.image_dir}: image folder does not exist")
         parsed = load_annotations(self.annotation_file, cache_dir=cache_dir)
-        self.label_map = label_map if label_map is not None else LabelMap.from_categories(parsed.categories)
+        self.label_map = label_map if label_map is not None else label_map_from_categories(parsed.categories,
+                                                                                            self.annotation_file)
         self.train = train
         self.seed = int(seed)
         self.strict = strict
         self.stats = DatasetStats()
         self.index = build_index(parsed, self.label_map, skip_empty=train, stats=self.stats)
+        for cid, name in background_categories(parsed.categories).items():
+            log.warning("%s: category %d %r is treated as the background, not as an object class "
+                        "(%d of its annotations dropped)", self.annotation_file, cid, name, self.stats.background_boxes)
         del parsed
         if len(self.index) == 0:
             raise UserInputError(f"{self.annotation_file}: no images with usable boxes" if train
                                  else f"{self.annotation_file}: no images")
         self._check_images_present()
-        self.transform = transform if transform is not None else (TrainTransform() if train else EvalTransform())
-        left_out = self.stats.crowd_boxes + self.stats.small_boxes + self.stats.images_without_boxes
+        self.transform: Any = transform if transform is not None else (TrainTransform() if train else EvalTransform())
+        left_out = (self.stats.crowd_boxes + self.stats.small_boxes + self.stats.images_without_boxes
+                    + self.stats.background_boxes)
         (log.warning if left_out else log.info)("%s: %s", self.annotation_file, self.stats.summary())
 
     @property
@@ -647,6 +677,13 @@ class CocoDetection(torch.utils.data.Dataset):
             i = (index + offset) % len(self.index)
             try:
                 sample = self._load(i, epoch)
+            except ImageSizeMismatch as err:
+                reason = f"{self.path_of(i)}: {err}"
+                if self.strict:
+                    raise UserInputError(f"{reason} (--strict-images)") from None
+                log.warning("skipping image %s", reason)
+                skipped.append(reason)
+                continue
             except DECODE_ERRORS as err:
                 reason = f"{self.path_of(i)}: {one_line(err, limit=200)}"
                 if self.strict:
@@ -664,6 +701,7 @@ class CocoDetection(torch.utils.data.Dataset):
     def _load(self, index: int, epoch: int) -> Sample:
         image = open_image(self.path_of(index))
         width, height = self.index.size(index)
+        check_image_size(image, width, height)  # before any draft changes image.size
         pixel_boxes, labels = self.index.targets(index)
         boxes = pixel_boxes / np.array([width, height] * 2, dtype=np.float32)
         image_id = self.index.image_id(index)
@@ -675,6 +713,38 @@ class CocoDetection(torch.utils.data.Dataset):
         draft_for_crop(image, (1.0, 1.0), INPUT_SIZE)
         pixels = self.transform.resize_uint8(image)
         return Sample(pixels, torch.from_numpy(boxes), torch.from_numpy(labels.copy()), image_id, (width, height))
+
+
+SIZE_MISMATCH = "not the size the annotation file gives"
+
+
+class ImageSizeMismatch(ValueError):
+    """The decoded image is not ``width`` x ``height`` of the json: its boxes would be misaligned."""
+
+
+def check_image_size(image: Image.Image, width: int, height: int) -> None:
+    """Raise :class:`ImageSizeMismatch` unless ``image`` (opened, header read) is ``width`` x ``height``.
+
+    The pixels are used as stored (COCO's convention: no EXIF rotation), so a phone photo whose
+    EXIF orientation tag rotates it by 90/270 degrees and whose json gives the displayed (swapped)
+    size was labelled on the rotated picture: its boxes do not fit the stored pixels.
+    """
+    if image.size == (width, height):
+        return
+    message = f"decoded size {image.width}x{image.height} is {SIZE_MISMATCH} ({width}x{height})"
+    orientation = exif_orientation(image)
+    if orientation in (5, 6, 7, 8) and image.size == (height, width):
+        message += (f"; its EXIF orientation {orientation} rotates it by 90/270 degrees, so it was labelled "
+                    "as displayed: store the pixels rotated (e.g. PIL.ImageOps.exif_transpose) or fix the json")
+    raise ImageSizeMismatch(message)
+
+
+def skipped_summary(reasons: list[str]) -> str:
+    """One line for the epoch/evaluation summary: how many images were skipped, how many of them
+    for a size that contradicts the json, and the first reason."""
+    mismatched = sum(SIZE_MISMATCH in r for r in reasons)
+    detail = f" ({mismatched} {SIZE_MISMATCH})" if mismatched else ""
+    return f"{len(reasons)} images skipped{detail}, e.g. {reasons[0]}"
 
 
 class _SkippedSample(list):

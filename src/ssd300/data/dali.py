@@ -15,6 +15,7 @@ it is reproducible for a seed but is not the same stream as the PyTorch path.
 
 from __future__ import annotations
 
+import io
 import logging
 from collections import deque
 from typing import Any, Iterator, Optional
@@ -22,11 +23,15 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 
-from ssd300.data.coco import CocoDetection
+from PIL import Image
+
+from ssd300.data.coco import CocoDetection, ImageSizeMismatch, check_image_size
+from ssd300.data.images import DECODE_ERRORS
 from ssd300.data.loaders import Batch, EpochSampler
 from ssd300.data.transforms import (BRIGHTNESS, CONTRAST, CROP_ASPECT, CROP_SCALE, HUE, INPUT_SIZE,
                                     SATURATION)
 from ssd300.errors import UserInputError
+from ssd300.optional import available, install_hint
 
 log = logging.getLogger(__name__)
 
@@ -37,18 +42,14 @@ _IMAGE_SIGNATURES = (b"\xff\xd8", b"\x89PNG", b"BM", b"GIF8", b"II*\x00", b"MM\x
 
 
 def dali_available() -> bool:
-    try:
-        import nvidia.dali  # noqa: F401
-    except Exception:  # ImportError, or a broken CUDA runtime behind it
-        return False
-    return True
+    return available("nvidia.dali")  # False also for a broken CUDA runtime behind it
 
 
 def _require_dali() -> Any:
     try:
         import nvidia.dali as dali
     except Exception as err:
-        raise UserInputError(f"--dali needs NVIDIA DALI: pip install 'ssd300[dali]' ({err})") from None
+        raise UserInputError(f"--dali needs NVIDIA DALI: {install_hint('nvidia.dali')} ({err})") from None
     return dali
 
 
@@ -75,18 +76,32 @@ class _EpochSource:
 
     def _read(self, index: int) -> Optional[bytes]:
         path = self.dataset.path_of(index)
+        reason: Optional[str]
         try:
             data = path.read_bytes()
         except OSError as err:
             reason = f"{path}: {err.strerror or err}"
         else:
-            if data.startswith(_IMAGE_SIGNATURES):
+            reason = self._size_problem(index, data) if data.startswith(_IMAGE_SIGNATURES) else \
+                f"{path}: not a JPEG/PNG/BMP/GIF/TIFF/WebP file"
+            if reason is None:
                 return data
-            reason = f"{path}: not a JPEG/PNG/BMP/GIF/TIFF/WebP file"
         if self.dataset.strict:
             raise UserInputError(f"{reason} (image is missing or cannot be decoded)")
         log.warning("skipping image %s", reason)
         self._current_skips.append(reason)
+        return None
+
+    def _size_problem(self, index: int, data: bytes) -> Optional[str]:
+        """As the PyTorch loader: the header's size must be the json's (else boxes are misaligned)."""
+        width, height = self.dataset.index.size(index)
+        try:
+            with Image.open(io.BytesIO(data)) as header:  # header only: no pixels are decoded
+                check_image_size(header, width, height)
+        except ImageSizeMismatch as err:
+            return f"{self.dataset.path_of(index)}: {err}"
+        except DECODE_ERRORS as err:
+            return f"{self.dataset.path_of(index)}: cannot be decoded ({err})"
         return None
 
     def __call__(self, iteration: int) -> tuple[list[np.ndarray], ...]:

@@ -1,21 +1,23 @@
 """Opening image files as RGB, whatever their mode, with optional reduced-size JPEG decoding, and
 the one coercion of in-memory images (PIL, numpy, tensors) to uint8 RGB tensors.
 
-COCO boxes refer to the stored pixel grid, so EXIF orientation is deliberately *not* applied.
+COCO boxes refer to the stored pixel grid, so datasets use the pixels as stored (no EXIF
+orientation; a size that contradicts the json is caught in ``data.coco``); inference on files
+(``ssd300 detect``, ``Detector``) shows the picture as a viewer would, with EXIF orientation.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import warnings
-from pathlib import Path
 from typing import Union
 
 import numpy as np
 import torch
 from PIL import Image
 
-PathLike = Union[str, Path]
+PathLike = Union[str, "os.PathLike[str]"]
 
 # Errors PIL raises for unreadable, truncated or hostile files.
 DECODE_ERRORS: tuple[type[BaseException], ...] = (
@@ -29,6 +31,36 @@ def open_image(path: PathLike) -> Image.Image:
         # Palette images with transparency warn on convert; that is expected and harmless here.
         warnings.simplefilter("ignore", UserWarning)
         return Image.open(path)
+
+
+EXIF_ORIENTATION_TAG = 0x0112
+# Pillow's transposition for each EXIF orientation (as ImageOps.exif_transpose applies them).
+_ORIENTATION_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag (1 = as stored, 5..8 = rotated by 90/270 degrees) from the header
+    already read; 1 when absent or unreadable."""
+    try:
+        value = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
+    except Exception:  # a malformed EXIF block is no reason to lose the image
+        return 1
+    return int(value) if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def oriented_size(size: tuple[int, int], orientation: int) -> tuple[int, int]:
+    """(width, height) as displayed after applying ``orientation``."""
+    return (size[1], size[0]) if orientation in (5, 6, 7, 8) else size
+
+
+def apply_orientation(image: Image.Image, orientation: int) -> Image.Image:
+    """The image as displayed (what a photo viewer shows) for an EXIF ``orientation``."""
+    method = _ORIENTATION_TRANSPOSE.get(orientation)
+    return image if method is None else image.transpose(method)
 
 
 def draft_for_crop(image: Image.Image, crop_size: tuple[float, float], out_size: int) -> None:

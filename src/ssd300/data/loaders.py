@@ -57,10 +57,12 @@ class Batch:
             images = normalize(images)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        move = dict(device=device, non_blocking=non_blocking)
-        return replace(self, images=images, boxes=self.boxes.to(**move), labels=self.labels.to(**move),
-                       num_boxes=self.num_boxes.to(**move), image_ids=self.image_ids.to(**move),
-                       image_sizes=self.image_sizes.to(**move), is_padding=self.is_padding.to(**move))
+        def move(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.to(device, non_blocking=non_blocking)
+
+        return replace(self, images=images, boxes=move(self.boxes), labels=move(self.labels),
+                       num_boxes=move(self.num_boxes), image_ids=move(self.image_ids),
+                       image_sizes=move(self.image_sizes), is_padding=move(self.is_padding))
 
     def pin_memory(self) -> "Batch":
         """Called by DataLoader(pin_memory=True) for custom batch types."""
@@ -179,7 +181,7 @@ class DetectionLoader(DataLoader):
     worker's traceback folded into the message."""
 
     def set_epoch(self, epoch: int) -> None:
-        sampler = self.batch_sampler.sampler if self.batch_sampler is not None else self.sampler
+        sampler: Any = self.batch_sampler.sampler if self.batch_sampler is not None else self.sampler  # type: ignore[attr-defined]
         sampler.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
@@ -252,8 +254,8 @@ def build_train_loader(dataset: Dataset, batch_size: int, *, num_workers: int, s
     """
     if hasattr(dataset, "seed"):
         dataset.seed = int(seed)
-    sampler = EpochSampler(len(dataset), shuffle=True, seed=seed, rank=rank, world_size=world_size,
-                           drop_uneven=True)
+    sampler = EpochSampler(len(dataset), shuffle=True, seed=seed, rank=rank,  # type: ignore[arg-type]
+                           world_size=world_size, drop_uneven=True)
     return _build(dataset, batch_size, sampler, num_workers=num_workers, drop_last=drop_last,
                   pin_memory=pin_memory, persistent_workers=persistent_workers, prefetch_factor=prefetch_factor)
 
@@ -267,6 +269,6 @@ def build_eval_loader(dataset: Dataset, batch_size: int, *, num_workers: int, ra
     even the shards; those samples have ``batch.is_padding`` set (use ``batch.without_padding()``
     or drop duplicate ``image_ids`` after gathering).
     """
-    sampler = EpochSampler(len(dataset), shuffle=False, rank=rank, world_size=world_size)
+    sampler = EpochSampler(len(dataset), shuffle=False, rank=rank, world_size=world_size)  # type: ignore[arg-type]
     return _build(dataset, batch_size, sampler, num_workers=num_workers, drop_last=False,
                   pin_memory=pin_memory, persistent_workers=persistent_workers, prefetch_factor=prefetch_factor)

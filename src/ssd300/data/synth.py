@@ -81,7 +81,8 @@ def _background(rng: np.random.Generator, width: int, height: int) -> Image.Imag
     base = np.broadcast_to(ramp[None, :, :], (height, width, 3)) if len(t) == width \
         else np.broadcast_to(ramp[:, None, :], (height, width, 3))
     cells = rng.integers(0, 81, size=(int(rng.integers(3, 9)), int(rng.integers(3, 9)), 3), dtype=np.uint8)
-    blotch = np.asarray(Image.fromarray(cells, "RGB").resize((width, height), Image.BICUBIC), dtype=np.float32) - 40
+    blotch_image = Image.fromarray(cells, "RGB").resize((width, height), Image.Resampling.BICUBIC)
+    blotch = np.asarray(blotch_image, dtype=np.float32) - 40
     noise = rng.integers(-12, 13, size=(height, width, 1), dtype=np.int16).astype(np.float32)
     pixels = np.clip(base + blotch + noise, 0, 255).astype(np.uint8)
     image = Image.fromarray(pixels, "RGB")
@@ -184,7 +185,8 @@ def render_image(rng: np.random.Generator, config: SynthConfig) -> tuple[Image.I
 def _write_split(out_dir: Path, split: str, split_index: int, count: int, seed: int, config: SynthConfig) -> None:
     image_dir = out_dir / split
     image_dir.mkdir(parents=True, exist_ok=True)
-    images, annotations = [], []
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
     for index in range(count):
         rng = np.random.default_rng((seed, split_index, index))
         image, objects = render_image(rng, config)

@@ -214,7 +214,8 @@ class ColorJitterParams:
         values = (rng.uniform(1 - BRIGHTNESS, 1 + BRIGHTNESS), rng.uniform(1 - CONTRAST, 1 + CONTRAST),
                   rng.uniform(1 - SATURATION, 1 + SATURATION), rng.uniform(-HUE, HUE))
         order = tuple(names[int(i)] for i in rng.permutation(4))
-        return cls(*(float(v) for v in values), order=order)
+        brightness, contrast, saturation, hue = (float(v) for v in values)
+        return cls(brightness, contrast, saturation, hue, order)
 
 
 def color_affine(params: ColorJitterParams, mean_rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

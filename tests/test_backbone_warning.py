@@ -1,0 +1,44 @@
+"""Training ResNet-50 without ImageNet weights says so, loudly (the published mAP assumes them)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ssd300.training import TrainConfig, random_backbone_warning
+
+
+@pytest.mark.parametrize("changes,warns", [
+    ({}, True),
+    ({"mode": "benchmark-training"}, False),   # speed only
+    ({"backbone_path": "weights.pth"}, False),
+])
+def test_warning_only_for_a_randomly_initialised_resnet50_training_run(tmp_path, changes, warns):
+    if "backbone_path" in changes:
+        (tmp_path / "weights.pth").write_bytes(b"x")
+        changes = {"backbone_path": tmp_path / "weights.pth"}
+    config = TrainConfig(**changes)
+    message = random_backbone_warning(config, "resnet50", has_checkpoint=False)
+    assert (message is not None) == warns
+    if warns:
+        assert message.startswith("WARNING: training ResNet-50 from random weights")
+        assert "resnet50-0676ba61.pth" in message and "--backbone-path" in message
+    assert random_backbone_warning(TrainConfig(), "resnet18", has_checkpoint=False) is None
+    assert random_backbone_warning(TrainConfig(), "resnet50", has_checkpoint=True) is None
+
+
+def test_resnet50_training_without_backbone_path_prints_and_logs_the_warning(tmp_path, capsys):
+    from ssd300 import train
+    from ssd300.data.synth import generate_synthetic_dataset
+
+    data = generate_synthetic_dataset(tmp_path / "data", num_train=2, num_val=1, seed=0, num_classes=1,
+                                      max_objects=1, min_width=120, max_width=130, min_height=100, max_height=110)
+    torch.manual_seed(0)
+    train(TrainConfig(data=data, backbone="resnet50", epochs=1, batch_size=2, evaluation=(), seed=0,
+                      num_workers=0, save=tmp_path / "run", progress=False, device="cpu", amp=False))
+    printed = capsys.readouterr().err
+    assert "WARNING: training ResNet-50 from random weights" in printed
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert any(r["kind"] == "warning" and "resnet50-0676ba61.pth" in r["message"] for r in records)
