@@ -154,7 +154,8 @@ def test_run_writes_last_best_keeps_last_refuses_a_second_run_and_resumes(data_d
     result = run(_config(data_dir, save=out, eval_every=2, keep_last=1))
     assert [e["epoch"] for e in result.evaluations] == [1, 2]  # every 2nd epoch and the final one
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["best.pt", "epoch_2.pt", "last.pt", "log.jsonl", "results.json"]  # lock released
+    assert names == ["best.pt", "curves.png", "epoch_2.pt", "evaluation_epoch_1.png", "evaluation_epoch_2.png",
+                     "last.pt", "log.jsonl", "metrics.json", "results.json"]  # lock released
 
     last, final = _load(out / "last.pt"), _load(out / "epoch_2.pt")
     assert last["epoch"] == final["epoch"] == 3 and last["iteration"] == 6
@@ -182,7 +183,8 @@ def test_run_writes_last_best_keeps_last_refuses_a_second_run_and_resumes(data_d
         run(_config(data_dir, save=out, resume=True, seed=None, epochs=4))
 
     fresh = run(_config(data_dir, save=out, overwrite=True, epochs=1, evaluation=()))
-    assert fresh.evaluations == [] and sorted(p.name for p in out.iterdir()) == ["epoch_0.pt", "last.pt", "log.jsonl"]
+    assert fresh.evaluations == [] and sorted(p.name for p in out.iterdir()) == [
+        "curves.png", "epoch_0.pt", "last.pt", "log.jsonl", "metrics.json"]
 
 
 def test_sigterm_during_evaluation_stops_it_and_keeps_the_epoch_checkpoint(data_dir, tmp_path, monkeypatch):

@@ -15,12 +15,6 @@ from typing import Any, Mapping, Sequence
 
 from ssd300.coco_eval import RECALL_POINTS, CocoMetrics
 
-CURVES_NAME = "curves.png"
-
-
-def evaluation_plot_name(epoch: int) -> str:
-    """The per-evaluation figure's file name; ``epoch`` is numbered as in ``epoch_<n>.pt``."""
-    return f"evaluation_epoch_{epoch}.png"
 
 
 def _save(fig: Any, path: Path) -> Path:

@@ -38,7 +38,14 @@ LAST, BEST, INTERRUPTED = "last.pt", "best.pt", "interrupted.pt"
 _EPOCH_FILE = re.compile(r"epoch_(\d+)\.pt")
 # save_checkpoint's temp names: mkstemp(prefix=".<name>.", suffix=".tmp"); only ours match.
 _CHECKPOINT_TEMP = re.compile(r"\.(epoch_\d+|last|best|interrupted)\.pt\.[A-Za-z0-9_]+\.tmp")
-_LOG_FILES = ("log.jsonl", "results.json")
+CURVES_NAME = "curves.png"
+_LOG_FILES = ("log.jsonl", "results.json", "metrics.json", CURVES_NAME)
+_EVALUATION_PLOT = re.compile(r"evaluation_epoch_\d+\.png")
+
+
+def evaluation_plot_name(epoch: int) -> str:
+    """The per-evaluation figure's file name; ``epoch`` is numbered as in ``epoch_<n>.pt``."""
+    return f"evaluation_epoch_{epoch}.png"
 
 
 def epoch_file_name(epoch: int) -> str:
@@ -68,7 +75,8 @@ class RunFolder:
         if not self.path.is_dir():
             return []
         named = [self.path / name for name in (LAST, BEST, INTERRUPTED, *_LOG_FILES)]
-        return [p for _, p in self.epoch_checkpoints()] + [p for p in named if p.is_file()]
+        plots = sorted(p for p in self.path.iterdir() if _EVALUATION_PLOT.fullmatch(p.name) and p.is_file())
+        return [p for _, p in self.epoch_checkpoints()] + [p for p in named if p.is_file()] + plots
 
     def newest_checkpoint(self) -> Optional[Path]:
         """``last.pt`` when present (always the newest state), else the newest of

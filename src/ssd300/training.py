@@ -49,9 +49,9 @@ from ssd300.logging_utils import RunLogger
 from ssd300.model import SSD300
 from ssd300.optim import WarmupMultiStepSchedule, build_optimizer, scaled_learning_rate
 from ssd300.optional import install_hint
-from ssd300.plots import CURVES_NAME, evaluation_plot_name, plot_curves, plot_evaluation
+from ssd300.plots import plot_curves, plot_evaluation
 from ssd300.runtime import Runtime, default_workers
-from ssd300.run_folder import BEST, INTERRUPTED, LAST, RunFolder, epoch_file_name
+from ssd300.run_folder import BEST, CURVES_NAME, INTERRUPTED, LAST, RunFolder, epoch_file_name, evaluation_plot_name
 from ssd300.trainer import StopFlag, Trainer, TrainingInterrupted
 
 MODES = ("training", "evaluation", "benchmark-training", "benchmark-inference")

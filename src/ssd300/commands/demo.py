@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ssd300.backbone import BACKBONES
-from ssd300.plots import CURVES_NAME
+from ssd300.run_folder import CURVES_NAME
 from ssd300.training import TrainConfig, train
 
 # Measured on a loaded 2-core CPU; see BENCHMARKS.md ("Training and evaluation").
