@@ -112,15 +112,15 @@ def _runtime_lines(text: str) -> list[str]:
 
 def test_train_evaluate_and_detect_report_the_same_runtime(capsys, tiny_dataset: Path, tmp_path):
     from ssd300.checkpoint import model_checkpoint, save_checkpoint
-    from ssd300.labels import LabelMap
+    from ssd300.data.coco import label_map_from_annotations, read_annotation_file, resolve_split
     from ssd300.model import SSD300
 
     torch.manual_seed(0)
     checkpoint = tmp_path / "model.pt"
-    save_checkpoint(checkpoint, model_checkpoint(SSD300("resnet18", num_classes=3),
-                                                 LabelMap.generic(3)))
+    label_map = label_map_from_annotations(read_annotation_file(resolve_split(tiny_dataset, "val")[1]))
+    save_checkpoint(checkpoint, model_checkpoint(SSD300("resnet18", num_classes=3), label_map))
     common = ["--device", "cpu", "--num-workers", "0"]
-    assert main(["train", "--data", str(tiny_dataset), "--backbone", "resnet18", "--epochs", "0", "--bs", "2",
+    assert main(["train", "--data", str(tiny_dataset), "--backbone", "resnet18", "--epochs", "1", "--bs", "2",
                  "--evaluation", "--no-progress", *common]) == 0
     assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(tiny_dataset), "--ebs", "2",
                  *common]) == 0
