@@ -171,3 +171,16 @@ def test_export_command_int8_flags(photos, tmp_path, capsys):
     rc = main(["export", "--checkpoint", str(CHECKPOINT), "--out", str(tmp_path / "a.onnx"), "--int8",
                "--calibration", str(tmp_path / "nowhere")])
     assert rc == 2 and "nowhere" in capsys.readouterr().err and not (tmp_path / "a.onnx").exists()
+
+
+def test_auto_quantizer_is_nncf_when_installed_else_onnxruntime(monkeypatch):
+    import ssd300.optional as optional
+    from ssd300.quantize import resolve_quantizer
+
+    monkeypatch.setattr(optional, "available", lambda module: True)
+    assert resolve_quantizer() == resolve_quantizer("auto") == "nncf"
+    monkeypatch.setattr(optional, "available", lambda module: module != "nncf")
+    assert resolve_quantizer("auto") == "onnxruntime"
+    assert resolve_quantizer("onnxruntime") == "onnxruntime"
+    with pytest.raises(UserInputError, match="--quantizer must be one of auto, nncf, onnxruntime"):
+        resolve_quantizer("tflite")

@@ -31,7 +31,7 @@ from ssd300.files import check_output_path
 from ssd300.labels import LabelMap
 from ssd300.optional import available, install_hint, require
 from ssd300.postprocess import PostprocessConfig
-from ssd300.quantize import DEFAULT_CALIBRATION_IMAGES, QUANTIZERS
+from ssd300.quantize import DEFAULT_CALIBRATION_IMAGES, QUANTIZER_CHOICES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,9 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--int8 calibration images: a folder of images or a COCO-format dataset (its train split)")
     parser.add_argument("--calibration-images", type=int, default=DEFAULT_CALIBRATION_IMAGES, metavar="N",
                         help=f"images used for calibration, spread over DIR (default {DEFAULT_CALIBRATION_IMAGES})")
-    parser.add_argument("--quantizer", choices=QUANTIZERS, default=QUANTIZERS[0],
-                        help="--int8 quantiser: onnxruntime (default; heads stay float) or nncf (pip install nncf); "
-                             "both write QDQ ONNX")
+    parser.add_argument("--quantizer", choices=QUANTIZER_CHOICES, default="auto",
+                        help="--int8 quantiser: nncf (auto's choice when installed: the faster file on OpenVINO) "
+                             "or onnxruntime (heads stay float); both write QDQ ONNX")
 
 
 def check_export(module: torch.nn.Module, path: Path, fmt: str, batch: int = 2) -> tuple[float, bool]:

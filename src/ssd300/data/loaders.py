@@ -201,6 +201,10 @@ class _WorkerErrors:
     def __len__(self) -> int:
         return len(self._iterator)
 
+    def __getattr__(self, name: str) -> Any:
+        # Everything else is the DataLoader iterator's (e.g. ``_workers`` for memory measurements).
+        return getattr(self._iterator, name)
+
     def __next__(self) -> Any:
         try:
             return next(self._iterator)
