@@ -677,17 +677,12 @@ class CocoDetection(torch.utils.data.Dataset):
             i = (index + offset) % len(self.index)
             try:
                 sample = self._load(i, epoch)
-            except ImageSizeMismatch as err:
-                reason = f"{self.path_of(i)}: {err}"
+            except DECODE_ERRORS as err:  # ImageSizeMismatch included (a ValueError)
+                mismatch = isinstance(err, ImageSizeMismatch)
+                reason = f"{self.path_of(i)}: {err if mismatch else one_line(err, limit=200)}"
                 if self.strict:
-                    raise UserInputError(f"{reason} (--strict-images)") from None
-                log.warning("skipping image %s", reason)
-                skipped.append(reason)
-                continue
-            except DECODE_ERRORS as err:
-                reason = f"{self.path_of(i)}: {one_line(err, limit=200)}"
-                if self.strict:
-                    raise UserInputError(f"{reason} (image is missing or cannot be decoded)") from None
+                    why = "--strict-images" if mismatch else "image is missing or cannot be decoded"
+                    raise UserInputError(f"{reason} ({why})") from None
                 log.warning("skipping image %s", reason)
                 skipped.append(reason)
                 continue
