@@ -93,7 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(module.run(args) or 0)
     except UserInputError as err:
-        print(f"ssd300 {name}: error: {err}", file=sys.stderr)
+        from ssd300.commands.options import cli_message
+
+        print(f"ssd300 {name}: error: {cli_message(err)}", file=sys.stderr)
         return err.exit_code
     except Interrupted as err:
         print(f"ssd300 {name}: {err}", file=sys.stderr)

@@ -34,9 +34,29 @@ EXIT_CODES: dict[int, str] = {
 
 
 class UserInputError(Exception):
-    """Bad input that the user can fix; the message is shown to them as it is."""
+    """Bad input that the user can fix; the message is shown to them as it is.
+
+    The library speaks Python: a message about an argument or config field names it as Python
+    does (``batch_size must be >= 1, got 0``) and lists it in ``fields``. The CLI rewrites those
+    names into its flags (``--batch-size must be >= 1, got 0``) through one table
+    (:func:`ssd300.commands.options.cli_message`), so each wording is right for its reader.
+    """
 
     exit_code = EXIT_USAGE
+
+    def __init__(self, message: str, *, fields: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.fields = tuple(fields)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Keeps ``fields`` when the error crosses a process boundary (DataLoader workers).
+        return (_rebuild, (type(self), str(self), self.fields))
+
+
+def _rebuild(cls: "type[UserInputError]", message: str, fields: tuple[str, ...]) -> UserInputError:
+    error = cls.__new__(cls)
+    UserInputError.__init__(error, message, fields=fields)
+    return error
 
 
 class NoResultsError(UserInputError):

@@ -1,16 +1,27 @@
-"""Files in and out: untrusted PyTorch files read safely, JSON written atomically.
+"""Files in and out: untrusted PyTorch files read safely, every output written atomically.
 
 ``read_torch_file`` (``torch.load(weights_only=True)``, one-line errors) serves checkpoints
 (:mod:`ssd300.checkpoint`) and ImageNet backbone weights (:mod:`ssd300.backbone`); this module
-imports no model code, so both use it without an import cycle. ``write_json`` is the one JSON
-writer (results, per-image detections, run summaries). ``check_output_path`` is the one check of
-an output path before the work starts (every command's outputs go through it).
+imports no model code, so both use it without an import cycle.
+
+One owner per file policy:
+
+- :func:`atomic_write` is the one way any output reaches its final path (checkpoints, JSON,
+  figures, exported models, caches): a temp file beside the target, fsync, rename. A failed
+  write (full disk, quota, I/O error) leaves the previous file untouched, removes the temp file
+  and raises one line naming the file. The file gets the permissions the umask gives (0644 by
+  default), like any file the user's tools create, not the 0600 of a temp file.
+- :func:`write_json` is the one JSON writer (results, detections, run summaries).
+- :func:`cache_dir` is the one cache folder (annotation index, ONNX of the onnxruntime runner).
+- :func:`check_output_path` is the one check of an output path before the work starts.
+- :data:`PathLike` is the one path type of the package's signatures.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import json
 import math
 import os
@@ -19,7 +30,7 @@ import re
 import tempfile
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Literal, Union
+from typing import IO, TYPE_CHECKING, Any, Iterator, Literal, Optional, Union
 
 from .errors import UserInputError, one_line
 
@@ -114,18 +125,113 @@ def _rows_layout(obj: Any) -> str:
     return json.dumps(obj)
 
 
+# errno values that mean "the disk cannot take this file", not a bug: one line, exit 2.
+DISK_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG})
+
+
+def _umask_mode() -> int:
+    # The umask can only be read by setting it; done once per write, restored at once.
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def disk_error(path: PathLike, exc: OSError) -> UserInputError:
+    """The one-line error for a write that the disk refused (full, quota, read-only, I/O)."""
+    reason = exc.strerror or one_line(exc)
+    return UserInputError(f"{path}: could not be written ({reason}); nothing was left at that path")
+
+
+@contextlib.contextmanager
+def atomic_write(path: PathLike, mode: Literal["wb", "w"] = "wb") -> Iterator[IO[Any]]:
+    """Open a temp file beside ``path`` for writing; on success it replaces ``path`` atomically.
+
+    Readers never see half a file, a crash or a full disk leaves any previous file intact and no
+    temp file behind. Disk errors (:data:`DISK_ERRORS`) become a one-line :class:`UserInputError`
+    naming ``path``; other exceptions propagate unchanged after the cleanup.
+    """
+    path = Path(path)
+    tmp: Optional[str] = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, _umask_mode())
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as exc:
+        if exc.errno in DISK_ERRORS:
+            raise disk_error(path, exc) from None
+        raise
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+    fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike) -> Iterator[Path]:
+    """A temp path beside ``path`` for writers that insist on a file name (exporters, savefig by
+    name); on success it replaces ``path`` atomically, with :func:`atomic_write`'s guarantees."""
+    path = Path(path)
+    tmp: Optional[Path] = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
+        yield tmp
+        os.chmod(tmp, _umask_mode())
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as exc:
+        if exc.errno in DISK_ERRORS:
+            raise disk_error(path, exc) from None
+        raise
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (POSIX); not possible (nor needed) everywhere."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def cache_dir(kind: str = "") -> Path:
+    """The package's cache folder: ``$SSD300_CACHE_DIR``, else ``$XDG_CACHE_HOME/ssd300``, else
+    ``~/.cache/ssd300``; ``kind`` names a subfolder (``annotation-index``, ``onnx``, ``weights``).
+    Nothing is created here; writers create what they write into."""
+    if os.environ.get("SSD300_CACHE_DIR"):
+        base = Path(os.environ["SSD300_CACHE_DIR"]).expanduser()
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "ssd300"
+    return base / kind if kind else base
+
+
 def write_json(path: PathLike, obj: Any, layout: Literal["rows", "indent"] = "rows") -> Path:
-    """Write ``obj`` as JSON atomically (temp file + rename: readers never see half a file).
+    """Write ``obj`` as JSON atomically (:func:`atomic_write`).
 
     ``layout="rows"``: one list element per line (results, detections); ``"indent"``: indented.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     obj = json_ready(obj)
     text = _rows_layout(obj) if layout == "rows" else json.dumps(obj, indent=2)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text + "\n")
-    os.replace(tmp, path)
+    with atomic_write(path, "w") as handle:
+        handle.write(text + "\n")
     return path
 
 

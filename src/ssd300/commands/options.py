@@ -1,8 +1,12 @@
-"""Flag groups shared by several commands; their defaults come from the library's configs."""
+"""Flag groups shared by several commands (their defaults come from the library's configs), and
+the one table from the library's argument/field names to the CLI's flags."""
 
 from __future__ import annotations
 
 import argparse
+import re
+
+from ssd300.errors import UserInputError
 
 from ssd300.postprocess import PostprocessConfig
 
@@ -25,3 +29,24 @@ def postprocess_config(args: argparse.Namespace) -> PostprocessConfig:
     """The validated config of the flags added by :func:`add_postprocess_arguments`."""
     return PostprocessConfig(score_threshold=args.score_threshold, iou_threshold=args.iou_threshold,
                              topk_per_class=args.topk_per_class, max_detections=args.max_detections)
+
+
+# Library names whose flag is not ``--`` + the name with dashes. Everything else maps by rule.
+FLAG_OF_FIELD: dict[str, str] = {
+    "iou_crop": "--no-iou-crop",
+    "channels_last": "--data-layout",
+}
+
+
+def flag_of(field: str) -> str:
+    """A library argument or config field as its command-line flag: ``batch_size`` -> ``--batch-size``."""
+    return FLAG_OF_FIELD.get(field, "--" + field.replace("_", "-"))
+
+
+def cli_message(error: UserInputError) -> str:
+    """The error's message as the CLI shows it: each field it names (``error.fields``) written
+    as its flag, at its first whole-word occurrence."""
+    message = str(error)
+    for field in error.fields:
+        message = re.sub(rf"(?<![\w-]){re.escape(field)}(?![\w-])", flag_of(field), message, count=1)
+    return message

@@ -17,7 +17,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-PathLike = Union[str, "os.PathLike[str]"]
+from ssd300.files import PathLike
+
+# The one list of image file suffixes: what detect reads from a folder, what a dataset folder must
+# hold, what calibration takes. Every suffix here is a format Pillow decodes.
+IMAGE_SUFFIXES: tuple[str, ...] = (
+    ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
+)
+
+
+def is_image_file(path: "os.PathLike[str] | str") -> bool:
+    """Whether ``path``'s suffix is one of :data:`IMAGE_SUFFIXES` (case-insensitive)."""
+    return os.path.splitext(os.fspath(path))[1].lower() in IMAGE_SUFFIXES
 
 # Errors PIL raises for unreadable, truncated or hostile files.
 DECODE_ERRORS: tuple[type[BaseException], ...] = (
