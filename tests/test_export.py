@@ -14,8 +14,8 @@ from ssd300.box_coder import decode_boxes
 from ssd300.data.synth import SynthConfig, render_image
 from ssd300.data.transforms import EvalTransform
 from ssd300.default_boxes import default_boxes_300
-from ssd300.export import ExportableDetector, _dynamo_available, export_model, flat_detections, format_from_suffix, \
-    pad_per_image
+from ssd300.export import ExportableDetector, _dynamo_available, export_model, format_from_suffix
+from ssd300.postprocess import flat_detections, pad_per_image
 from ssd300.labels import LabelMap
 from ssd300.model import SSD300
 from ssd300.postprocess import PostprocessConfig, PostProcessor

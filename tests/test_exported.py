@@ -16,10 +16,11 @@ from ssd300.data.synth import SynthConfig, render_image
 from ssd300.data.transforms import EvalTransform
 from ssd300.errors import UserInputError
 from ssd300.export import build_export_module, export_model
-from ssd300.exported import cached_network_onnx, format_of, is_exported_file, load_exported
+from ssd300.exported import format_of, is_exported_file
 from ssd300.inference import Detector
 from ssd300.labels import LabelMap
 from ssd300.model import SSD300
+from ssd300.runners import cached_network_onnx, load_exported
 
 onnxruntime = pytest.importorskip("onnxruntime")
 skimage_data = pytest.importorskip("skimage.data")
@@ -160,7 +161,7 @@ def test_file_kinds_and_bad_files(files, tmp_path):
 def test_onnxruntime_backend_exports_once_per_weights(model, photos, tmp_path, monkeypatch):
     monkeypatch.setenv("SSD300_CACHE_DIR", str(tmp_path / "cache"))
     first = Detector(model, LABEL_MAP, device="cpu", backend="onnxruntime", score_threshold=SCORE)
-    cached = list((tmp_path / "cache").glob("*.onnx"))
+    cached = list((tmp_path / "cache" / "onnx").glob("*.onnx"))  # files.cache_dir("onnx")
     assert len(cached) == 1
 
     import ssd300.export

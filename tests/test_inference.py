@@ -167,7 +167,7 @@ def test_thresholds_and_max_detections(checkpoint, images):
     assert len(capped) <= 7 and (capped.scores > 0.3).all()
     loose = Detector.from_checkpoint(checkpoint, score_threshold=0.05, iou_threshold=0.3)(images[0])
     assert len(loose) >= len(capped)
-    with pytest.raises(UserInputError, match="score-threshold"):
+    with pytest.raises(UserInputError, match="score_threshold"):
         Detector.from_checkpoint(checkpoint, score_threshold=1.5)
 
 
@@ -187,7 +187,7 @@ def test_bf16_channels_last_path_agrees(checkpoint, images):
     # The bf16 path forced on (emulated, slower, on CPUs without native bf16), so it is checked on every CPU.
     forced = Runtime.resolve("cpu", amp=True, bf16_available=True)
     detector = Detector.from_checkpoint(checkpoint, score_threshold=0.1, runtime=forced)
-    assert detector.bf16 and detector.channels_last
+    assert detector.runner.bf16 and detector.runner.channels_last
     bf16 = detector(images[0])
     # bfloat16 has 8 bits of mantissa: the top detections agree, to a pixel or so.
     assert bf16.labels[:3].tolist() == fp32.labels[:3].tolist()
@@ -198,7 +198,7 @@ def test_bf16_channels_last_path_agrees(checkpoint, images):
 def test_amp_without_native_bf16_runs_fp32_with_a_warning(checkpoint, images, monkeypatch, caplog):
     monkeypatch.setattr("ssd300.runtime.native_bf16", lambda: False)
     detector = Detector.from_checkpoint(checkpoint, score_threshold=0.1, amp=True)
-    assert not detector.bf16 and detector.runtime.dtype is None
+    assert not detector.runner.bf16 and detector.runtime.dtype is None
     assert "no native bf16" in caplog.text and "fp32" in caplog.text
     fp32 = Detector.from_checkpoint(checkpoint, score_threshold=0.1)(images[0])
     result = detector(images[0])
@@ -219,5 +219,5 @@ def test_onnxruntime_backend_agrees_with_torch(checkpoint, images):
     torch_result = Detector.from_checkpoint(checkpoint, score_threshold=0.1)(images[2])
     ort = Detector.from_checkpoint(checkpoint, score_threshold=0.1, backend="onnxruntime")
     _same(ort(images[2]), torch_result, atol=1e-2)
-    with pytest.raises(UserInputError, match="--backend"):
+    with pytest.raises(UserInputError, match="^backend must be one of torch, onnxruntime"):
         Detector.from_checkpoint(checkpoint, backend="tensorrt")

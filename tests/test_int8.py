@@ -16,7 +16,7 @@ from ssd300.cli import main
 from ssd300.data import synth
 from ssd300.errors import UserInputError
 from ssd300.export import export_model
-from ssd300.exported import load_exported
+from ssd300.runners import load_exported
 from ssd300.inference import Detector
 from ssd300.postprocess import Detections
 from ssd300.quantize import calibration_files, confident_agreement, export_int8
@@ -135,13 +135,16 @@ def test_calibration_files_from_a_folder_or_a_coco_dataset(tmp_path):
     root = synth.generate_synthetic_dataset(tmp_path / "coco", num_train=5, num_val=3, seed=0, num_classes=2)
     files = calibration_files(root, 100)
     assert len(files) == 5 and all(p.parent.name == "train" for p in files)  # training split, not val
-    with pytest.raises(UserInputError, match="--calibration"):
+    with pytest.raises(UserInputError, match="^calibration .*missing"):
         calibration_files(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserInputError, match="no image files"):
         calibration_files(tmp_path / "empty")
-    with pytest.raises(UserInputError, match="--calibration-images"):
+    with pytest.raises(UserInputError, match="^calibration_images must be >= 1") as error:
         calibration_files(folder, 0)
+    from ssd300.commands.options import cli_message
+
+    assert cli_message(error.value).startswith("--calibration-images must be >= 1")
 
 
 def test_confident_agreement_matches_by_label_and_iou():
@@ -182,5 +185,5 @@ def test_auto_quantizer_is_nncf_when_installed_else_onnxruntime(monkeypatch):
     monkeypatch.setattr(optional, "available", lambda module: module != "nncf")
     assert resolve_quantizer("auto") == "onnxruntime"
     assert resolve_quantizer("onnxruntime") == "onnxruntime"
-    with pytest.raises(UserInputError, match="--quantizer must be one of auto, nncf, onnxruntime"):
+    with pytest.raises(UserInputError, match="^quantizer must be one of auto, nncf, onnxruntime"):
         resolve_quantizer("tflite")

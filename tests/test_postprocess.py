@@ -208,18 +208,22 @@ def test_boxes_are_clipped_to_the_image() -> None:
     assert (pixels[:, 0::2] <= 512).all() and (pixels[:, 1::2] <= 384).all() and (pixels >= 0).all()
 
 
-def test_config_is_validated_once_naming_the_flag() -> None:
+def test_config_is_validated_once_naming_the_field_and_the_cli_its_flag() -> None:
+    from ssd300.commands.options import cli_message
     from ssd300.errors import UserInputError
     from ssd300.postprocess import COCO_EVAL, PostprocessConfig
 
     assert PostprocessConfig() == PostprocessConfig(0.05, 0.45, 200, 200)
     assert COCO_EVAL.iou_threshold == 0.5 and COCO_EVAL.replace(score_threshold=None) == COCO_EVAL
-    for bad, flag in [(dict(score_threshold=1.5), "--score-threshold"), (dict(iou_threshold=0.0), "--iou-threshold"),
-                      (dict(topk_per_class=0), "--topk-per-class"), (dict(max_detections=2.5), "--max-detections"),
-                      (dict(score_threshold=float("nan")), "--score-threshold")]:
-        with pytest.raises(UserInputError, match=flag):
+    for bad in [dict(score_threshold=1.5), dict(iou_threshold=0.0), dict(topk_per_class=0), dict(max_detections=2.5),
+                dict(score_threshold=float("nan"))]:
+        (field,) = bad
+        flag = "--" + field.replace("_", "-")
+        with pytest.raises(UserInputError, match=f"^{field} must be") as error:
             PostprocessConfig(**bad)
-        with pytest.raises(UserInputError, match=flag):
+        assert error.value.fields == (field,) and "--" not in str(error.value)
+        assert cli_message(error.value).startswith(f"{flag} must be")
+        with pytest.raises(UserInputError, match=f"^{field} must be"):
             PostProcessor(default_boxes_300(), **bad)
     import numpy as np
 

@@ -44,14 +44,14 @@ from typing import Literal
 
 import torch
 from torch import nn
-from torchvision.ops import nms
 
-from ssd300.box_coder import decode_boxes
-from ssd300.default_boxes import DefaultBoxes, default_boxes_300
+from ssd300.data.transforms import INPUT_SIZE, MEAN, STD
+from ssd300.default_boxes import DefaultBoxes
 from ssd300.errors import UserInputError
+from ssd300.files import PathLike, atomic_path
 from ssd300.labels import LabelMap
 from ssd300.optional import available, require
-from ssd300.postprocess import PostprocessConfig, clip_boxes
+from ssd300.postprocess import ExportablePostprocess, PostprocessConfig
 
 ExportFormat = Literal["onnx", "torchscript", "pt2"]
 FORMATS: tuple[str, ...] = ("onnx", "torchscript", "pt2")
@@ -66,92 +66,9 @@ EXPORTERS: tuple[str, ...] = ("auto", "dynamo", "legacy")
 log = logging.getLogger(__name__)
 
 
-def _nms_over_groups(boxes: torch.Tensor, scores: torch.Tensor, column: torch.Tensor, row: torch.Tensor,
-                     iou_threshold: float) -> torch.Tensor:
-    """NMS within each (row, column) group in one ``torchvision.ops.nms`` call.
-
-    Groups are moved apart on a 2-D grid (column along x, row along y) instead of along one axis
-    as ``batched_nms`` does: the largest shift is then ~2 * max(C, N) rather than ~2 * N * C,
-    which keeps float32 IoUs near-exact (at a shift of 1300 float32 has only ~1e-4 resolution).
-    """
-    spacing = (boxes.max() - boxes.min()).clamp(min=0) + 1
-    shift = torch.stack((column, row, column, row), dim=1).to(boxes.dtype) * spacing
-    return nms(boxes + shift, scores, iou_threshold)
-
-
-def flat_detections(
-    locs: torch.Tensor,
-    logits: torch.Tensor,
-    dboxes_xywh: torch.Tensor,
-    scale_xy: float = 0.1,
-    scale_wh: float = 0.2,
-    config: PostprocessConfig = PostprocessConfig(),
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Decode + per-class NMS for a whole batch with exportable tensor ops only.
-
-    Same rules as :func:`ssd300.postprocess.postprocess_flat` (SPEC §5), which uses stable sorts,
-    ``searchsorted`` and bit tricks that neither tracing nor ONNX support. Returns flat
-    ``boxes (M, 4)`` (clipped to the image, :func:`~ssd300.postprocess.clip_boxes`),
-    ``scores (M,)``, ``labels (M,)``, ``image_index (M,)`` of the kept detections of the batch in
-    descending score order (``max_detections`` is applied by :func:`pad_per_image`).
-    """
-    score_threshold, iou_threshold, topk_per_class = (
-        config.score_threshold, config.iou_threshold, config.topk_per_class)
-    _, num_classes, num_anchors = logits.shape
-    boxes = decode_boxes(locs, dboxes_xywh, scale_xy, scale_wh)  # (N, A, 4)
-    probs = torch.softmax(logits.float(), dim=1)[:, 1:, :]  # (N, C-1, A), background dropped
-    k = min(topk_per_class, num_anchors)
-    # Top-k per class, then the threshold: the same set as "threshold, then top-k".
-    cand_scores, cand_anchor = probs.topk(k, dim=2)  # (N, C-1, k)
-    cand_scores = cand_scores.reshape(-1)
-    keep = torch.nonzero(cand_scores > score_threshold).reshape(-1)
-    per_image = (num_classes - 1) * k
-    image_index = torch.div(keep, per_image, rounding_mode="floor")
-    labels = torch.div(keep % per_image, k, rounding_mode="floor") + 1
-    scores = cand_scores[keep]
-    anchors = cand_anchor.reshape(-1)[keep]
-    boxes = boxes.reshape(-1, 4)[image_index * num_anchors + anchors]
-    kept = _nms_over_groups(boxes, scores, labels, image_index, iou_threshold)
-    return clip_boxes(boxes[kept]), scores[kept], labels[kept], image_index[kept]
-
-
-def pad_per_image(
-    boxes: torch.Tensor,
-    scores: torch.Tensor,
-    labels: torch.Tensor,
-    image_index: torch.Tensor,
-    image_ids: torch.Tensor,
-    max_detections: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Flat detections ordered by descending score -> fixed-size (N, K) outputs per image.
-
-    ``image_ids`` is ``arange(N)`` as a tensor, so that N stays dynamic when traced. Each image
-    keeps its ``max_detections`` best; rows beyond ``num_detections`` are zero. Tensor ops only
-    (no sort, no Python ints from data), so it traces and exports with dynamic sizes.
-    """
-    one_hot = (image_index.unsqueeze(1) == image_ids.unsqueeze(0)).to(torch.int64)  # (M, N)
-    # The input is in descending score order, so a detection's rank within its image is the
-    # number of detections of the same image before it.
-    rank = (torch.cumsum(one_hot, dim=0) * one_hot).sum(dim=1) - 1
-    valid = rank < max_detections
-    slot = (image_index * max_detections + rank)[valid]
-    zeros = torch.zeros_like(image_ids).unsqueeze(1).repeat(1, max_detections).reshape(-1)  # (N*K,)
-    out_boxes = zeros.to(boxes.dtype).unsqueeze(1).repeat(1, 4).index_put((slot,), boxes[valid])
-    out_scores = zeros.to(scores.dtype).index_put((slot,), scores[valid])
-    out_labels = zeros.index_put((slot,), labels[valid].to(torch.int64))
-    num_detections = one_hot.sum(dim=0).clamp(max=max_detections)
-    return (
-        out_boxes.reshape(-1, max_detections, 4),
-        out_scores.reshape(-1, max_detections),
-        out_labels.reshape(-1, max_detections),
-        num_detections,
-    )
-
-
 class ExportableDetector(nn.Module):
-    """SSD300 + decoding + NMS with fixed-size padded outputs (see the module docstring)."""
-
-    dboxes_xywh: torch.Tensor  # a buffer
+    """SSD300 + decoding + NMS with fixed-size padded outputs (see the module docstring); the
+    post-processing is :class:`ssd300.postprocess.ExportablePostprocess`, shared with INT8 files."""
 
     def __init__(
         self,
@@ -161,19 +78,13 @@ class ExportableDetector(nn.Module):
         **overrides: float,
     ) -> None:
         super().__init__()
-        dboxes = default_boxes or default_boxes_300()
         self.model = model
-        self.register_buffer("dboxes_xywh", dboxes.xywh.clone(), persistent=False)
-        self.scale_xy = float(dboxes.scale_xy)
-        self.scale_wh = float(dboxes.scale_wh)
         self.config = (config or PostprocessConfig()).replace(**overrides)
+        self.postprocess = ExportablePostprocess(self.config, default_boxes)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         locs, logits = self.model(images)
-        flat = flat_detections(locs, logits, self.dboxes_xywh, self.scale_xy, self.scale_wh, self.config)
-        # arange(N) built from the input, so that a traced graph keeps the batch size dynamic.
-        image_ids = torch.ones_like(images[:, 0, 0, 0], dtype=torch.int64).cumsum(0) - 1
-        return pad_per_image(*flat, image_ids, self.config.max_detections)
+        return self.postprocess(locs, logits)
 
     def settings(self) -> dict[str, float | int]:
         return dataclasses.asdict(self.config)
@@ -255,56 +166,55 @@ def resolve_exporter(exporter: str, opset: int) -> str:
     """``dynamo`` or ``legacy`` for ``exporter`` (auto: dynamo when available and the opset allows);
     an opset outside the chosen exporter's range is a one-line UserInputError saying the range."""
     if exporter not in EXPORTERS:
-        raise UserInputError(f"--exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
+        raise UserInputError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}", fields=("exporter",))
     ranges = {"dynamo": DYNAMO_OPSETS, "legacy": LEGACY_OPSETS}
     if exporter == "auto":
         dynamo_ok = _dynamo_available() and DYNAMO_OPSETS[0] <= opset <= DYNAMO_OPSETS[1]
         exporter = "dynamo" if dynamo_ok else "legacy"
         if not dynamo_ok and not LEGACY_OPSETS[0] <= opset <= LEGACY_OPSETS[1]:
             top = DYNAMO_OPSETS[1] if _dynamo_available() else LEGACY_OPSETS[1]
-            raise UserInputError(f"--opset {opset}: supported opsets are {LEGACY_OPSETS[0]}..{top} "
+            raise UserInputError(f"opset {opset}: supported opsets are {LEGACY_OPSETS[0]}..{top} "
                                  f"(dynamo exporter {DYNAMO_OPSETS[0]}..{DYNAMO_OPSETS[1]}, legacy "
-                                 f"{LEGACY_OPSETS[0]}..{LEGACY_OPSETS[1]})")
+                                 f"{LEGACY_OPSETS[0]}..{LEGACY_OPSETS[1]})", fields=("opset",))
     low, high = ranges[exporter]
     if not low <= opset <= high:
-        raise UserInputError(f"--opset {opset}: the {exporter} exporter writes opsets {low}..{high}")
+        raise UserInputError(f"opset {opset}: the {exporter} exporter writes opsets {low}..{high}", fields=("opset",))
     return exporter
 
 
-def export_onnx(module: nn.Module, path: str | Path, raw: bool = False, opset: int = DEFAULT_OPSET,
+def export_onnx(module: nn.Module, path: PathLike, raw: bool = False, opset: int = DEFAULT_OPSET,
                 metadata: dict[str, str] | None = None, exporter: str = "auto") -> Path:
     """Write ``module`` (from :func:`build_export_module`) as ONNX with a dynamic batch axis, at
-    exactly ``opset`` (see :func:`resolve_exporter`)."""
+    exactly ``opset`` (see :func:`resolve_exporter`). Written atomically: a failed export leaves
+    nothing at ``path`` (:func:`ssd300.files.atomic_path`)."""
     requested = exporter
     exporter = resolve_exporter(exporter, opset)
     require("onnx", "ONNX export")  # before the export: the metadata is written with onnx afterwards
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     names = output_names(raw)
     use_dynamo = exporter == "dynamo"
-    with warnings.catch_warnings(), torch.no_grad():
-        # Tracer warnings about Python values are expected: every size that matters is a tensor.
-        warnings.simplefilter("ignore")
-        if use_dynamo:
-            try:
-                _export_onnx_dynamo(module, path, names, opset)
-            except OSError:
-                raise  # the file cannot be written: no exporter will do better
-            except Exception as exc:  # noqa: BLE001 - any dynamo failure: the legacy exporter still works
-                if requested == "dynamo" or not LEGACY_OPSETS[0] <= opset <= LEGACY_OPSETS[1]:
-                    raise
-                log.warning("dynamo ONNX export failed (%s); using the TorchScript-based exporter",
-                            " ".join(str(exc).split())[:200])
-                use_dynamo = False
-        if not use_dynamo:
-            _export_onnx_legacy(module, path, names, opset)
-    metadata = {**(metadata or {}), "exporter": "dynamo" if use_dynamo else "legacy"}
-    write_onnx_metadata(path, metadata)
+    with atomic_path(path) as scratch:
+        with warnings.catch_warnings(), torch.no_grad():
+            # Tracer warnings about Python values are expected: every size that matters is a tensor.
+            warnings.simplefilter("ignore")
+            if use_dynamo:
+                try:
+                    _export_onnx_dynamo(module, scratch, names, opset)
+                except OSError:
+                    raise  # the file cannot be written: no exporter will do better
+                except Exception as exc:  # noqa: BLE001 - any dynamo failure: the legacy exporter still works
+                    if requested == "dynamo" or not LEGACY_OPSETS[0] <= opset <= LEGACY_OPSETS[1]:
+                        raise
+                    log.warning("dynamo ONNX export failed (%s); using the TorchScript-based exporter",
+                                " ".join(str(exc).split())[:200])
+                    use_dynamo = False
+            if not use_dynamo:
+                _export_onnx_legacy(module, scratch, names, opset)
+        _set_onnx_metadata(scratch, {**(metadata or {}), "exporter": "dynamo" if use_dynamo else "legacy"}, scratch)
     return path
 
 
-def write_onnx_metadata(path: str | Path, metadata: dict[str, str], out: str | Path | None = None) -> Path:
-    """Set ``metadata`` entries (replacing same-named ones) in an ONNX file; written to ``out`` or in place."""
+def _set_onnx_metadata(path: Path, metadata: dict[str, str], target: Path) -> None:
     import onnx
 
     proto = onnx.load(str(path))
@@ -313,24 +223,31 @@ def write_onnx_metadata(path: str | Path, metadata: dict[str, str], out: str | P
     for key, value in [*kept, *metadata.items()]:
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
-    target = Path(out) if out is not None else Path(path)
     onnx.save(proto, str(target))
+
+
+def write_onnx_metadata(path: PathLike, metadata: dict[str, str], out: PathLike | None = None) -> Path:
+    """Set ``metadata`` entries (replacing same-named ones) in an ONNX file; written (atomically)
+    to ``out`` or in place."""
+    target = Path(out) if out is not None else Path(path)
+    with atomic_path(target) as scratch:
+        _set_onnx_metadata(Path(path), metadata, scratch)
     return target
 
 
-def export_torchscript(module: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+def export_torchscript(module: nn.Module, path: PathLike, metadata: dict[str, str] | None = None) -> Path:
     """Trace ``module`` and save it; ``torch.jit.load(path)`` runs it without this package."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(module, (_example_input(),), check_trace=False)
     extra = {f"{key}.txt": value for key, value in (metadata or {}).items()}
-    torch.jit.save(traced, str(path), _extra_files=extra)
+    with atomic_path(path) as scratch:
+        torch.jit.save(traced, str(scratch), _extra_files=extra)
     return path
 
 
-def export_pt2(module: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+def export_pt2(module: nn.Module, path: PathLike, metadata: dict[str, str] | None = None) -> Path:
     """``torch.export`` the module (dynamic batch) and save the ExportedProgram with ``torch.export.save``.
 
     TorchScript's successor: ``torch.export.load(path).module()(images)`` runs it (torchvision must be
@@ -338,14 +255,25 @@ def export_pt2(module: nn.Module, path: str | Path, metadata: dict[str, str] | N
     unbacked sizes, as in the dynamo ONNX export. Metadata lands in the archive's extra files.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     batch = torch.export.Dim("batch", min=1, max=4096)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.export.export(module, (_example_input(),), dynamic_shapes={"images": {0: batch}})
     extra = {f"{key}.txt": value for key, value in (metadata or {}).items()}
-    torch.export.save(program, str(path), extra_files=extra)
+    with atomic_path(path) as scratch:
+        torch.export.save(program, str(scratch), extra_files=extra)
     return path
+
+
+def input_description() -> str:
+    """The ``input`` metadata entry, from the preprocessing's owner (:mod:`ssd300.data.transforms`)."""
+    size = INPUT_SIZE
+
+    def numbers(values: tuple[float, ...]) -> str:
+        return "(" + ",".join(f"{v:g}" for v in values) + ")"
+
+    return (f"images float32 (N,3,{size},{size}): RGB resized to {size}x{size}, /255, normalised with "
+            f"mean {numbers(MEAN)} std {numbers(STD)}")
 
 
 def export_metadata(module: nn.Module, label_map: LabelMap, raw: bool) -> dict[str, str]:
@@ -354,8 +282,7 @@ def export_metadata(module: nn.Module, label_map: LabelMap, raw: bool) -> dict[s
         "producer": "ssd300",
         "class_names": json.dumps(list(label_map.names)),
         "category_ids": json.dumps(list(label_map.category_ids)),
-        "input": "images float32 (N,3,300,300): RGB resized to 300x300, /255, normalised with "
-                 "mean (0.485,0.456,0.406) std (0.229,0.224,0.225)",
+        "input": input_description(),
         "outputs": ", ".join(output_names(raw)),
     }
     if isinstance(module, ExportableDetector):
@@ -363,7 +290,7 @@ def export_metadata(module: nn.Module, label_map: LabelMap, raw: bool) -> dict[s
     return meta
 
 
-def export_model(model: nn.Module, label_map: LabelMap, out: str | Path, fmt: str, raw: bool = False,
+def export_model(model: nn.Module, label_map: LabelMap, out: PathLike, fmt: str, raw: bool = False,
                  opset: int = DEFAULT_OPSET, exporter: str = "auto", config: PostprocessConfig | None = None,
                  **overrides: float) -> Path:
     """Export an SSD300 as ONNX (``fmt="onnx"``), an ExportedProgram (``"pt2"``) or TorchScript.
@@ -371,7 +298,7 @@ def export_model(model: nn.Module, label_map: LabelMap, out: str | Path, fmt: st
     ``config``/``overrides``: the post-processing baked into the file, see :func:`build_export_module`.
     """
     if fmt not in FORMATS:
-        raise UserInputError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        raise UserInputError(f"fmt must be one of {', '.join(FORMATS)}, got {fmt!r}", fields=("fmt",))
     module = build_export_module(model, raw=raw, config=config, **overrides)
     metadata = export_metadata(module, label_map, raw)
     if fmt == "onnx":
@@ -381,7 +308,7 @@ def export_model(model: nn.Module, label_map: LabelMap, out: str | Path, fmt: st
     return export_torchscript(module, out, metadata=metadata)
 
 
-def format_from_suffix(path: str | Path) -> str | None:
+def format_from_suffix(path: PathLike) -> str | None:
     """``.onnx`` -> onnx; ``.pt2`` -> pt2; ``.pt``/``.pth``/``.ts``/``.torchscript`` -> torchscript; else None."""
     suffix = Path(path).suffix.lower()
     if suffix == ".onnx":

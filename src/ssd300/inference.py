@@ -15,43 +15,50 @@ are decoded at a reduced DCT scale that still leaves >= 300 pixels (``draft=True
 batch runs through the network the next one is decoded on a background thread. Precision follows
 :mod:`ssd300.runtime`: ``amp=True`` runs float16 autocast on CUDA, the network in bfloat16 on a CPU
 with native bf16 (AVX-512 BF16 / AMX), and fp32 (with a warning) on other CPUs, where bf16 would be
-emulated. ``backend="onnxruntime"`` runs the network with onnxruntime (fp32, CPU; the ONNX file is
-exported once per set of weights and cached, see :func:`ssd300.exported.cached_network_onnx`),
+emulated. ``backend="onnxruntime"`` runs the network with onnxruntime (fp32; the ONNX file is
+exported once per set of weights and cached, see :func:`ssd300.runners.cached_network_onnx`),
 often the fastest CPU path; pre- and post-processing stay the same. :meth:`Detector.from_exported`
 runs a file written by ``ssd300 export`` (ONNX fp32 or INT8, pt2, TorchScript) with its classes and
-baked-in thresholds.
+baked-in thresholds. Running the network is the job of one :class:`ssd300.runners.Runner` per
+backend (BatchNorm folding, the copy of the caller's model and the precision live there).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import copy
 import logging
 import os
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ContextManager, Iterable, Iterator, Optional, Sequence, Union, overload
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union, overload
 
 import numpy as np
 import torch
 from PIL import Image
 
-from ssd300.data.images import DECODE_ERRORS, apply_orientation, draft_for_crop, exif_orientation, open_image, \
-    oriented_size, to_rgb, to_uint8_chw
+from ssd300.data.images import (
+    DECODE_ERRORS,
+    apply_orientation,
+    draft_for_crop,
+    exif_orientation,
+    open_image,
+    oriented_size,
+    to_rgb,
+    to_uint8_chw,
+)
 from ssd300.data.transforms import EvalTransform
 from ssd300.default_boxes import default_boxes_300
 from ssd300.errors import UserInputError, one_line
-from ssd300.exported import ExportedModel, load_exported
+from ssd300.exported import ExportedFile
+from ssd300.files import PathLike
 from ssd300.labels import LabelMap
-from ssd300.postprocess import Detections, PostprocessConfig, PostProcessor, boxes_to_pixels
+from ssd300.postprocess import PostprocessConfig, PostProcessor
+from ssd300.runners import BACKENDS, Runner, build_runner, load_exported
 from ssd300.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-PathLike = Union[str, "os.PathLike[str]"]
 ImageInput = Union[PathLike, Image.Image, np.ndarray, torch.Tensor]
-BACKENDS: tuple[str, ...] = ("torch", "onnxruntime")
 
 
 @dataclass
@@ -140,11 +147,15 @@ class _Prepared:
 
 
 class Detector:
-    """SSD300 + shared preprocessing + batched post-processing. See the module docstring."""
+    """Preprocessing + one :class:`~ssd300.runners.Runner` + post-processing. See the module docstring.
+
+    ``model`` is a PyTorch model (run by ``backend``, see :data:`ssd300.runners.MODEL_BACKENDS`)
+    or a runner already built (an exported file's, :func:`ssd300.runners.load_exported`).
+    """
 
     def __init__(
         self,
-        model: Union[torch.nn.Module, ExportedModel],
+        model: Union[torch.nn.Module, Runner],
         label_map: Optional[LabelMap] = None,
         *,
         device: Union[str, torch.device, None] = None,
@@ -166,46 +177,24 @@ class Detector:
             score_threshold=score_threshold, iou_threshold=iou_threshold, topk_per_class=topk_per_class,
             max_detections=max_detections)
         if batch_size < 1:
-            raise UserInputError(f"--batch-size must be >= 1, got {batch_size}")
+            raise UserInputError(f"batch_size must be >= 1, got {batch_size}", fields=("batch_size",))
         # The one runtime policy (ssd300.runtime): amp = fp16 autocast on CUDA, bf16 on a CPU with
         # native bf16, fp32 elsewhere (emulated bf16 is 5-10x slower); channels-last for inference.
         self.runtime = runtime or Runtime.resolve(device, amp, channels_last=channels_last)
-        self.device = self.runtime.device
         if self.runtime.amp_fell_back:
             log.warning("amp: this CPU has no native bf16 (emulated bf16 is 5-10x slower), so the Detector runs fp32")
-        num_classes = int(getattr(model, "num_classes"))
-        self.label_map = label_map or LabelMap.generic(num_classes)
+        self.runner = build_runner(model, self.runtime, backend=backend, fuse=fuse, device=device)
+        self.runner.check_postprocess(config)
+        self.device = self.runner.device
+        self.backend = backend
+        num_classes = self.runner.num_classes
+        self.label_map = label_map or self.runner.label_map or LabelMap.generic(num_classes)
         if self.label_map.num_classes != num_classes:
             raise UserInputError(f"label map has {self.label_map.num_classes} classes, the model {num_classes}")
         self.batch_size = batch_size
         self.draft = draft
         self.transform = EvalTransform()
         self.postprocessor = PostProcessor(default_boxes_300(), config)
-        self.amp = self.runtime.amp_requested
-        # On the CPU the whole network is cast to bf16 (faster than autocast's per-op casts).
-        self.bf16 = self.runtime.dtype is torch.bfloat16 and self.device.type == "cpu"
-        self.channels_last = self.runtime.channels_last(training=False)
-        if backend not in BACKENDS:
-            raise UserInputError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-        self.backend = backend
-        self._session = None
-        self._exported: Optional[ExportedModel] = None
-        if isinstance(model, ExportedModel):
-            self._init_exported(model, device)
-            return
-        if backend == "onnxruntime":
-            if self.device.type != "cpu" or self.runtime.dtype is not None:
-                raise UserInputError("--backend onnxruntime runs fp32 on the CPU: use --device cpu without --amp")
-            self._session = _onnxruntime_session(model)
-        # Work on a copy (the caller's model keeps its mode, device and dtype). Folding BatchNorm
-        # into the convolutions gives the same outputs with fewer kernels.
-        model = model.fuse() if fuse and hasattr(model, "fuse") else copy.deepcopy(model).eval()  # type: ignore[operator]
-        model = model.to(self.device)
-        if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        if self.bf16:
-            model = model.to(torch.bfloat16)
-        self.model = model
         self._names = list(self.label_map.names)
         self._category_ids = torch.tensor(self.label_map.category_ids, dtype=torch.int64)
 
@@ -226,57 +215,26 @@ class Detector:
 
     @classmethod
     def from_exported(cls, path: PathLike, runtime: str = "auto", **options: Any) -> "Detector":
-        """Run a file written by ``ssd300 export`` (``.onnx`` fp32/INT8, ``.pt2``, ``.ts``) on the CPU.
+        """Run a file written by ``ssd300 export`` (``.onnx`` fp32/INT8, ``.pt2``, ``.ts``).
 
         Classes come from the file's metadata. A file holding the whole detector has its
         post-processing baked in: its thresholds are the defaults here, a higher
         ``score_threshold`` or lower ``max_detections`` filters further, anything it cannot honour
-        raises :class:`UserInputError`. A ``--raw`` file is post-processed here with ``options``.
-        ``runtime`` picks onnxruntime or OpenVINO for ONNX files (see :mod:`ssd300.exported`).
+        raises :class:`UserInputError`. A raw-outputs file is post-processed here with ``options``.
+        ``runtime`` picks onnxruntime or OpenVINO for ONNX files (see :mod:`ssd300.exported`);
+        ``device`` (default the CPU) may be CUDA for onnxruntime with a CUDA provider.
         """
-        exported = load_exported(path, runtime=runtime)
-        if not exported.raw:
-            for key, value in exported.settings.items():
-                if options.get(key) is None:
-                    options[key] = value
-        return cls(exported, exported.label_map, **options)
-
-    def _init_exported(self, exported: ExportedModel, device: Union[str, torch.device, None]) -> None:
-        """The exported-file part of ``__init__`` (the checks common to both ran before)."""
-        if device not in (None, "auto") and self.device.type != "cpu":
-            raise UserInputError(f"--device {device}: exported files run on the CPU")
-        self.device = torch.device("cpu")
-        if self.bf16 or self.amp:
-            raise UserInputError(f"{exported.path}: --amp/bf16 do not apply to an exported file "
-                                 f"(its precision is {exported.precision})")
-        if self.backend != "torch":
-            raise UserInputError(f"{exported.path}: --backend does not apply to an exported file; "
-                                 "pick its runtime instead")
-        if not exported.raw:
-            baked = exported.settings
-            post = self.postprocessor.config
-            problems = [
-                f"score threshold {post.score_threshold} < the file's {baked['score_threshold']}"
-                if post.score_threshold < baked.get("score_threshold", 0.0) - 1e-9 else "",
-                f"IoU threshold {post.iou_threshold} != the file's {baked['iou_threshold']}"
-                if abs(post.iou_threshold - baked.get("iou_threshold", post.iou_threshold)) > 1e-9 else "",
-                f"max detections {post.max_detections} > the file's {baked['max_detections']}"
-                if post.max_detections > baked.get("max_detections", post.max_detections) else "",
-            ]
-            problems = [p for p in problems if p]
-            if problems:
-                raise UserInputError(f"{exported.path}: has its post-processing baked in ({'; '.join(problems)}); "
-                                     "re-export with those settings or export with --raw")
-        self.channels_last = False
-        self._exported = exported
-        self.model = None
-        self._names = list(self.label_map.names)
-        self._category_ids = torch.tensor(self.label_map.category_ids, dtype=torch.int64)
+        runner = load_exported(path, runtime=runtime, device=options.get("device"))
+        for key, value in runner.baked_settings.items():
+            if options.get(key) is None:
+                options[key] = value
+        return cls(runner, runner.label_map, **options)
 
     @property
-    def exported(self) -> Optional[ExportedModel]:
-        """The exported file this Detector runs (:meth:`from_exported`), else None."""
-        return self._exported
+    def exported(self) -> Optional[ExportedFile]:
+        """The exported file this Detector runs (:meth:`from_exported`: path, format, precision,
+        classes, baked-in settings), else None; ``detector.runner.describe()`` says how it runs."""
+        return self.runner.file
 
     # ------------------------------------------------------------------ calling
 
@@ -307,29 +265,11 @@ class Detector:
             yield source, result
 
     def predict_tensor(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The network alone on a normalised (N, 3, 300, 300) batch -> (locs, logits) float32."""
-        if self._exported is not None:
-            if not self._exported.raw:
-                raise ValueError(f"{self._exported.path} holds the whole detector; it has no (locs, logits)")
-            locs, logits = self._exported(images)
-            return locs.float(), logits.float()
-        if self._session is not None:
-            arrays = self._session.run(None, {"images": images.float().contiguous().cpu().numpy()})
-            return torch.from_numpy(arrays[0]), torch.from_numpy(arrays[1])
-        images = images.to(self.device, non_blocking=True)
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        if self.bf16:
-            images = images.to(torch.bfloat16)
-        with torch.inference_mode(), self._autocast():
-            locs, logits = self.model(images)
-        return locs.float(), logits.float()
+        """The network alone on a normalised (N, 3, 300, 300) batch -> (locs, logits) float32
+        (ValueError for an exported file that holds the whole detector)."""
+        return self.runner.forward(images)
 
     # ------------------------------------------------------------------ internals
-
-    def _autocast(self) -> ContextManager[Any]:
-        # CPU bf16 casts the weights instead (see __init__); CUDA fp16 autocasts.
-        return self.runtime.autocast() if self.device.type == "cuda" else nullcontext()
 
     def _decode(self, item: Any) -> tuple[Any, Optional[str]]:
         """A path -> its decoded RGB image (PIL releases the GIL); other inputs pass through."""
@@ -387,14 +327,7 @@ class Detector:
         sizes = torch.tensor([p.size for p in prepared], dtype=torch.float32)
         images = self.transform.normalize(pixels)
         sources = [p.source for p in prepared]
-        if self._exported is not None and not self._exported.raw:
-            # Post-processing ran inside the file; only the stricter of our limits is left to apply.
-            post = self.postprocessor.config
-            per_image = [_limit(d, post.score_threshold, post.max_detections, size)
-                         for d, size in zip(self._exported.detections(self._exported(images)), sizes)]
-            return self._image_detections(per_image, sizes, sources)
-        locs, logits = self.predict_tensor(images)
-        return self.detections_from_outputs(locs, logits, sizes, sources)
+        return self._image_detections(self.runner.detect(images, self.postprocessor, sizes), sizes, sources)
 
     def detections_from_outputs(self, locs: torch.Tensor, logits: torch.Tensor, image_sizes: torch.Tensor,
                                 sources: Optional[Sequence[Optional[str]]] = None) -> list[ImageDetections]:
@@ -418,24 +351,4 @@ class Detector:
         return results
 
 
-def _onnxruntime_session(model: torch.nn.Module) -> Any:
-    """The network (no NMS) as ONNX, exported once per weights and cached, loaded into onnxruntime (CPU)."""
-    from ssd300.exported import cached_network_onnx
-    from ssd300.optional import require
-
-    onnxruntime = require("onnxruntime", "--backend onnxruntime")
-    require("onnx", "--backend onnxruntime exports the network to ONNX first")
-
-    path = cached_network_onnx(model)
-    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-
-def _limit(detections: Detections, score_threshold: float, max_detections: int, image_size: torch.Tensor) -> Detections:
-    """An exported detector's detections (best first, clipped in the file) above ``score_threshold``,
-    at most ``max_detections``, with their pixel boxes for an image of ``image_size`` (width, height)."""
-    keep = torch.nonzero(detections.scores > score_threshold).flatten()[:max_detections]
-    boxes = detections.boxes[keep]
-    return Detections(boxes, detections.scores[keep], detections.labels[keep], boxes_to_pixels(boxes, image_size))
-
-
-__all__ = ["Detector", "ImageDetections", "ImageInput", "load_rgb"]
+__all__ = ["BACKENDS", "Detector", "ImageDetections", "ImageInput", "load_rgb"]

@@ -28,6 +28,19 @@ class) group separately. Three interchangeable strategies (``nms=``):
 
 ``"auto"`` picks ``"per_group"`` on CPU and ``"matrix"`` on other devices.
 
+Two implementations of the same rules, on purpose (decoding, :func:`clip_boxes` and the settings
+are shared; measured in ``benchmarks/bench_postprocess.py``):
+
+* eager, :func:`postprocess_flat` / :class:`PostProcessor`: threshold first, then one stable sort
+  with bit-packed keys, ``searchsorted`` ranks and exact per-group NMS. The threshold skips the
+  softmax of almost every default box, which is most of its speed; none of these ops traces.
+* exportable, :func:`flat_detections` + :func:`pad_per_image` (:class:`ExportablePostprocess`):
+  top-k per class first (fixed shapes), one NMS over all groups moved apart on a 2-D grid
+  (:func:`nms_over_groups`), fixed-size padded outputs; tensor ops only, so it traces for ONNX
+  (legacy and dynamo), ``torch.export`` and TorchScript. Top-k then threshold is the same set as
+  threshold then top-k; run eagerly it is slower (the softmax of every box), which is why the
+  eager path does not use it. Both give the same detections (tests/test_export.py).
+
 Note: the reference's own NMS suppresses a box when IoU >= threshold, torchvision (and we) when
 IoU > threshold; only an IoU exactly equal to the threshold is treated differently.
 """
@@ -38,13 +51,14 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Sequence
 
 import torch
 import torchvision
+from torch import nn
 
 from ssd300.box_coder import decode_boxes
-from ssd300.default_boxes import DefaultBoxes
+from ssd300.default_boxes import DefaultBoxes, default_boxes_300
 from ssd300.errors import UserInputError
 
 NmsStrategy = Literal["auto", "per_group", "matrix", "offsets"]
@@ -70,8 +84,7 @@ class PostprocessConfig:
 
     def __post_init__(self) -> None:
         def bad(field_name: str, rule: str, value: object) -> UserInputError:
-            flag = "--" + field_name.replace("_", "-")
-            return UserInputError(f"{flag} ({field_name}) must be {rule}, got {value!r}")
+            return UserInputError(f"{field_name} must be {rule}, got {value!r}", fields=(field_name,))
 
         # Plain Python numbers (numpy or tensor scalars would not serialise into export metadata).
         for name in ("score_threshold", "iou_threshold"):
@@ -335,3 +348,114 @@ class PostProcessor:
             Detections(b, s, l, p)
             for b, s, l, p in zip(boxes.split(counts), scores.split(counts), labels.split(counts), per_image_pixels)
         ]
+
+
+# ----------------------------------------------------------------------------- exportable path
+
+
+def nms_over_groups(boxes: torch.Tensor, scores: torch.Tensor, column: torch.Tensor, row: torch.Tensor,
+                    iou_threshold: float) -> torch.Tensor:
+    """NMS within each (row, column) group in one ``torchvision.ops.nms`` call (exportable).
+
+    Groups are moved apart on a 2-D grid (column along x, row along y) instead of along one axis
+    as ``batched_nms`` does: the largest shift is then ~2 * max(C, N) rather than ~2 * N * C,
+    which keeps float32 IoUs near-exact (at a shift of 1300 float32 has only ~1e-4 resolution).
+    """
+    spacing = (boxes.max() - boxes.min()).clamp(min=0) + 1
+    shift = torch.stack((column, row, column, row), dim=1).to(boxes.dtype) * spacing
+    return torchvision.ops.nms(boxes + shift, scores, iou_threshold)
+
+
+def flat_detections(
+    locs: torch.Tensor,
+    logits: torch.Tensor,
+    dboxes_xywh: torch.Tensor,
+    scale_xy: float = 0.1,
+    scale_wh: float = 0.2,
+    config: PostprocessConfig = PostprocessConfig(),
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decode + per-class NMS for a whole batch with exportable tensor ops only.
+
+    Same rules as :func:`postprocess_flat` (see the module docstring for why there are two).
+    Returns flat ``boxes (M, 4)`` (clipped, :func:`clip_boxes`), ``scores (M,)``, ``labels (M,)``,
+    ``image_index (M,)`` of the kept detections of the batch in descending score order
+    (``max_detections`` is applied by :func:`pad_per_image`).
+    """
+    _, num_classes, num_anchors = logits.shape
+    boxes = decode_boxes(locs, dboxes_xywh, scale_xy, scale_wh)  # (N, A, 4)
+    probs = torch.softmax(logits.float(), dim=1)[:, 1:, :]  # (N, C-1, A), background dropped
+    k = min(config.topk_per_class, num_anchors)
+    # Top-k per class, then the threshold: the same set as "threshold, then top-k".
+    cand_scores, cand_anchor = probs.topk(k, dim=2)  # (N, C-1, k)
+    cand_scores = cand_scores.reshape(-1)
+    keep = torch.nonzero(cand_scores > config.score_threshold).reshape(-1)
+    per_image = (num_classes - 1) * k
+    image_index = torch.div(keep, per_image, rounding_mode="floor")
+    labels = torch.div(keep % per_image, k, rounding_mode="floor") + 1
+    scores = cand_scores[keep]
+    anchors = cand_anchor.reshape(-1)[keep]
+    boxes = boxes.reshape(-1, 4)[image_index * num_anchors + anchors]
+    kept = nms_over_groups(boxes, scores, labels, image_index, config.iou_threshold)
+    return clip_boxes(boxes[kept]), scores[kept], labels[kept], image_index[kept]
+
+
+def pad_per_image(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    image_index: torch.Tensor,
+    image_ids: torch.Tensor,
+    max_detections: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flat detections ordered by descending score -> fixed-size (N, K) outputs per image.
+
+    ``image_ids`` is ``arange(N)`` as a tensor, so that N stays dynamic when traced. Each image
+    keeps its ``max_detections`` best; rows beyond ``num_detections`` are zero. Tensor ops only
+    (no sort, no Python ints from data), so it traces and exports with dynamic sizes.
+    """
+    one_hot = (image_index.unsqueeze(1) == image_ids.unsqueeze(0)).to(torch.int64)  # (M, N)
+    # The input is in descending score order, so a detection's rank within its image is the
+    # number of detections of the same image before it.
+    rank = (torch.cumsum(one_hot, dim=0) * one_hot).sum(dim=1) - 1
+    valid = rank < max_detections
+    slot = (image_index * max_detections + rank)[valid]
+    zeros = torch.zeros_like(image_ids).unsqueeze(1).repeat(1, max_detections).reshape(-1)  # (N*K,)
+    out_boxes = zeros.to(boxes.dtype).unsqueeze(1).repeat(1, 4).index_put((slot,), boxes[valid])
+    out_scores = zeros.to(scores.dtype).index_put((slot,), scores[valid])
+    out_labels = zeros.index_put((slot,), labels[valid].to(torch.int64))
+    num_detections = one_hot.sum(dim=0).clamp(max=max_detections)
+    return (
+        out_boxes.reshape(-1, max_detections, 4),
+        out_scores.reshape(-1, max_detections),
+        out_labels.reshape(-1, max_detections),
+        num_detections,
+    )
+
+
+class ExportablePostprocess(nn.Module):
+    """``(locs, logits) -> (boxes (N,K,4), scores (N,K), labels (N,K), num_detections (N,))``, the
+    exportable post-processing of the full-detector files (fp32 and INT8), K = ``max_detections``."""
+
+    dboxes_xywh: torch.Tensor  # a buffer
+
+    def __init__(self, config: Optional[PostprocessConfig] = None,
+                 default_boxes: Optional[DefaultBoxes] = None) -> None:
+        super().__init__()
+        dboxes = default_boxes or default_boxes_300()
+        self.register_buffer("dboxes_xywh", dboxes.xywh.clone(), persistent=False)
+        self.scale_xy, self.scale_wh = float(dboxes.scale_xy), float(dboxes.scale_wh)
+        self.config = config or PostprocessConfig()
+
+    def forward(self, locs: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        flat = flat_detections(locs, logits, self.dboxes_xywh, self.scale_xy, self.scale_wh, self.config)
+        # arange(N) built from the input, so that a traced graph keeps the batch size dynamic.
+        image_ids = torch.ones_like(locs[:, 0, 0], dtype=torch.int64).cumsum(0) - 1
+        return pad_per_image(*flat, image_ids, self.config.max_detections)
+
+
+def padded_to_detections(outputs: Sequence[torch.Tensor]) -> list[Detections]:
+    """A full detector's padded outputs (boxes, scores, labels, num_detections) -> per-image
+    :class:`Detections` (normalised ltrb boxes, best first)."""
+    boxes, scores, labels, counts = outputs
+    return [Detections(boxes[i, :n].float(), scores[i, :n].float(), labels[i, :n].long())
+            for i, n in enumerate(counts.long().tolist())]

@@ -7,8 +7,9 @@ NMS stay float32, so the INT8 file has the fp32 export's inputs, outputs and met
 2. it is calibrated on ``--calibration`` images preprocessed by the shared
    :class:`ssd300.data.transforms.EvalTransform` and quantised to QDQ form: per-channel int8
    weights, uint8 activations (min/max ranges);
-3. unless ``raw``, the float post-processing graph (:class:`PostProcessGraph`) is exported on its
-   own and joined to the quantised network's outputs (``onnx.compose``), giving one file.
+3. unless ``raw``, the float post-processing graph
+   (:class:`ssd300.postprocess.ExportablePostprocess`) is exported on its own and joined to the
+   quantised network's outputs (``onnx.compose``), giving one file.
 
 Two quantisers write that QDQ file (``"auto"``, the default, picks NNCF when it is installed, else
 onnxruntime's): ``"onnxruntime"`` (
@@ -33,31 +34,31 @@ import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from ssd300.data.images import is_image_file
 from ssd300.errors import UserInputError
+from ssd300.files import PathLike
 from ssd300.labels import LabelMap
-from ssd300.postprocess import Detections, PostprocessConfig
+from ssd300.postprocess import Detections, ExportablePostprocess, PostprocessConfig
 
 log = logging.getLogger(__name__)
 
-PathLike = Union[str, Path]
 QUANTIZERS: tuple[str, ...] = ("nncf", "onnxruntime")
 QUANTIZER_CHOICES: tuple[str, ...] = ("auto", *QUANTIZERS)
 DEFAULT_CALIBRATION_IMAGES = 64
 CALIBRATION_BATCH = 8
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
 # ----------------------------------------------------------------------------- calibration data
 
 
 def calibration_files(source: PathLike, count: int = DEFAULT_CALIBRATION_IMAGES) -> list[Path]:
-    """``--calibration`` -> up to ``count`` image files, spread evenly over the sorted list.
+    """``calibration`` -> up to ``count`` image files, spread evenly over the sorted list.
 
     ``source`` is a folder of images, or a COCO-format dataset root (``ssd300 train --data``
     layout), whose training images are used (the validation split only when there is no training
@@ -65,9 +66,10 @@ def calibration_files(source: PathLike, count: int = DEFAULT_CALIBRATION_IMAGES)
     """
     root = Path(source).expanduser()
     if count < 1:
-        raise UserInputError(f"--calibration-images must be >= 1, got {count}")
+        raise UserInputError(f"calibration_images must be >= 1, got {count}", fields=("calibration_images",))
     if not root.is_dir():
-        raise UserInputError(f"--calibration {root}: not a folder of images or a COCO-format dataset")
+        raise UserInputError(f"calibration {root}: not a folder of images or a COCO-format dataset",
+                             fields=("calibration",))
     folder = root
     if (root / "annotations").is_dir():
         from ssd300.data.coco import resolve_split
@@ -78,9 +80,9 @@ def calibration_files(source: PathLike, count: int = DEFAULT_CALIBRATION_IMAGES)
                 break
             except UserInputError:
                 continue
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
     if not files:
-        raise UserInputError(f"--calibration {root}: holds no image files")
+        raise UserInputError(f"calibration {root}: holds no image files", fields=("calibration",))
     if len(files) > count:
         picks = np.linspace(0, len(files) - 1, count).round().astype(int)
         files = [files[i] for i in dict.fromkeys(picks.tolist())]
@@ -113,45 +115,21 @@ def calibration_batches(files: Sequence[PathLike], batch_size: int = CALIBRATION
     if pending:
         yield transform.normalize(torch.stack(pending)).numpy()
     if used == 0:
-        raise UserInputError(f"--calibration: none of the {len(files)} files is a readable image")
+        raise UserInputError(f"calibration: none of the {len(files)} files is a readable image",
+                             fields=("calibration",))
 
 
 # ----------------------------------------------------------------------------- float post-processing graph
 
 
-class PostProcessGraph(nn.Module):
-    """``(locs, logits) -> (boxes, scores, labels, num_detections)``: the fp32 export's post-processing.
-
-    The same functions as :class:`ssd300.export.ExportableDetector` runs after its network, so the
-    INT8 file has the fp32 file's outputs.
-    """
-
-    dboxes_xywh: torch.Tensor
-
-    def __init__(self, config: PostprocessConfig | None = None) -> None:
-        super().__init__()
-        from ssd300.default_boxes import default_boxes_300
-
-        dboxes = default_boxes_300()
-        self.register_buffer("dboxes_xywh", dboxes.xywh.clone(), persistent=False)
-        self.scale_xy, self.scale_wh = float(dboxes.scale_xy), float(dboxes.scale_wh)
-        self.config = config or PostprocessConfig()
-
-    def forward(self, locs: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        from ssd300.export import flat_detections, pad_per_image
-
-        flat = flat_detections(locs, logits, self.dboxes_xywh, self.scale_xy, self.scale_wh, self.config)
-        # arange(N) from the input, so that the batch stays dynamic in the exported graph.
-        image_ids = torch.ones_like(locs[:, 0, 0], dtype=torch.int64).cumsum(0) - 1
-        return pad_per_image(*flat, image_ids, self.config.max_detections)
-
-
 def export_postprocess_onnx(path: PathLike, num_classes: int, opset: int,
                             config: PostprocessConfig | None = None) -> Path:
-    """Write :class:`PostProcessGraph` as ONNX (legacy exporter: ``nms`` maps to ``NonMaxSuppression``)."""
+    """Write the fp32 export's post-processing (:class:`ssd300.postprocess.ExportablePostprocess`,
+    the same module :class:`ssd300.export.ExportableDetector` runs after its network) as ONNX
+    (legacy exporter: ``nms`` maps to ``NonMaxSuppression``)."""
     from ssd300.export import FULL_OUTPUT_NAMES
 
-    graph = PostProcessGraph(config).eval()
+    graph = ExportablePostprocess(config).eval()
     generator = torch.Generator().manual_seed(0)
     locs = torch.randn(2, 4, 8732, generator=generator)
     logits = torch.randn(2, num_classes, 8732, generator=generator)
@@ -175,7 +153,8 @@ def resolve_quantizer(quantizer: str = "auto") -> str:
 
         return "nncf" if available("nncf") else "onnxruntime"
     if quantizer not in QUANTIZERS:
-        raise UserInputError(f"--quantizer must be one of {', '.join(QUANTIZER_CHOICES)}, got {quantizer!r}")
+        raise UserInputError(f"quantizer must be one of {', '.join(QUANTIZER_CHOICES)}, got {quantizer!r}",
+                             fields=("quantizer",))
     return quantizer
 
 
@@ -186,7 +165,7 @@ def quantize_network_onnx(fp32_path: PathLike, out: PathLike, files: Sequence[Pa
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
-        raise UserInputError("--int8 needs onnxruntime: pip install 'ssd300[onnx]'") from None
+        raise UserInputError("INT8 quantisation needs onnxruntime: pip install 'ssd300[onnx]'") from None
     out = Path(out)
     if quantizer == "nncf":
         return _quantize_nncf(Path(fp32_path), out, files)
@@ -269,7 +248,7 @@ def _quantize_nncf(fp32_path: Path, out: Path, files: Sequence[PathLike]) -> Pat
     try:
         import nncf
     except ImportError:
-        raise UserInputError("--quantizer nncf needs nncf: pip install nncf") from None
+        raise UserInputError("quantizer nncf needs nncf: pip install nncf", fields=("quantizer",)) from None
     import onnx
 
     batches = list(calibration_batches(files))

@@ -40,12 +40,13 @@ from pathlib import Path
 from typing import Any
 
 from ssd300.commands.options import add_postprocess_arguments, postprocess_config
+from ssd300.data.images import is_image_file
 from ssd300.errors import NoResultsError, UserInputError
 from ssd300.exported import RUNTIMES
 from ssd300.files import check_output_path, write_json
 from ssd300.postprocess import PostprocessConfig
+from ssd300.runners import BACKENDS
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 _GLOB_CHARS = set("*?[")
 
 
@@ -67,8 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
                         help="mixed precision (ssd300.runtime): float16 autocast on CUDA, bfloat16 on a CPU with "
                              "native bf16, fp32 elsewhere (default off: fp32 results)")
-    parser.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
-                        help="run the network with PyTorch or with onnxruntime (CPU, fp32; often faster on CPUs)")
+    parser.add_argument("--backend", choices=BACKENDS, default="torch",
+                        help="run the network with PyTorch or with onnxruntime (fp32; often faster on CPUs; "
+                             "CUDA/TensorRT providers on a CUDA device when installed)")
     parser.add_argument("--strict", action="store_true",
                         help="stop at the first unreadable or non-image file instead of skipping it")
     parser.add_argument("--no-images", action="store_true", help="do not write annotated images")
@@ -78,10 +80,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="decode big JPEGs at full size (default: reduced DCT scale that still gives >= 300 px)")
 
 
-def _is_image_name(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES
-
-
 def expand_inputs(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
     """INPUTS -> (image paths in run order, [(input, problem)] for inputs that name nothing)."""
     paths: list[str] = []
@@ -89,7 +87,7 @@ def expand_inputs(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
     for item in inputs:
         path = Path(item).expanduser()
         if path.is_dir():
-            found = sorted(str(p) for p in path.iterdir() if p.is_file() and _is_image_name(p))
+            found = sorted(str(p) for p in path.iterdir() if p.is_file() and is_image_file(p))
             if not found:
                 missing.append((item, "folder holds no image files"))
             paths.extend(found)
@@ -97,7 +95,7 @@ def expand_inputs(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
             paths.append(str(path))
         elif _GLOB_CHARS & set(item):
             found = sorted(p for p in glob.glob(os.path.expanduser(item), recursive=True)
-                           if Path(p).is_file() and _is_image_name(Path(p)))
+                           if Path(p).is_file() and is_image_file(p))
             if not found:
                 missing.append((item, "pattern matches no image files"))
             paths.extend(found)
@@ -162,13 +160,10 @@ def run(args: argparse.Namespace) -> int:
     from ssd300.visualize import draw_detection_result, save_image
 
     detector = _build_detector(args, postprocess)
-    exported = detector.exported
-    if exported is not None:
-        print(f"ssd300 detect: {exported.path.name}: {exported.format} {exported.precision} on {exported.runtime}",
-              file=sys.stderr)
-    else:
+    if detector.exported is None:
         detector.runtime.configure()  # process-wide settings (TF32, cuDNN autotuning), as train does
         print(f"ssd300 detect: {detector.runtime.describe()}", file=sys.stderr)
+    print(f"ssd300 detect: {detector.runner.describe()}", file=sys.stderr)
     label_map = detector.label_map
     out = Path(args.out)
     names = output_names(paths)

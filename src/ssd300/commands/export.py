@@ -25,8 +25,17 @@ import torch
 
 from ssd300.commands.options import add_postprocess_arguments, postprocess_config
 from ssd300.errors import UserInputError
-from ssd300.export import DEFAULT_OPSET, DYNAMO_OPSETS, EXPORTERS, FORMATS, LEGACY_OPSETS, build_export_module, \
-    export_model, format_from_suffix, resolve_exporter
+from ssd300.export import (
+    DEFAULT_OPSET,
+    DYNAMO_OPSETS,
+    EXPORTERS,
+    FORMATS,
+    LEGACY_OPSETS,
+    build_export_module,
+    export_model,
+    format_from_suffix,
+    resolve_exporter,
+)
 from ssd300.files import check_output_path
 from ssd300.labels import LabelMap
 from ssd300.optional import available, install_hint, require
@@ -69,18 +78,12 @@ def check_export(module: torch.nn.Module, path: Path, fmt: str, batch: int = 2) 
     images = torch.rand(batch, 3, 300, 300, generator=torch.Generator().manual_seed(1)) * 4 - 2
     with torch.no_grad():
         expected = [t.detach().cpu() for t in module(images)]
-    if fmt == "onnx":
-        if not available("onnxruntime"):
-            print(f"ssd300 export: onnxruntime is not installed; skipping the check ({install_hint('onnxruntime')})")
-            return float("nan"), True
-        import onnxruntime
+    if fmt == "onnx" and not available("onnxruntime"):
+        print(f"ssd300 export: onnxruntime is not installed; skipping the check ({install_hint('onnxruntime')})")
+        return float("nan"), True
+    from ssd300.runners import load_exported
 
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        got = [torch.from_numpy(a) for a in session.run(None, {"images": images.numpy()})]
-    else:
-        from ssd300.exported import load_exported
-
-        got = load_exported(path)(images)
+    got = load_exported(path, runtime="onnxruntime" if fmt == "onnx" else "auto")(images)
     if len(expected) == 4:  # full detector: compare per image, tie-order independent
         expected, got = _canonical_rows(expected), _canonical_rows(got)
     worst, same_ints = 0.0, True
@@ -170,8 +173,8 @@ def _run_int8(args: argparse.Namespace, model: torch.nn.Module, label_map: Label
 def int8_agreement(model: torch.nn.Module, path: Path, images: np.ndarray,
                    config: PostprocessConfig) -> tuple[int, int]:
     """(reproduced, confident) fp32 detections of ``images`` by the INT8 file (see quantize.confident_agreement)."""
-    from ssd300.exported import load_exported
     from ssd300.quantize import confident_agreement
+    from ssd300.runners import load_exported
 
     module = build_export_module(model, config=config)
     batch = torch.from_numpy(images)

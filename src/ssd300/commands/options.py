@@ -35,6 +35,7 @@ def postprocess_config(args: argparse.Namespace) -> PostprocessConfig:
 FLAG_OF_FIELD: dict[str, str] = {
     "iou_crop": "--no-iou-crop",
     "channels_last": "--data-layout",
+    "fmt": "--format",  # ssd300.export.export_model's argument
 }
 
 
