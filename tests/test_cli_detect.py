@@ -13,6 +13,7 @@ from PIL import Image
 from ssd300.checkpoint import model_checkpoint, save_checkpoint
 from ssd300.cli import main
 from ssd300.commands.detect import expand_inputs, output_names
+from ssd300.errors import UserInputError
 from ssd300.inference import Detector
 from ssd300.labels import LabelMap
 from ssd300.model import SSD300
@@ -125,9 +126,32 @@ def test_wrong_checkpoint_and_bad_flags_are_one_line_errors(inputs, checkpoint, 
     for command in (detect, export):  # one validation (PostprocessConfig), naming the flag
         rc = main([*command, "--topk-per-class", "0"])
         err = capsys.readouterr().err
-        assert rc == 2 and "--topk-per-class (topk_per_class) must be an integer >= 1, got 0" in err, err
+        assert rc == 2 and "--topk-per-class must be an integer >= 1, got 0" in err, err
     rc = main(["detect", "--checkpoint", str(checkpoint), str(inputs / "nothing_here"), "--out", str(inputs / "o")])
     assert rc == 2 and "no images" in capsys.readouterr().err
+
+
+def test_library_errors_name_fields_and_the_cli_names_flags(inputs, checkpoint, capsys):
+    from ssd300.inference import Detector
+
+    # The library speaks Python: the argument's name, never a flag.
+    with pytest.raises(UserInputError, match="^batch_size must be >= 1, got 0$"):
+        Detector.from_checkpoint(checkpoint, batch_size=0)
+    with pytest.raises(UserInputError, match="^backend must be one of torch, onnxruntime, got 'tensorrt'$"):
+        Detector.from_checkpoint(checkpoint, backend="tensorrt")
+    with pytest.raises(UserInputError, match="^opset 5: supported opsets") as error:
+        from ssd300.export import resolve_exporter
+
+        resolve_exporter("auto", 5)
+    assert error.value.fields == ("opset",)
+    # The CLI writes the same errors with its flags.
+    rc = main(["export", "--checkpoint", str(checkpoint), "--out", str(inputs / "o.onnx"), "--opset", "5"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "error: --opset 5: supported opsets" in err, err
+    rc = main(["export", "--checkpoint", str(checkpoint), "--out", str(inputs / "o.onnx"), "--int8",
+               "--calibration", str(inputs), "--calibration-images", "0"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "error: --calibration-images must be >= 1, got 0" in err, err
 
 
 def test_export_command_writes_a_checked_file(inputs, checkpoint, capsys):
