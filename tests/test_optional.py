@@ -47,9 +47,12 @@ def test_onnxruntime_backend_without_onnxruntime(monkeypatch, model):
     from ssd300.inference import Detector
 
     _missing(monkeypatch, "onnxruntime")
-    with pytest.raises(UserInputError, match=r"^onnxruntime is not installed \(--backend onnxruntime\): "
-                                             r"pip install 'ssd300\[onnx\]'$"):
+    with pytest.raises(UserInputError, match=r"^onnxruntime is not installed \(backend onnxruntime\): "
+                                             r"pip install 'ssd300\[onnx\]'$") as error:
         Detector(model, device="cpu", backend="onnxruntime")
+    from ssd300.commands.options import cli_message
+
+    assert cli_message(error.value).startswith("onnxruntime is not installed (--backend onnxruntime)")
 
 
 def test_onnxruntime_backend_with_onnxruntime_but_without_onnx(monkeypatch, model):

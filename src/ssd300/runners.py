@@ -297,8 +297,11 @@ class OnnxRuntimeRunner(FileRunner):
         if runtime.dtype is not None:
             raise UserInputError(f"backend onnxruntime runs the network in fp32, amp asks for {runtime.precision}: "
                                  "turn amp off", fields=("backend", "amp"))
-        require("onnx", "backend onnxruntime exports the network to ONNX first")
-        require("onnxruntime", "backend onnxruntime")
+        try:
+            require("onnx", "backend onnxruntime exports the network to ONNX first")
+            require("onnxruntime", "backend onnxruntime")
+        except UserInputError as missing:
+            raise UserInputError(str(missing), fields=("backend",)) from None
         path = cached_network_onnx(model)
         num_classes = int(getattr(model, "num_classes"))  # noqa: B009 - an int attribute
         return cls(path, runtime.device, network=ExportedFile(path, "onnx", True, LabelMap.generic(num_classes)))
