@@ -12,12 +12,16 @@ Parts, most important first, each time-boxed so that the whole fits ``--budget-s
 3. ``loader``: training through the PyTorch DataLoader (CPU workers, pinned memory) on synthetic
    JPEGs (640x480), batch 64 and 128, against the model-bound rate;
 4. ``dali``: the DALI GPU training loader on the same JPEGs: the loader alone, and training
-   through it (pipeline bound), batch 64 and 128, against the model-bound rate;
+   through it (pipeline bound), batch 64 and 128, against the model-bound rate ("skipped" where
+   DALI is not installed, as on the GPU machine this project is lent: the DataLoader then stands
+   for the real loader in the goal);
 5. ``compile``: training at batch 128 with ``torch.compile`` (only if the budget left allows).
 
-Prints one table with the issue's goals marked met/missed and writes ``gpu_check.json`` under
+Prints one table with the issues' goals marked met/missed and writes ``gpu_check.json`` under
 ``--out`` (default: ``$OUT`` when set). ``--smoke`` runs every code path with tiny sizes on the
-CPU (ResNet-18, batch 2, one timed step), which is what CI and machines without a GPU run.
+CPU (ResNet-18, batch 2, channels-last, one timed step; the nvJPEG path's torchvision decode on CPU
+tensors), which is what CI and machines without a GPU run. Needs torch and torchvision only;
+runs from this working tree (``src/`` is put on ``sys.path``).
 
     python tools/gpu_check.py [--budget-s 300] [--out DIR] [--parts train,infer,dali,compile]
     python tools/gpu_check.py --smoke
