@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common import make_jpegs, timed
+
 TRAIN2017_IMAGES = 118_287
 BOXES_PER_IMAGE = 7.33       # train2017: 860,001 boxes / 117,266 non-empty images
 EMPTY_FRACTION = 0.0086      # train2017: 1,021 images without annotations
@@ -39,21 +41,6 @@ FORMAT = "v1"                # bump when the generated content changes
 
 def default_root(images: int) -> Path:
     return Path(tempfile.gettempdir()) / f"ssd300-bench-coco-scale-{FORMAT}-{images}"
-
-
-def _jpegs(folder: Path, count: int = 4) -> list[Path]:
-    """A few 640x480 JPEGs cut from scikit-image's photographs (real JPEG statistics)."""
-    from PIL import Image
-    from skimage import data
-
-    photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
-    paths = []
-    for i in range(count):
-        image = Image.fromarray(photos[i % len(photos)]).resize((640, 480), Image.BILINEAR)
-        path = folder / f"source_{i}.jpg"
-        image.save(path, quality=90)
-        paths.append(path)
-    return paths
 
 
 def build_dataset(root: Path, images: int = TRAIN2017_IMAGES, seed: int = 0) -> Path:
@@ -68,7 +55,7 @@ def build_dataset(root: Path, images: int = TRAIN2017_IMAGES, seed: int = 0) -> 
     from ssd300.labels import COCO_CATEGORIES
 
     rng = np.random.default_rng(seed)
-    sources = _jpegs(root)
+    sources = make_jpegs(root, 4, zoom=None, pattern="source_{}.jpg")  # scikit-image's photographs, resized
     width, height = 640, 480
     counts = np.where(rng.random(images) < EMPTY_FRACTION, 0,
                       1 + rng.poisson(BOXES_PER_IMAGE - 1, images))
@@ -146,9 +133,8 @@ def measure_load(root: Path, cache_dir: str) -> dict[str, float]:
     from ssd300.data import coco  # imports torch etc. before the baseline RSS is read
 
     before = _rss_mb()
-    start = time.perf_counter()
-    dataset = coco.CocoDetection.from_root(root, "train", cache_dir=None if cache_dir == "off" else Path(cache_dir))
-    seconds = time.perf_counter() - start
+    dataset, seconds = timed(lambda: coco.CocoDetection.from_root(
+        root, "train", cache_dir=None if cache_dir == "off" else Path(cache_dir)))
     return {"seconds": seconds, "rss_before_mb": before, "rss_after_mb": _rss_mb(), "peak_rss_mb": _peak_rss_mb(),
             "images": len(dataset)}
 

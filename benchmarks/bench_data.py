@@ -28,23 +28,18 @@ from ssd300.data.coco import CocoDetection
 from ssd300.data.loaders import build_train_loader
 from ssd300.data.transforms import MEAN, STD, sample_iou_crop, crop_boxes, flip_boxes
 
+from common import PHOTOS, interleaved, photo_crop, photos, time_call
+
 
 def make_dataset(root: Path, count: int, seed: int = 0) -> Path:
     """640x480 JPEGs cut from scikit-image's photographs (real JPEG statistics), 2-6 boxes each."""
-    import skimage.data as data
-
-    photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket(), data.hubble_deep_field(),
-              data.immunohistochemistry(), data.retina()]
+    sources = photos(PHOTOS + ("hubble_deep_field", "immunohistochemistry", "retina"))
     rng = np.random.default_rng(seed)
     (root / "train").mkdir(parents=True)
     (root / "annotations").mkdir()
     images, annotations = [], []
     for i in range(count):
-        photo = Image.fromarray(photos[i % len(photos)])
-        scale = rng.uniform(1.3, 2.0) * max(640 / photo.width, 480 / photo.height)
-        big = photo.resize((int(photo.width * scale) + 1, int(photo.height * scale) + 1), Image.BILINEAR)
-        x, y = int(rng.integers(0, big.width - 640 + 1)), int(rng.integers(0, big.height - 480 + 1))
-        image = big.crop((x, y, x + 640, y + 480))
+        image = photo_crop(sources[i % len(sources)], rng, zoom=(1.3, 2.0))  # draws from rng before the boxes
         name = f"{i:06d}.jpg"
         image.save(root / "train" / name, quality=90)
         images.append({"id": i + 1, "file_name": name, "width": 640, "height": 480})
@@ -111,15 +106,6 @@ def time_loader(loader, finish) -> float:
         finish(batch)
         n += batch[0].shape[0] if isinstance(batch, tuple) else len(batch)
     return n / (time.perf_counter() - start)
-
-
-def interleaved(runs: dict, repeats: int) -> dict:
-    """Alternate the contenders in every repeat, so machine-load drift hits all of them alike."""
-    results: dict = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            results[name].append(run())
-    return results
 
 
 def _dali_coco_reader_pipeline(root: Path, batch_size: int, threads: int):
@@ -218,13 +204,7 @@ def main() -> None:
             from ssd300.default_boxes import default_boxes_300
             coder = BoxCoder(default_boxes_300())
             batch = next(iter(build_train_loader(ours, args.batch_size, num_workers=0, seed=0)))
-            coder.encode(batch.boxes, batch.labels, batch.num_boxes)
-            times = []
-            for _ in range(5):
-                start = time.perf_counter()
-                coder.encode(batch.boxes, batch.labels, batch.num_boxes)
-                times.append(time.perf_counter() - start)
-            encode_ms = statistics.median(times) * 1000
+            encode_ms = time_call(lambda: coder.encode(batch.boxes, batch.labels, batch.num_boxes), 5).median * 1000
         except ImportError:
             pass
 

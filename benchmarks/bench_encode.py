@@ -10,14 +10,14 @@ Usage: .venv/bin/python benchmarks/bench_encode.py [--repeats 20]
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torchvision
 
 from ssd300.box_coder import BoxCoder
 from ssd300.default_boxes import default_boxes_300
+
+from common import time_call
 
 IMAGES, BOXES = 32, 7
 
@@ -55,16 +55,6 @@ def per_image(boxes, labels, counts, dboxes):
     return torch.stack([r[0] for r in results]), torch.stack([r[1] for r in results])
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
@@ -77,8 +67,8 @@ def main() -> None:
     boxes, labels, counts = make_ground_truth()
     # Same labels both ways (the baseline's negatives differ from ours only by float rounding).
     assert torch.equal(per_image(boxes, labels, counts, dboxes)[1], coder.encode(boxes, labels, counts)[1])
-    baseline = median_seconds(lambda: per_image(boxes, labels, counts, dboxes), args.repeats)
-    ours = median_seconds(lambda: coder.encode(boxes, labels, counts), args.repeats)
+    baseline = time_call(lambda: per_image(boxes, labels, counts, dboxes), args.repeats).median
+    ours = time_call(lambda: coder.encode(boxes, labels, counts), args.repeats).median
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}\n")
     print("| workload | per-image loop (ms) | batched BoxCoder.encode (ms) | speed-up |")
     print("|---|---|---|---|")

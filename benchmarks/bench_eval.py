@@ -19,12 +19,13 @@ import os
 import socket
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 from ssd300.labels import COCO_CATEGORIES
+
+from common import seconds, timed
 
 
 def make_ground_truth(path: Path, images: int, seed: int = 0) -> dict:
@@ -88,12 +89,10 @@ def bench_backends(images: int, repeats: int) -> None:
                 continue
             loads, evals, metrics = [], [], None
             for _ in range(repeats):
-                start = time.perf_counter()
-                coco_gt = load_coco_ground_truth(gt_path, backend=backend)
-                loads.append(time.perf_counter() - start)
-                start = time.perf_counter()
-                metrics = evaluate_results(coco_gt, results)
-                evals.append(time.perf_counter() - start)
+                coco_gt, load_seconds = timed(lambda: load_coco_ground_truth(gt_path, backend=backend))
+                metrics, eval_seconds = timed(lambda: evaluate_results(coco_gt, results))
+                loads.append(load_seconds)
+                evals.append(eval_seconds)
             figures[backend] = (statistics.median(loads), statistics.median(evals), metrics)
         base = figures["pycocotools"][1]
         for backend, (load_s, eval_s, metrics) in figures.items():
@@ -142,19 +141,19 @@ def _gather_worker(rank: int, world_size: int, port: int, variant: str, images: 
     cpu = torch.device("cpu")
     _reset_peak_rss()
     before = _status_mb("VmRSS")
+
+    def gather_once() -> object:
+        if variant == "all_gather_object":
+            gathered = all_gather_objects((image_ids, rows))
+            return merge_rank_rows(gathered) if rank == 0 else None
+        ids = gather_arrays(np.asarray(image_ids, dtype=np.int64), cpu)
+        parts = gather_arrays(rows, cpu)
+        return merge_rank_rows(zip(ids, parts)) if rank == 0 else None
+
     times = []
     for _ in range(repeats):
         dist.barrier()
-        start = time.perf_counter()
-        if variant == "all_gather_object":
-            gathered = all_gather_objects((image_ids, rows))
-            merged = merge_rank_rows(gathered) if rank == 0 else None
-        else:
-            ids = gather_arrays(np.asarray(image_ids, dtype=np.int64), cpu)
-            parts = gather_arrays(rows, cpu)
-            merged = merge_rank_rows(zip(ids, parts)) if rank == 0 else None
-        times.append(time.perf_counter() - start)
-        del merged
+        times.append(seconds(gather_once))  # the merged rows are dropped before the next repeat
     peak = _status_mb("VmHWM")
     if rank == 0:
         Path(out).write_text(json.dumps({"seconds": statistics.median(times), "peak_extra_mb": peak - before,

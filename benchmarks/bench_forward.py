@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 import time
 import warnings
@@ -31,6 +30,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from common import time_interleaved  # noqa: E402
 from ssd300.model import SSD300  # noqa: E402
 from ssd300.runtime import Runtime  # noqa: E402
 
@@ -44,22 +44,6 @@ class Row:
     batch: int
     seconds: float  # median per batch
     note: str = ""
-
-
-def time_interleaved(calls: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Median seconds per call, timing the calls round-robin after one warm-up each.
-
-    Interleaving makes the ratios fair when the machine's load drifts during the run.
-    """
-    for call in calls.values():
-        call()
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(rounds):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def matmul_probe(dtype: torch.dtype, n: int) -> Callable[[], object]:
@@ -134,7 +118,8 @@ def main() -> None:
     probes = {f"matmul {d}": matmul_probe(dt, matmul_n[d])
               for d, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     calls = {f"{name} {dtype}": fn for name, dtype, _, fn, _ in variants} | probes
-    seconds = time_interleaved(calls, args.iterations)
+    # Interleaved (round-robin after one warm-up each): the ratios hold when the machine's load drifts.
+    seconds = {name: timing.median for name, timing in time_interleaved(calls, args.iterations).items()}
     peak = {d: 2 * matmul_n[d] ** 3 / seconds[f"matmul {d}"] / 1e9 for d in matmul_n}
     rows = [Row(name, dtype, batch, seconds[f"{name} {dtype}"], note) for name, dtype, batch, _, note in variants]
 

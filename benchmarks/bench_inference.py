@@ -29,7 +29,6 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -47,28 +46,12 @@ from ssd300.runtime import Runtime
 from ssd300.labels import LabelMap
 from ssd300.model import SSD300
 
+from common import make_jpegs, percentile, stream_timings, time_call
+
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 # ----------------------------------------------------------------------------- inputs and model
-
-
-def make_jpegs(folder: Path, count: int) -> list[str]:
-    """640x480 JPEGs (quality 90) cut from scikit-image's photographs, like COCO images."""
-    import skimage.data as data
-
-    photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(count):
-        photo = Image.fromarray(photos[i % len(photos)])
-        scale = rng.uniform(1.3, 1.8) * max(640 / photo.width, 480 / photo.height)
-        big = photo.resize((int(photo.width * scale) + 1, int(photo.height * scale) + 1), Image.BILINEAR)
-        x, y = int(rng.integers(0, big.width - 640 + 1)), int(rng.integers(0, big.height - 480 + 1))
-        path = folder / f"{i:04d}.jpg"
-        big.crop((x, y, x + 640, y + 480)).save(path, quality=90)
-        paths.append(str(path))
-    return paths
 
 
 def calibrated_model(paths: list[str], candidates: int, logit_std: float = 3.0) -> tuple[SSD300, float]:
@@ -189,20 +172,6 @@ def onnx_pipeline(onnx_path: Path, batch_size: int) -> Callable[[list[str]], Ite
 # ----------------------------------------------------------------------------- timing
 
 
-def stream_timings(run_batches: Callable[[list[str]], Iterable], paths: list[str], batch_size: int,
-                   iters: int) -> list[float]:
-    """Seconds per batch over a stream of ``iters`` batches (after one warm-up batch)."""
-    for _ in run_batches(paths[:batch_size]):
-        pass
-    stream = [paths[(i * batch_size + j) % len(paths)] for i in range(iters) for j in range(batch_size)]
-    times, last = [], time.perf_counter()
-    for _ in run_batches(stream):
-        now = time.perf_counter()
-        times.append(now - last)
-        last = now
-    return times
-
-
 def detector_batches(detector: Detector, batch_size: int) -> Callable[[list[str]], Iterable]:
     def run(paths: list[str]) -> Iterable:
         batch = []
@@ -224,18 +193,9 @@ def per_batch_calls(fn: Callable[[list[str]], list], batch_size: int) -> Callabl
 
 
 def forward_only(detector: Detector, batch_size: int, iters: int) -> float:
+    """Median seconds of the network alone on a ready batch (after one warm-up call)."""
     images = torch.randn(batch_size, 3, 300, 300)
-    detector.predict_tensor(images)
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        detector.predict_tensor(images)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(np.array(values), q))
+    return time_call(lambda: detector.predict_tensor(images), iters).median
 
 
 def main() -> None:

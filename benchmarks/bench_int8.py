@@ -19,21 +19,13 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_inference import (
-    calibrated_model,
-    detector_batches,
-    make_jpegs,
-    per_batch_calls,
-    percentile,
-    reference_pipeline,
-    stream_timings,
-)
+from bench_inference import calibrated_model, detector_batches, per_batch_calls, reference_pipeline
+from common import make_jpegs, percentile, stream_timings, timed
 
 from ssd300.checkpoint import load_model
 from ssd300.coco_eval import evaluate_results, load_coco_ground_truth
@@ -49,10 +41,9 @@ def int8_files(model: torch.nn.Module, label_map: LabelMap, folder: Path, calibr
                quantizers: list[str]) -> dict[str, Path]:
     files = {}
     for quantizer in quantizers:
-        start = time.perf_counter()
-        files[quantizer] = export_int8(model, label_map, folder / f"int8_{quantizer}.onnx", calibration, count,
-                                       quantizer=quantizer)
-        print(f"  INT8 ({quantizer}) export + calibration on {count} images: {time.perf_counter() - start:.0f} s",
+        files[quantizer], export_seconds = timed(lambda: export_int8(
+            model, label_map, folder / f"int8_{quantizer}.onnx", calibration, count, quantizer=quantizer))
+        print(f"  INT8 ({quantizer}) export + calibration on {count} images: {export_seconds:.0f} s",
               file=sys.stderr)
     return files
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from unittest import mock
 
 import torch
@@ -28,6 +27,8 @@ import ssd300.postprocess as postprocess
 from ssd300.box_coder import BoxCoder
 from ssd300.default_boxes import default_boxes_300
 from ssd300.postprocess import PostProcessor
+
+from common import time_call
 
 BATCH, CLASSES, ANCHORS = 8, 81, 8732
 
@@ -114,16 +115,6 @@ def softmax_every_box(logits: torch.Tensor, score_threshold: float) -> tuple[tor
     return flat, rows[row, cls]
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -142,13 +133,13 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, (locs, logits) in (("realistic", realistic_outputs()), ("untrained", untrained_outputs())):
         candidates = (torch.softmax(logits, 1)[:, 1:] > 0.05).sum().item() / BATCH
-        reference = median_seconds(lambda: reference_style(locs, logits, coder), args.baseline_repeats)
-        per_class = median_seconds(lambda: reference_style(locs, logits, coder, torchvision_nms=True), args.repeats)
+        reference = time_call(lambda: reference_style(locs, logits, coder), args.baseline_repeats).median
+        per_class = time_call(lambda: reference_style(locs, logits, coder, torchvision_nms=True), args.repeats).median
         ours = {}
         for strategy in ("per_group", "matrix", "offsets"):
             post = PostProcessor(dboxes, nms=strategy)
             with torch.no_grad():
-                ours[strategy] = median_seconds(lambda: post(locs, logits), args.repeats)
+                ours[strategy] = time_call(lambda: post(locs, logits), args.repeats).median
         skipped, every = postprocess._candidate_probabilities(logits, 0.05)[0], softmax_every_box(logits, 0.05)[0]
         assert abs(len(skipped) - len(every)) <= 1e-3 * len(every)  # the same candidates (up to rounding)
         # Skipping vs not, measured round by round so that machine load and caches hit both alike.
@@ -156,9 +147,9 @@ def main() -> None:
         with_skipping, without = [], []
         with torch.no_grad():
             for _ in range(args.repeats):
-                with_skipping.append(median_seconds(lambda: post(locs, logits), 1))
+                with_skipping.append(time_call(lambda: post(locs, logits), 1).median)
                 with mock.patch.object(postprocess, "_candidate_probabilities", softmax_every_box):
-                    without.append(median_seconds(lambda: post(locs, logits), 1))
+                    without.append(time_call(lambda: post(locs, logits), 1).median)
         skipping_speedup = statistics.median(without) / statistics.median(with_skipping)
         no_skipping = statistics.median(without)
         best = ours["per_group"]  # the CPU default ("auto")

@@ -10,8 +10,6 @@ after warmup; ratios are against fp32 NCHW of the same backbone, measured in thi
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
@@ -25,6 +23,8 @@ from ssd300.model import SSD300
 from ssd300.optim import WarmupMultiStepSchedule, build_optimizer
 from ssd300.runtime import Runtime
 from ssd300.trainer import Trainer
+
+from common import time_interleaved
 
 
 def make_batch(batch_size: int) -> Batch:
@@ -50,12 +50,6 @@ def make_trainer(backbone: str, bf16: bool, channels_last: bool) -> Trainer:
                    label_map=LabelMap.generic(4), logger=RunLogger(enabled=False))
 
 
-def step_seconds(trainer: Trainer, batch: Batch) -> float:
-    start = time.perf_counter()
-    trainer.train_step(batch)
-    return time.perf_counter() - start
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=4)
@@ -72,18 +66,13 @@ def main() -> None:
     variants = ((False, False), (False, True), (True, False), (True, True))
     for backbone in args.backbones:
         trainers = {v: make_trainer(backbone, *v) for v in variants}
-        times: dict[tuple[bool, bool], list[float]] = {v: [] for v in variants}
-        for round_index in range(args.warmup + args.iterations):
-            for variant, trainer in trainers.items():
-                emulated_bf16 = variant[0] and not policy.native_bf16
-                if emulated_bf16 and round_index > args.warmup:  # ~10x slower: one timed step is enough
-                    continue
-                seconds = step_seconds(trainer, batch)
-                if round_index >= args.warmup:
-                    times[variant].append(seconds)
-        baseline = len(batch) / statistics.median(times[(False, False)])
-        for (bf16, channels_last), samples in times.items():
-            rate = len(batch) / statistics.median(samples)
+        steps = {str(v): (lambda trainer=trainer: trainer.train_step(batch)) for v, trainer in trainers.items()}
+        # Emulated bf16 is ~10x slower: one timed step is enough.
+        once = {str(v): 1 for v in variants if v[0] and not policy.native_bf16}
+        times = time_interleaved(steps, args.iterations, warmup=args.warmup, max_samples=once)
+        baseline = len(batch) / times[str((False, False))].median
+        for bf16, channels_last in variants:
+            rate = len(batch) / times[str((bf16, channels_last))].median
             print(f"| {backbone} | {'bf16 autocast' if bf16 else 'fp32'} | "
                   f"{'channels_last' if channels_last else 'NCHW'} | {rate:.2f} | {rate / baseline:.2f}x |",
                   flush=True)

@@ -29,6 +29,7 @@ def test_warning_only_for_a_randomly_initialised_resnet50_training_run(tmp_path,
     assert random_backbone_warning(TrainConfig(), "resnet50", has_checkpoint=True) is None
 
 
+@pytest.mark.slow  # a ResNet-50 training run
 def test_resnet50_training_without_backbone_path_prints_and_logs_the_warning(tmp_path, capsys):
     from ssd300 import train
     from ssd300.data.synth import generate_synthetic_dataset

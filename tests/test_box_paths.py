@@ -12,7 +12,6 @@ import pytest
 import torch
 from PIL import Image
 
-from ssd300.checkpoint import model_checkpoint, save_checkpoint
 from ssd300.cli import main as cli_main
 from ssd300.coco_eval import detections_to_rows, rows_to_results
 from ssd300.data.transforms import EvalTransform
@@ -20,7 +19,6 @@ from ssd300.default_boxes import default_boxes_300
 from ssd300.export import export_model
 from ssd300.inference import Detector
 from ssd300.labels import LabelMap
-from ssd300.model import SSD300
 from ssd300.postprocess import PostprocessConfig, PostProcessor
 
 from matching import assert_same_detections
@@ -36,17 +34,14 @@ SCORE_ATOL, BOX_ATOL = 2e-4, 0.05
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    torch.manual_seed(0)
-    model = SSD300("resnet18", num_classes=4).eval()
+def setup(tmp_path_factory, make_tiny_model, make_tiny_checkpoint):
+    model = make_tiny_model(4, conf_scale=0.3).eval()  # spread scores, no saturated ties
     with torch.no_grad():
-        for conf in model.conf:
-            conf.weight.mul_(0.3)  # spread scores, no saturated ties
         for loc in model.loc:
             loc.weight.mul_(3.0)  # large offsets: many boxes cross the image border before clipping
     folder = tmp_path_factory.mktemp("paths")
     checkpoint = folder / "ssd.pt"
-    save_checkpoint(checkpoint, model_checkpoint(model, LABEL_MAP, epoch=1))
+    make_tiny_checkpoint(checkpoint, LABEL_MAP, model=model, epoch=1)
     rng = np.random.default_rng(0)
     paths = []
     for i, (width, height) in enumerate(SIZES):

@@ -28,9 +28,8 @@ from ssd300.model import SSD300
 
 
 @pytest.fixture(scope="module")
-def model() -> SSD300:
-    torch.manual_seed(0)
-    m = SSD300("resnet18", num_classes=4)
+def model(make_tiny_model) -> SSD300:
+    m = make_tiny_model(4)
     # make BN buffers non-default so that a lost buffer would show
     for module in m.modules():
         if isinstance(module, nn.BatchNorm2d):
@@ -87,9 +86,8 @@ def test_model_checkpoint_unwraps_and_checks_label_map(model: SSD300, label_map:
         model_checkpoint(model, LabelMap.generic(3))
 
 
-def test_reference_style_checkpoint_loads_strict(tmp_path: Path) -> None:
-    torch.manual_seed(1)
-    reference_model = SSD300("resnet18", num_classes=81)
+def test_reference_style_checkpoint_loads_strict(tmp_path: Path, make_tiny_model) -> None:
+    reference_model = make_tiny_model(81, seed=1)
     optimizer = torch.optim.SGD(reference_model.parameters(), lr=0.01, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[43, 54], gamma=0.1)
     for p in reference_model.parameters():

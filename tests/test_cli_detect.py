@@ -10,27 +10,19 @@ import pytest
 import torch
 from PIL import Image
 
-from ssd300.checkpoint import model_checkpoint, save_checkpoint
 from ssd300.cli import main
 from ssd300.commands.detect import expand_inputs, output_names
 from ssd300.errors import UserInputError
 from ssd300.inference import Detector
 from ssd300.labels import LabelMap
-from ssd300.model import SSD300
 
 LABEL_MAP = LabelMap.from_categories([(5, "disc"), (9, "ring")])
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = SSD300("resnet18", num_classes=3).eval()
-    with torch.no_grad():
-        for conf in model.conf:
-            conf.weight.mul_(0.3)
-    path = tmp_path_factory.mktemp("ckpt") / "ssd.pt"
-    save_checkpoint(path, model_checkpoint(model, LABEL_MAP))
-    return path
+def checkpoint(tmp_path_factory, make_tiny_model, make_tiny_checkpoint) -> Path:
+    model = make_tiny_model(3, conf_scale=0.3).eval()
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "ssd.pt", LABEL_MAP, model=model)
 
 
 def _image(path: Path, size: tuple[int, int], seed: int) -> Path:

@@ -14,7 +14,6 @@ import torch
 from PIL import Image
 
 from ssd300 import __version__, cli
-from ssd300.checkpoint import model_checkpoint, save_checkpoint
 from ssd300.cli import main
 from ssd300.coco_eval import load_coco_ground_truth
 from ssd300.data.coco import CocoDetection
@@ -40,12 +39,8 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = SSD300("resnet18", num_classes=3)
-    path = tmp_path_factory.mktemp("ckpt") / "ssd.pt"
-    save_checkpoint(path, model_checkpoint(model, LabelMap.from_categories([(1, "disc"), (2, "rectangle")])))
-    return path
+def checkpoint(tiny_checkpoint) -> Path:
+    return tiny_checkpoint  # 3 classes: disc, rectangle
 
 
 def _one_line_error(capsys, argv: list[str], code: int = 2) -> str:

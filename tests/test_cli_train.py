@@ -21,10 +21,9 @@ def data_dir(synthetic_dataset) -> Path:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
+def checkpoint(tmp_path_factory, make_tiny_model) -> Path:
     """A resnet18 checkpoint in the reference's format: only ``model`` and ``label_map``."""
-    torch.manual_seed(0)
-    model = SSD300("resnet18", num_classes=3)
+    model = make_tiny_model(3)
     path = tmp_path_factory.mktemp("ckpt") / "reference_style.pt"
     torch.save({"model": model.state_dict(), "label_map": {0: "background", 1: "disc", 2: "rectangle"}}, path)
     return path

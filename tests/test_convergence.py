@@ -35,6 +35,8 @@ from ssd300.optim import WarmupMultiStepSchedule, build_optimizer
 from ssd300.runtime import Runtime, native_bf16
 from ssd300.trainer import Trainer
 
+pytestmark = pytest.mark.slow  # training runs to convergence
+
 STEPS = 16
 LEARNING_RATE = 0.01
 WARMUP = 3

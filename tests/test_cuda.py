@@ -1,5 +1,5 @@
 """The CUDA paths, checked against the CPU (run on a GPU machine: ``pytest -m cuda`` or
-``bash benchmarks/gpu_check.sh``; every test here is skipped, with the reason, without CUDA).
+``bash tools/gpu_check.sh``; every test here is skipped, with the reason, without CUDA).
 
 What each test guards: fp16 autocast + GradScaler training steps agree with fp32 (loss, every
 gradient, the update); the scaler skips a step whose gradients overflow and recovers; the dense
@@ -45,7 +45,7 @@ CUDA = torch.cuda.is_available()
 
 pytestmark = [
     pytest.mark.cuda,
-    pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (on a GPU machine: bash benchmarks/gpu_check.sh)"),
+    pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (on a GPU machine: bash tools/gpu_check.sh)"),
 ]
 
 GPU = torch.device("cuda", 0)

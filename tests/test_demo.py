@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from PIL import Image
 
 from ssd300.cli import main
+
+pytestmark = pytest.mark.slow  # the demo: a training run
 
 
 def test_demo_writes_checkpoint_metrics_curves_and_predictions(tmp_path, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -29,6 +30,7 @@ def _worker(rank: int, world_size: int, init_file: str, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # spawns ranks
 def test_gather_arrays_brings_every_ranks_rows_to_rank_0(tmp_path):
     world_size = 2
     out = tmp_path / "gathered.npz"

@@ -101,13 +101,9 @@ def test_format_from_suffix():
 
 
 @pytest.fixture(scope="module")
-def model() -> SSD300:
-    torch.manual_seed(0)
-    net = SSD300("resnet18", num_classes=NUM_CLASSES).eval()
-    with torch.no_grad():
-        for conf in net.conf:
-            conf.weight.mul_(0.3)  # spread scores (no saturated ties) while keeping many detections
-    return net
+def model(make_tiny_model) -> SSD300:
+    # conf_scale spreads scores (no saturated ties) while keeping many detections
+    return make_tiny_model(NUM_CLASSES, conf_scale=0.3).eval()
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +158,7 @@ def _assert_parity(outputs: list[torch.Tensor], reference) -> None:
         assert not scores[i, k:].any()
 
 
+@pytest.mark.slow  # exports to every format
 @pytest.mark.parametrize("fmt", ["onnx", "onnx-legacy", "torchscript"])
 @pytest.mark.parametrize("source", ["photos", "synthetic"])
 def test_exported_detector_matches_pytorch_at_batch_1_and_3(network_outputs, batches, exported, fmt, source):
@@ -174,6 +171,7 @@ def test_exported_detector_matches_pytorch_at_batch_1_and_3(network_outputs, bat
     _assert_parity(exported[fmt](images[:1]), reference[:1])
 
 
+@pytest.mark.slow  # exports to every format
 @pytest.mark.parametrize("which", ["onnx_path", "legacy_path"])
 def test_onnx_file_carries_label_map_and_settings(exported, which):
     import onnx

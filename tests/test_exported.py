@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from ssd300.checkpoint import model_checkpoint, save_checkpoint
 from ssd300.cli import main
 from ssd300.data.synth import SynthConfig, render_image
 from ssd300.data.transforms import EvalTransform
@@ -22,6 +21,8 @@ from ssd300.labels import LabelMap
 from ssd300.model import SSD300
 from ssd300.runners import cached_network_onnx, load_exported
 
+pytestmark = pytest.mark.slow  # exports to every format
+
 onnxruntime = pytest.importorskip("onnxruntime")
 skimage_data = pytest.importorskip("skimage.data")
 
@@ -30,13 +31,9 @@ SCORE = 0.2
 
 
 @pytest.fixture(scope="module")
-def model() -> SSD300:
-    torch.manual_seed(0)
-    net = SSD300("resnet18", num_classes=4).eval()
-    with torch.no_grad():  # tame the untrained conf heads: ~50-150 detections per image above SCORE
-        for conf in net.conf:
-            conf.weight.mul_(0.3)
-    return net
+def model(make_tiny_model) -> SSD300:
+    # conf_scale tames the untrained conf heads: ~50-150 detections per image above SCORE
+    return make_tiny_model(4, conf_scale=0.3).eval()
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +44,7 @@ def photos() -> list[np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def files(model, tmp_path_factory) -> dict[str, Path]:
+def files(model, tmp_path_factory, make_tiny_checkpoint) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("exported")
     written = {
         "onnx": export_model(model, LABEL_MAP, folder / "ssd.onnx", "onnx", exporter="legacy",
@@ -57,9 +54,7 @@ def files(model, tmp_path_factory) -> dict[str, Path]:
         "torchscript": export_model(model, LABEL_MAP, folder / "ssd.ts", "torchscript", score_threshold=SCORE,
                                     max_detections=100),
     }
-    checkpoint = folder / "ssd.pt"
-    save_checkpoint(checkpoint, model_checkpoint(model, LABEL_MAP))
-    written["checkpoint"] = checkpoint
+    written["checkpoint"] = make_tiny_checkpoint(folder / "ssd.pt", LABEL_MAP, model=model)
     return written
 
 

@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-from ssd300.checkpoint import model_checkpoint, save_checkpoint
 from ssd300.data.transforms import EvalTransform
 from ssd300.default_boxes import default_boxes_300
 from ssd300.errors import UserInputError
@@ -25,16 +24,13 @@ def _hub(entry: str, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def model() -> SSD300:
-    torch.manual_seed(0)
-    return SSD300("resnet18", num_classes=81).eval()
+def model(make_tiny_model) -> SSD300:
+    return make_tiny_model(81).eval()
 
 
 @pytest.fixture(scope="module")
-def checkpoint(model, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("hub") / "ssd.pt"
-    save_checkpoint(path, model_checkpoint(model, LabelMap.coco2017()))
-    return path
+def checkpoint(model, tmp_path_factory, make_tiny_checkpoint) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("hub") / "ssd.pt", LabelMap.coco2017(), model=model)
 
 
 @pytest.fixture(scope="module")
@@ -103,11 +99,8 @@ def test_detector_entry_point(checkpoint, photo):
     assert set(result.class_names) <= set(LabelMap.coco2017().names[1:])
 
 
-def test_processing_utils_name_a_custom_checkpoints_classes(tmp_path):
-    torch.manual_seed(0)
-    custom = SSD300("resnet18", num_classes=3)
-    path = tmp_path / "custom.pt"
-    save_checkpoint(path, model_checkpoint(custom, LabelMap.from_categories([(4, "cat"), (9, "dog")])))
+def test_processing_utils_name_a_custom_checkpoints_classes(tmp_path, make_tiny_checkpoint):
+    path = make_tiny_checkpoint(tmp_path / "custom.pt", LabelMap.from_categories([(4, "cat"), (9, "dog")]))
     utils = _hub("nvidia_ssd_processing_utils", checkpoint=str(path), device="cpu")
     assert utils.get_coco_object_dictionary() == ["cat", "dog"]
     model = _hub("nvidia_ssd", checkpoint=str(path), device="cpu")

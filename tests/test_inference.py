@@ -8,7 +8,6 @@ import pytest
 import torch
 from PIL import Image
 
-from ssd300.checkpoint import model_checkpoint, save_checkpoint
 from ssd300.data.transforms import EvalTransform
 from ssd300.default_boxes import default_boxes_300
 from ssd300.errors import UserInputError
@@ -22,20 +21,13 @@ LABEL_MAP = LabelMap.from_categories([(3, "cat"), (8, "dog"), (11, "bird")])
 
 
 @pytest.fixture(scope="module")
-def model() -> SSD300:
-    torch.manual_seed(0)
-    net = SSD300("resnet18", num_classes=4).eval()
-    with torch.no_grad():
-        for conf in net.conf:
-            conf.weight.mul_(0.3)  # spread scores, no saturated ties
-    return net
+def model(make_tiny_model) -> SSD300:
+    return make_tiny_model(4, conf_scale=0.3).eval()  # spread scores, no saturated ties
 
 
 @pytest.fixture(scope="module")
-def checkpoint(model, tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "ssd.pt"
-    save_checkpoint(path, model_checkpoint(model, LABEL_MAP, epoch=1))
-    return path
+def checkpoint(model, tmp_path_factory, make_tiny_checkpoint):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "ssd.pt", LABEL_MAP, model=model, epoch=1)
 
 
 @pytest.fixture(scope="module")

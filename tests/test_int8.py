@@ -21,6 +21,8 @@ from ssd300.inference import Detector
 from ssd300.postprocess import Detections
 from ssd300.quantize import calibration_files, confident_agreement, export_int8
 
+pytestmark = pytest.mark.slow  # INT8 exports and calibration
+
 onnxruntime = pytest.importorskip("onnxruntime")
 skimage_data = pytest.importorskip("skimage.data")
 

@@ -24,9 +24,8 @@ TORCHVISION = {
 
 
 @pytest.fixture(scope="module")
-def small_model() -> SSD300:
-    torch.manual_seed(0)
-    model = SSD300("resnet18", num_classes=3).eval()
+def small_model(make_tiny_model) -> SSD300:
+    model = make_tiny_model(3).eval()
     _randomise_batchnorm(model)
     return model
 
@@ -153,9 +152,8 @@ def test_conv4_first_block_has_stride_one(name: str) -> None:
     assert len(trunk.feature_extractor) == 7
 
 
-def test_xavier_uniform_init_for_new_weights_only() -> None:
-    torch.manual_seed(0)
-    model = SSD300("resnet18", num_classes=3)
+def test_xavier_uniform_init_for_new_weights_only(make_tiny_model) -> None:
+    model = make_tiny_model(3)
     for part in (model.additional_blocks, model.loc, model.conf):
         for module in part.modules():
             if isinstance(module, nn.Conv2d):
@@ -239,9 +237,8 @@ def test_channels_last_equals_contiguous(small_model: SSD300, images: torch.Tens
         torch.testing.assert_close(o, r, rtol=1e-4, atol=1e-4)
 
 
-def test_train_mode_backward_reaches_every_parameter(images: torch.Tensor) -> None:
-    torch.manual_seed(0)
-    model = SSD300("resnet18", num_classes=3).train()
+def test_train_mode_backward_reaches_every_parameter(images: torch.Tensor, make_tiny_model) -> None:
+    model = make_tiny_model(3).train()
     locs, logits = model(images.expand(2, -1, -1, -1))  # BN on the 1x1 map needs N > 1 in training
     (locs.square().mean() + logits.square().mean()).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

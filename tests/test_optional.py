@@ -11,7 +11,6 @@ import sys
 import types
 
 import pytest
-import torch
 
 from ssd300.cli import main
 from ssd300.errors import UserInputError
@@ -25,9 +24,8 @@ def _missing(monkeypatch, *names: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def model() -> SSD300:
-    torch.manual_seed(0)
-    return SSD300("resnet18", num_classes=3)
+def model(make_tiny_model) -> SSD300:
+    return make_tiny_model(3)
 
 
 @pytest.mark.parametrize("module", sorted(EXTRA_OF))

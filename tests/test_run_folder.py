@@ -149,6 +149,7 @@ def _load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+@pytest.mark.slow  # training runs
 def test_run_writes_last_best_keeps_last_refuses_a_second_run_and_resumes(data_dir, tmp_path):
     out = tmp_path / "run"
     result = run(_config(data_dir, save=out, eval_every=2, keep_last=1))

@@ -110,15 +110,13 @@ def _runtime_lines(text: str) -> list[str]:
     return re.findall(r"runtime: [^\n]*", text)
 
 
-def test_train_evaluate_and_detect_report_the_same_runtime(capsys, tiny_dataset: Path, tmp_path):
-    from ssd300.checkpoint import model_checkpoint, save_checkpoint
+def test_train_evaluate_and_detect_report_the_same_runtime(capsys, tiny_dataset: Path, tmp_path,
+                                                           make_tiny_checkpoint):
     from ssd300.data.coco import label_map_from_annotations, read_annotation_file, resolve_split
-    from ssd300.model import SSD300
 
-    torch.manual_seed(0)
     checkpoint = tmp_path / "model.pt"
     label_map = label_map_from_annotations(read_annotation_file(resolve_split(tiny_dataset, "val")[1]))
-    save_checkpoint(checkpoint, model_checkpoint(SSD300("resnet18", num_classes=3), label_map))
+    make_tiny_checkpoint(checkpoint, label_map)
     common = ["--device", "cpu", "--num-workers", "0"]
     assert main(["train", "--data", str(tiny_dataset), "--backbone", "resnet18", "--epochs", "1", "--bs", "2",
                  "--evaluation", "--no-progress", *common]) == 0

@@ -16,8 +16,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import TWO_CLASSES
+
+pytestmark = pytest.mark.slow  # two torchrun ranks against one
 
 REPO = Path(__file__).resolve().parents[1]
 

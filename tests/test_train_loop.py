@@ -29,6 +29,8 @@ from ssd300.runtime import Runtime
 from ssd300.trainer import NonFiniteLossError, Trainer
 from ssd300.training import TrainConfig, run
 
+pytestmark = pytest.mark.slow  # training runs
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -74,6 +74,7 @@ def test_batch_of_one_is_fine_with_frozen_batchnorm_and_train_refuses_evaluation
     assert callable(evaluate)
 
 
+@pytest.mark.slow  # fresh interpreters import the package
 def test_top_level_names_are_lazy_and_acyclic():
     code = ("import sys, ssd300; assert 'torch' not in sys.modules, 'import ssd300 pulled torch in'; "
             "from ssd300 import SSD300, Detector, TrainConfig, train, evaluate, RunResult, Runtime; "

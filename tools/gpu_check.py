@@ -12,15 +12,19 @@ Parts, most important first, each time-boxed so that the whole fits ``--budget-s
 3. ``loader``: training through the PyTorch DataLoader (CPU workers, pinned memory) on synthetic
    JPEGs (640x480), batch 64 and 128, against the model-bound rate;
 4. ``dali``: the DALI GPU training loader on the same JPEGs: the loader alone, and training
-   through it (pipeline bound), batch 64 and 128, against the model-bound rate;
+   through it (pipeline bound), batch 64 and 128, against the model-bound rate ("skipped" where
+   DALI is not installed, as on the GPU machine this project is lent: the DataLoader then stands
+   for the real loader in the goal);
 5. ``compile``: training at batch 128 with ``torch.compile`` (only if the budget left allows).
 
-Prints one table with the issue's goals marked met/missed and writes ``gpu_check.json`` under
+Prints one table with the issues' goals marked met/missed and writes ``gpu_check.json`` under
 ``--out`` (default: ``$OUT`` when set). ``--smoke`` runs every code path with tiny sizes on the
-CPU (ResNet-18, batch 2, one timed step), which is what CI and machines without a GPU run.
+CPU (ResNet-18, batch 2, channels-last, one timed step; the nvJPEG path's torchvision decode on CPU
+tensors), which is what CI and machines without a GPU run. Needs torch and torchvision only;
+runs from this working tree (``src/`` is put on ``sys.path``).
 
-    python benchmarks/gpu_check.py [--budget-s 300] [--out DIR] [--parts train,infer,dali,compile]
-    python benchmarks/gpu_check.py --smoke
+    python tools/gpu_check.py [--budget-s 300] [--out DIR] [--parts train,infer,dali,compile]
+    python tools/gpu_check.py --smoke
 """
 
 from __future__ import annotations
@@ -40,22 +44,25 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from ssd300.box_coder import BoxCoder
-from ssd300.data.loaders import Batch
-from ssd300.default_boxes import default_boxes_300
-from ssd300.distributed import DistributedContext
-from ssd300.runtime import Runtime
-from ssd300.trainer import Trainer
-from ssd300.labels import LabelMap
-from ssd300.logging_utils import RunLogger
-from ssd300.model import SSD300
-from ssd300.optim import WarmupMultiStepSchedule, build_optimizer
+# The package from this working tree (the GPU machine has no install of it, only PYTHONPATH).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from ssd300.box_coder import BoxCoder  # noqa: E402
+from ssd300.data.loaders import Batch  # noqa: E402
+from ssd300.default_boxes import default_boxes_300  # noqa: E402
+from ssd300.distributed import DistributedContext  # noqa: E402
+from ssd300.runtime import Runtime  # noqa: E402
+from ssd300.trainer import Trainer  # noqa: E402
+from ssd300.labels import LabelMap  # noqa: E402
+from ssd300.logging_utils import RunLogger  # noqa: E402
+from ssd300.model import SSD300  # noqa: E402
+from ssd300.optim import WarmupMultiStepSchedule, build_optimizer  # noqa: E402
 
 PARTS = ("train", "infer", "loader", "dali", "compile")
-# The issue's goals (published for NVIDIA's code on 1x A100 80GB, AMP: training 724 img/s at
+# The issues' goals (published for NVIDIA's code on 1x A100 80GB, AMP: training 724 img/s at
 # batch 128, inference 1058 img/s at batch 64).
 TRAIN_GOAL = 1450.0           # img/s, training at batch 128, model bound
-DALI_GOAL_RATIO = 0.9         # DALI-fed training / model-bound training, batch 128
+LOADER_GOAL_RATIO = 0.9       # training through a real loader (the faster of the PyTorch DataLoader
+                              # and DALI) / model-bound training, batch 128
 INFER_GOAL = 2000.0           # img/s, end to end at batch 64
 
 
@@ -190,7 +197,8 @@ def make_trainer(settings: Settings, compiled: bool = False) -> Trainer:
     model = SSD300(settings.backbone, num_classes=81).to(device)
     # AMP is fp16 + GradScaler on CUDA; the CPU smoke stays in fp32 (bf16 is emulated on AVX2 CPUs).
     amp = device.type == "cuda"
-    runtime = Runtime.resolve(device, amp, channels_last=amp)
+    # Channels-last on the CPU too, so that the smoke runs the GPU run's memory-format path.
+    runtime = Runtime.resolve(device, amp, channels_last=True)
     if runtime.channels_last(training=True):
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, 1e-3)
@@ -501,10 +509,12 @@ def part_infer(settings: Settings, report: Report, root: Path) -> None:
 
 
 def evaluate_goals(report: Report, train_batch: int = 128, infer_batch: int = 64) -> list[dict[str, Any]]:
-    """The issue's three goals against the measured rows -> [{goal, measured, target, status}]."""
+    """The issues' goals against the measured rows -> [{goal, measured, target, status}]."""
     train = report.rate("train", train_batch)
     compiled = report.rate("train_compiled", train_batch)
-    dali = report.rate("dali_train", train_batch)
+    loaders = [r for r in (report.rate("loader_train", train_batch), report.rate("dali_train", train_batch))
+               if r is not None]
+    loader = max(loaders, default=None)
     e2e = {row.config: row.images_per_second for row in report.rows
            if row.key in ("infer_detector", "infer_nvjpeg") and row.batch == infer_batch}
     best_train = max((r for r in (train, compiled) if r is not None), default=None)
@@ -515,9 +525,10 @@ def evaluate_goals(report: Report, train_batch: int = 128, infer_batch: int = 64
     goals = [{"goal": f"training >= {TRAIN_GOAL:,.0f} img/s at batch {train_batch} (model bound, best of "
                       "eager/compiled)", "measured": best_train, "target": TRAIN_GOAL,
               "status": status(best_train, TRAIN_GOAL)}]
-    ratio = dali / train if dali is not None and train else None
-    goals.append({"goal": f"DALI-fed training >= {DALI_GOAL_RATIO} x model bound at batch {train_batch}",
-                  "measured": ratio, "target": DALI_GOAL_RATIO, "status": status(ratio, DALI_GOAL_RATIO)})
+    ratio = loader / train if loader is not None and train else None
+    goals.append({"goal": f"training through the real loader (best of DataLoader, DALI) >= {LOADER_GOAL_RATIO} x "
+                          f"model bound at batch {train_batch}",
+                  "measured": ratio, "target": LOADER_GOAL_RATIO, "status": status(ratio, LOADER_GOAL_RATIO)})
     for name, value in (e2e.items() or [("end to end", None)]):
         goals.append({"goal": f"inference {name} >= {INFER_GOAL:,.0f} img/s at batch {infer_batch}",
                       "measured": value, "target": INFER_GOAL, "status": status(value, INFER_GOAL)})
