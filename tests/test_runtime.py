@@ -112,7 +112,8 @@ def _runtime_lines(text: str) -> list[str]:
 
 def test_train_evaluate_and_detect_report_the_same_runtime(capsys, tiny_dataset: Path, tmp_path):
     from ssd300.checkpoint import model_checkpoint, save_checkpoint
-    from ssd300.data.coco import label_map_from_annotations, read_annotation_file, resolve_split
+    from ssd300.data.annotations import label_map_from_annotations, read_annotation_file
+    from ssd300.data.coco import resolve_split
     from ssd300.model import SSD300
 
     torch.manual_seed(0)

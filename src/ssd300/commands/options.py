@@ -35,6 +35,10 @@ def postprocess_config(args: argparse.Namespace) -> PostprocessConfig:
 FLAG_OF_FIELD: dict[str, str] = {
     "iou_crop": "--no-iou-crop",
     "channels_last": "--data-layout",
+    "num_classes": "--classes",     # ssd300 synth / demo
+    "out_dir": "--out",
+    "num_train": "--train",         # ssd300 synth's image counts
+    "num_val": "--val",
 }
 
 
