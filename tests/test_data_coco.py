@@ -15,7 +15,7 @@ from ssd300.cli import main
 from ssd300.commands.options import cli_message
 from ssd300.data.annotations import read_annotation_file
 from ssd300.data.coco import CocoDetection, resolve_split
-from ssd300.data.images import load_image
+from ssd300.data.images import open_image, to_rgb
 from ssd300.errors import UserInputError
 
 
@@ -190,9 +190,9 @@ def _modes(tmp_path: Path) -> dict[str, Path]:
 
 def test_every_image_mode_becomes_rgb(tmp_path):
     for name, path in _modes(tmp_path).items():
-        image = load_image(path)
+        image = to_rgb(open_image(path))
         assert image.mode == "RGB" and image.size == (40, 30), name
-    gray16 = np.asarray(load_image(tmp_path / "gray16.png"))
+    gray16 = np.asarray(to_rgb(open_image(tmp_path / "gray16.png")))
     gray8 = np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)[:, :, 0]
     assert np.abs(gray16[:, :, 0].astype(int) - gray8).max() <= 1  # rescaled, not clipped at 255
 
