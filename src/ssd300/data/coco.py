@@ -41,7 +41,7 @@ def resolve_split(data_root: PathLike, split: str) -> tuple[Path, Path]:
 
     Understands the COCO 2017 layout (``train2017/``, ``annotations/instances_train2017.json``)
     and the synthetic/custom layout (``train/``, ``annotations/instances_train.json``). Errors name
-    the folder as the field ``data`` (``TrainConfig.data``; the CLI's ``--data``).
+    the folder as the field ``data`` (``TrainConfig.data``).
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
