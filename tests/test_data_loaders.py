@@ -125,16 +125,3 @@ def test_collate_in_a_worker_stacks_images_straight_into_shared_memory(monkeypat
     assert images.is_shared()
     assert torch.equal(images, torch.stack([s.image for s in samples]))
 
-
-def test_missing_dali_names_the_field_and_the_cli_its_flag(monkeypatch):
-    import sys
-
-    from ssd300.commands.options import cli_message
-    from ssd300.data import dali
-    from ssd300.errors import UserInputError
-
-    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # any import of it fails
-    with pytest.raises(UserInputError, match="^dali needs NVIDIA DALI: ") as caught:
-        dali._require_dali()
-    assert caught.value.fields == ("dali",)
-    assert cli_message(caught.value).startswith("--dali needs NVIDIA DALI: ")
