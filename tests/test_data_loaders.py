@@ -124,4 +124,3 @@ def test_collate_in_a_worker_stacks_images_straight_into_shared_memory(monkeypat
     images = collate(samples).images
     assert images.is_shared()
     assert torch.equal(images, torch.stack([s.image for s in samples]))
-
