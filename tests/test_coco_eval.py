@@ -10,6 +10,7 @@ import torch
 
 from ssd300.coco_eval import (detections_to_rows, evaluate_results, load_coco_ground_truth,
                               merge_rank_rows, rows_to_results, write_results_json)
+from ssd300.commands.options import cli_message
 
 CATEGORY_IDS = (0, 3, 7)  # label -> dataset category id (non-contiguous ids on purpose)
 
@@ -199,9 +200,11 @@ def test_backend_choice(monkeypatch):
     assert coco_eval.resolve_eval_backend("pycocotools") == "pycocotools"
     monkeypatch.setattr(coco_eval, "faster_coco_eval_available", lambda: False)
     assert coco_eval.resolve_eval_backend(None) == "pycocotools"
-    with pytest.raises(UserInputError, match="--eval-backend faster-coco-eval: not installed"):
+    with pytest.raises(UserInputError, match="^eval_backend faster-coco-eval: not installed") as caught:
         coco_eval.resolve_eval_backend("faster-coco-eval")
-    with pytest.raises(UserInputError, match="--eval-backend nope: choose one of"):
+    assert cli_message(caught.value).startswith("--eval-backend faster-coco-eval: not installed")
+    with pytest.raises(UserInputError, match="^eval_backend nope: choose one of") as caught:
         coco_eval.resolve_eval_backend("nope")
+    assert cli_message(caught.value).startswith("--eval-backend nope: choose one of auto, ")
     monkeypatch.setattr(coco_eval, "faster_coco_eval_available", lambda: True)
     assert coco_eval.resolve_eval_backend("auto") == "faster-coco-eval"

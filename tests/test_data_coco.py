@@ -11,8 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from ssd300.data.coco import CocoDetection, read_annotation_file, resolve_split
-from ssd300.data.images import load_image
+from ssd300.cli import main
+from ssd300.commands.options import cli_message
+from ssd300.data.annotations import read_annotation_file
+from ssd300.data.coco import CocoDetection, resolve_split
+from ssd300.data.images import open_image, to_rgb
 from ssd300.errors import UserInputError
 
 
@@ -49,8 +52,12 @@ def test_resolve_split_supports_coco2017_and_synthetic_layouts(tmp_path):
 
 
 def test_resolve_split_errors_name_the_problem(tmp_path):
-    with pytest.raises(UserInputError, match="does not exist"):
+    with pytest.raises(UserInputError, match="does not exist") as caught:
         resolve_split(tmp_path / "nope", "train")
+    # The library names the field, the CLI its flag.
+    assert str(caught.value) == f"data {tmp_path / 'nope'}: dataset folder does not exist"
+    assert caught.value.fields == ("data",)
+    assert cli_message(caught.value) == f"--data {tmp_path / 'nope'}: dataset folder does not exist"
     with pytest.raises(UserInputError, match="instances_train2017.json or annotations/instances_train.json"):
         resolve_split(tmp_path, "train")
     (tmp_path / "annotations").mkdir()
@@ -60,6 +67,13 @@ def test_resolve_split_errors_name_the_problem(tmp_path):
     (tmp_path / "train").mkdir()
     with pytest.raises(UserInputError, match="has no images"):
         resolve_split(tmp_path, "train")
+
+
+def test_cli_names_the_missing_dataset_folder_by_its_flag(tmp_path, capsys):
+    missing = tmp_path / "nope"
+    assert main(["train", "--data", str(missing), "--epochs", "1", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"ssd300 train: error: --data {missing}: dataset folder does not exist")
 
 
 GOOD = {"images": [{"id": 1, "file_name": "1.jpg", "width": 10, "height": 10}],
@@ -176,9 +190,9 @@ def _modes(tmp_path: Path) -> dict[str, Path]:
 
 def test_every_image_mode_becomes_rgb(tmp_path):
     for name, path in _modes(tmp_path).items():
-        image = load_image(path)
+        image = to_rgb(open_image(path))
         assert image.mode == "RGB" and image.size == (40, 30), name
-    gray16 = np.asarray(load_image(tmp_path / "gray16.png"))
+    gray16 = np.asarray(to_rgb(open_image(tmp_path / "gray16.png")))
     gray8 = np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)[:, :, 0]
     assert np.abs(gray16[:, :, 0].astype(int) - gray8).max() <= 1  # rescaled, not clipped at 255
 
@@ -365,16 +379,16 @@ def test_dataset_holds_no_per_image_python_objects(tmp_path):
 
 
 def _cache_case(tmp_path, monkeypatch):
-    import ssd300.data.coco as coco
+    import ssd300.data.annotations as annotations
 
-    monkeypatch.setattr(coco, "CACHE_MIN_BYTES", 0)  # cache even a tiny file
+    monkeypatch.setattr(annotations, "CACHE_MIN_BYTES", 0)  # cache even a tiny file
     data = _random_annotations(seed=5)
     (tmp_path / "train").mkdir()
     for image in data["images"]:
         Image.fromarray(_grey(4, 4)).save(tmp_path / "train" / image["file_name"])
     path = tmp_path / "instances.json"
     path.write_text(json.dumps(data))
-    return coco, data, path
+    return annotations, data, path
 
 
 def _same_dataset(a, b):
@@ -384,7 +398,7 @@ def _same_dataset(a, b):
 
 
 def test_index_cache_is_used_for_the_same_content_and_never_when_it_changed(tmp_path, monkeypatch):
-    coco, _, path = _cache_case(tmp_path, monkeypatch)
+    annotations, _, path = _cache_case(tmp_path, monkeypatch)
     cache = tmp_path / "cache"
     uncached = CocoDetection(tmp_path / "train", path, train=True, cache_dir=None)
     first = CocoDetection(tmp_path / "train", path, train=True, cache_dir=cache)
@@ -395,10 +409,10 @@ def test_index_cache_is_used_for_the_same_content_and_never_when_it_changed(tmp_
 
     def no_parse(*args, **kwargs):
         raise AssertionError("parsed although the index was cached")
-    monkeypatch.setattr(coco, "_parse_text", no_parse)
+    monkeypatch.setattr(annotations, "_parse_text", no_parse)
     _same_dataset(CocoDetection(tmp_path / "train", path, train=True, cache_dir=cache), uncached)
     monkeypatch.undo()
-    monkeypatch.setattr(coco, "CACHE_MIN_BYTES", 0)
+    monkeypatch.setattr(annotations, "CACHE_MIN_BYTES", 0)
 
     # same size and mtime, different content (one character of the last file name): a new entry
     stat = path.stat()
@@ -415,7 +429,7 @@ def test_index_cache_is_used_for_the_same_content_and_never_when_it_changed(tmp_
 
 
 def test_broken_or_unwritable_cache_falls_back_to_parsing(tmp_path, monkeypatch):
-    coco, _, path = _cache_case(tmp_path, monkeypatch)
+    _, _, path = _cache_case(tmp_path, monkeypatch)
     expected = CocoDetection(tmp_path / "train", path, train=True, cache_dir=None)
     cache = tmp_path / "cache"
     CocoDetection(tmp_path / "train", path, train=True, cache_dir=cache)
@@ -428,8 +442,17 @@ def test_broken_or_unwritable_cache_falls_back_to_parsing(tmp_path, monkeypatch)
     _same_dataset(CocoDetection(tmp_path / "train", path, train=True, cache_dir=blocker / "cache"), expected)
 
 
+def test_the_default_cache_is_the_package_cache_folder(tmp_path, monkeypatch):
+    _cache_case(tmp_path, monkeypatch)
+    monkeypatch.setenv("SSD300_CACHE_DIR", str(tmp_path / "package-cache"))
+    expected = CocoDetection(tmp_path / "train", tmp_path / "instances.json", train=True, cache_dir=None)
+    _same_dataset(CocoDetection(tmp_path / "train", tmp_path / "instances.json", train=True), expected)
+    (entry,) = (tmp_path / "package-cache").rglob("*.npz")
+    assert entry.parent == tmp_path / "package-cache" / "annotation-index"
+
+
 def test_an_invalid_file_is_never_cached(tmp_path, monkeypatch):
-    coco, data, path = _cache_case(tmp_path, monkeypatch)
+    _, data, path = _cache_case(tmp_path, monkeypatch)
     data["annotations"][3]["bbox"] = [1, 2, -3, 4]
     path.write_text(json.dumps(data))
     cache = tmp_path / "cache"

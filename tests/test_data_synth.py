@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from ssd300.cli import main
+from ssd300.commands.options import cli_message
 from ssd300.data.synth import SHAPES, SynthConfig, generate_synthetic_dataset, render_image
 from ssd300.errors import UserInputError
 
@@ -49,8 +50,13 @@ def test_existing_identical_split_is_kept_and_changed_knobs_rewrite_only_with_ov
     stamp = target.stat().st_mtime_ns
     generate_synthetic_dataset(tmp_path, 3, 1, seed=0)
     assert target.stat().st_mtime_ns == stamp
-    with pytest.raises(UserInputError, match="is not empty"):
+    with pytest.raises(UserInputError, match="is not empty") as caught:
         generate_synthetic_dataset(tmp_path, 3, 1, seed=0, num_classes=3)
+    assert str(caught.value) == (f"out_dir {tmp_path} is not empty (it holds a different dataset); pass overwrite "
+                                 "to write the synthetic dataset into it anyway, or pick an empty folder")
+    assert cli_message(caught.value) == (f"--out {tmp_path} is not empty (it holds a different dataset); pass "
+                                         "--overwrite to write the synthetic dataset into it anyway, or pick an "
+                                         "empty folder")
     assert target.stat().st_mtime_ns == stamp
     generate_synthetic_dataset(tmp_path, 3, 1, seed=0, num_classes=3, overwrite=True)
     assert len(json.loads(target.read_text())["categories"]) == 3
@@ -87,10 +93,19 @@ def test_knobs_are_respected():
 
 
 def test_bad_knobs_are_user_errors(tmp_path):
-    with pytest.raises(UserInputError, match="--classes"):
+    with pytest.raises(UserInputError, match="^num_classes must be between 1 and 7, got 0$") as caught:
         generate_synthetic_dataset(tmp_path, 1, 1, num_classes=0)
-    with pytest.raises(UserInputError, match="objects per image"):
+    assert cli_message(caught.value) == "--classes must be between 1 and 7, got 0"
+    with pytest.raises(UserInputError, match="objects per image") as caught:
         generate_synthetic_dataset(tmp_path, 1, 1, min_objects=3, max_objects=2)
+    assert cli_message(caught.value) == "objects per image: need 1 <= --min-objects (3) <= --max-objects (2)"
+    with pytest.raises(UserInputError, match="^image counts must be >= 0, got num_train -1, num_val 1$") as caught:
+        generate_synthetic_dataset(tmp_path, -1, 1)
+    assert cli_message(caught.value) == "image counts must be >= 0, got --train -1, --val 1"
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(UserInputError, match="^out_dir .*a_file: exists and is not a folder$") as caught:
+        generate_synthetic_dataset(tmp_path / "a_file", 1, 1)
+    assert cli_message(caught.value) == f"--out {tmp_path / 'a_file'}: exists and is not a folder"
     with pytest.raises(TypeError):
         generate_synthetic_dataset(tmp_path, 1, 1, colour="red")
 
@@ -102,4 +117,6 @@ def test_cli_writes_a_dataset_and_reports_bad_flags(tmp_path, capsys):
     assert len(data["images"]) == 2 and len(data["categories"]) == 4
     assert "--data" in capsys.readouterr().out
     assert main(["synth", "--out", str(tmp_path / "bad"), "--classes", "99"]) == 2
-    assert "--classes must be between 1 and 7" in capsys.readouterr().err
+    assert capsys.readouterr().err == "ssd300 synth: error: --classes must be between 1 and 7, got 99\n"
+    assert main(["synth", "--out", str(tmp_path / "cli"), "--train", "3", "--val", "2", "--seed", "5"]) == 2
+    assert capsys.readouterr().err.startswith(f"ssd300 synth: error: --out {tmp_path / 'cli'} is not empty")

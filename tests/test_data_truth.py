@@ -88,7 +88,8 @@ def test_size_mismatch_is_fatal_in_strict_mode(tmp_path):
     images, annotations = _phone_dataset(tmp_path)
     dataset = CocoDetection(images, annotations, train=True, seed=0, strict=True)
     assert dataset[(0, 0)].image_id == 1
-    with pytest.raises(UserInputError, match=r"phone\.jpg: decoded size 60x40 .*EXIF orientation 6.*--strict-images"):
+    fatal = r"phone\.jpg: decoded size 60x40 .*EXIF orientation 6.*\(fatal in strict mode\)$"
+    with pytest.raises(UserInputError, match=fatal):
         dataset[(1, 0)]
 
 

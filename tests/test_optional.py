@@ -13,6 +13,7 @@ import types
 import pytest
 
 from ssd300.cli import main
+from ssd300.commands.options import cli_message
 from ssd300.errors import UserInputError
 from ssd300.model import SSD300
 from ssd300.optional import EXTRA_OF, available, require
@@ -102,8 +103,9 @@ def test_dali_missing(monkeypatch):
 
     _missing(monkeypatch, "nvidia.dali")
     assert not dali.dali_available()
-    with pytest.raises(UserInputError, match=r"^--dali needs NVIDIA DALI: pip install 'ssd300\[dali\]'"):
+    with pytest.raises(UserInputError, match=r"^dali needs NVIDIA DALI: pip install 'ssd300\[dali\]'") as caught:
         dali._require_dali()
+    assert cli_message(caught.value).startswith("--dali needs NVIDIA DALI: ")
 
 
 def test_faster_coco_eval_missing(monkeypatch):
@@ -111,9 +113,10 @@ def test_faster_coco_eval_missing(monkeypatch):
 
     _missing(monkeypatch, "faster_coco_eval")
     assert resolve_eval_backend("auto") == "pycocotools"
-    with pytest.raises(UserInputError, match=r"^--eval-backend faster-coco-eval: not installed "
-                                             r"\(pip install 'ssd300\[eval\]'\)$"):
+    with pytest.raises(UserInputError, match=r"^eval_backend faster-coco-eval: not installed "
+                                             r"\(pip install 'ssd300\[eval\]'\)$") as caught:
         resolve_eval_backend("faster-coco-eval")
+    assert cli_message(caught.value) == "--eval-backend faster-coco-eval: not installed (pip install 'ssd300[eval]')"
 
 
 def test_tensorboard_missing_is_one_line_and_ignored(monkeypatch, tmp_path):

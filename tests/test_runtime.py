@@ -112,7 +112,8 @@ def _runtime_lines(text: str) -> list[str]:
 
 def test_train_evaluate_and_detect_report_the_same_runtime(capsys, tiny_dataset: Path, tmp_path,
                                                            make_tiny_checkpoint):
-    from ssd300.data.coco import label_map_from_annotations, read_annotation_file, resolve_split
+    from ssd300.data.annotations import label_map_from_annotations, read_annotation_file
+    from ssd300.data.coco import resolve_split
 
     checkpoint = tmp_path / "model.pt"
     label_map = label_map_from_annotations(read_annotation_file(resolve_split(tiny_dataset, "val")[1]))

@@ -6,7 +6,7 @@ distributed sampler padded its shard by repeating images.
 
 Backends: faster-coco-eval (a C++ port of pycocotools' algorithm with the same 12 numbers, ~7x
 faster on 5,000 images) when installed (extra ``eval``), pycocotools otherwise; choose one with
-``backend=`` / ``--eval-backend``.
+``backend=`` (the field ``eval_backend`` of the training and evaluation configs).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 
 from ssd300.errors import UserInputError
-from ssd300.files import write_json
+from ssd300.files import PathLike, write_json
 from ssd300.optional import available, install_hint
 from ssd300.postprocess import boxes_to_pixels, clip_boxes
 
@@ -144,7 +143,7 @@ def rows_to_results(rows: np.ndarray) -> list[dict[str, Any]]:
     ]
 
 
-def write_results_json(results: list[dict[str, Any]], path: str | os.PathLike[str]) -> Path:
+def write_results_json(results: list[dict[str, Any]], path: PathLike) -> Path:
     """Atomically write the results list, one result per line (:func:`ssd300.files.write_json`)."""
     return write_json(path, results)
 
@@ -158,13 +157,15 @@ def resolve_eval_backend(backend: Optional[str] = None) -> str:
     if backend in (None, "auto"):
         return "faster-coco-eval" if faster_coco_eval_available() else "pycocotools"
     if backend not in EVAL_BACKENDS:
-        raise UserInputError(f"--eval-backend {backend}: choose one of auto, {', '.join(EVAL_BACKENDS)}")
+        raise UserInputError(f"eval_backend {backend}: choose one of auto, {', '.join(EVAL_BACKENDS)}",
+                             fields=("eval_backend",))
     if backend == "faster-coco-eval" and not faster_coco_eval_available():
-        raise UserInputError(f"--eval-backend faster-coco-eval: not installed ({install_hint('faster_coco_eval')})")
+        raise UserInputError(f"eval_backend faster-coco-eval: not installed ({install_hint('faster_coco_eval')})",
+                             fields=("eval_backend",))
     return backend
 
 
-def load_coco_ground_truth(annotation_file: str | os.PathLike[str], backend: Optional[str] = None) -> Any:
+def load_coco_ground_truth(annotation_file: PathLike, backend: Optional[str] = None) -> Any:
     """The backend's ``COCO`` ground-truth object (see :func:`resolve_eval_backend`), quietly."""
     if resolve_eval_backend(backend) == "faster-coco-eval":
         from faster_coco_eval import COCO as FasterCOCO
@@ -181,7 +182,7 @@ def backend_of(coco_gt: Any) -> str:
     return "faster-coco-eval" if type(coco_gt).__module__.startswith("faster_coco_eval") else "pycocotools"
 
 
-def evaluate_results(coco_gt: Any, results: list[dict[str, Any]] | str | os.PathLike[str],
+def evaluate_results(coco_gt: Any, results: list[dict[str, Any]] | PathLike,
                      image_ids: Sequence[int] | None = None,
                      category_ids: Sequence[int] | None = None) -> CocoMetrics:
     """COCO bbox evaluation with ``coco_gt``'s backend; ``results`` is a list of result dicts or a

@@ -96,12 +96,6 @@ class DefaultBoxes:
     _copies: dict = field(default_factory=dict, repr=False, compare=False)
     _columns: dict = field(default_factory=dict, repr=False, compare=False)
 
-    def xywh_columns(self) -> torch.Tensor:
-        """``xywh`` coordinate-major, (4, A) contiguous (cached)."""
-        if "xywh" not in self._columns:
-            self._columns["xywh"] = self.xywh.t().contiguous()
-        return self._columns["xywh"]
-
     def ltrb_columns(self) -> torch.Tensor:
         """``ltrb`` coordinate-major, (4, A) contiguous (cached)."""
         if "ltrb" not in self._columns:

@@ -36,6 +36,10 @@ FLAG_OF_FIELD: dict[str, str] = {
     "iou_crop": "--no-iou-crop",
     "channels_last": "--data-layout",
     "fmt": "--format",  # ssd300.export.export_model's argument
+    "num_classes": "--classes",     # ssd300 synth / demo
+    "out_dir": "--out",
+    "num_train": "--train",         # ssd300 synth's image counts
+    "num_val": "--val",
 }
 
 

@@ -49,7 +49,8 @@ def _require_dali() -> Any:
     try:
         import nvidia.dali as dali
     except Exception as err:
-        raise UserInputError(f"--dali needs NVIDIA DALI: {install_hint('nvidia.dali')} ({err})") from None
+        raise UserInputError(f"dali needs NVIDIA DALI: {install_hint('nvidia.dali')} ({err})",
+                             fields=("dali",)) from None
     return dali
 
 

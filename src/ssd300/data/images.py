@@ -26,7 +26,7 @@ IMAGE_SUFFIXES: tuple[str, ...] = (
 )
 
 
-def is_image_file(path: "os.PathLike[str] | str") -> bool:
+def is_image_file(path: PathLike) -> bool:
     """Whether ``path``'s suffix is one of :data:`IMAGE_SUFFIXES` (case-insensitive)."""
     return os.path.splitext(os.fspath(path))[1].lower() in IMAGE_SUFFIXES
 
@@ -105,11 +105,6 @@ def to_rgb(image: Image.Image) -> Image.Image:
         if mode == "P" and "transparency" in image.info:
             image = image.convert("RGBA")
         return image.convert("RGB")
-
-
-def load_image(path: PathLike) -> Image.Image:
-    """Read a whole image file as an RGB PIL image (raises one of DECODE_ERRORS on a bad file)."""
-    return to_rgb(open_image(path))
 
 
 def to_uint8_chw(image: Union[Image.Image, np.ndarray, torch.Tensor]) -> torch.Tensor:

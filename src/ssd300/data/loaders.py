@@ -176,7 +176,7 @@ class EpochSampler(Sampler):
 
 class DetectionLoader(DataLoader):
     """A DataLoader with ``set_epoch`` (reshuffle and new augmentation draws each epoch) whose
-    workers' :class:`~ssd300.errors.UserInputError` (``--strict-images``: an undecodable image)
+    workers' :class:`~ssd300.errors.UserInputError` (strict mode: an undecodable image)
     reaches the caller as the worker raised it: one line, not torch's re-raise with the
     worker's traceback folded into the message."""
 

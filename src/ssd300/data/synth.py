@@ -15,15 +15,13 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from ssd300.errors import UserInputError
-from ssd300.files import check_output_path
-
-PathLike = Union[str, Path]
+from ssd300.files import PathLike, check_output_path
 
 # name, typical hue (degrees), aspect (width / height) range
 SHAPES: tuple[tuple[str, float, tuple[float, float]], ...] = (
@@ -57,11 +55,14 @@ class SynthConfig:
 
     def check(self) -> None:
         if not 1 <= self.num_classes <= MAX_CLASSES:
-            raise UserInputError(f"--classes must be between 1 and {MAX_CLASSES}, got {self.num_classes}")
+            raise UserInputError(f"num_classes must be between 1 and {MAX_CLASSES}, got {self.num_classes}",
+                                 fields=("num_classes",))
         if not 1 <= self.min_objects <= self.max_objects:
-            raise UserInputError(f"objects per image: need 1 <= min ({self.min_objects}) <= max ({self.max_objects})")
+            raise UserInputError(f"objects per image: need 1 <= min_objects ({self.min_objects}) <= max_objects "
+                                 f"({self.max_objects})", fields=("min_objects", "max_objects"))
         if not 0.02 <= self.min_size <= self.max_size <= 1.0:
-            raise UserInputError(f"object size: need 0.02 <= min ({self.min_size}) <= max ({self.max_size}) <= 1")
+            raise UserInputError(f"object size: need 0.02 <= min_size ({self.min_size}) <= max_size ({self.max_size}) "
+                                 "<= 1", fields=("min_size", "max_size"))
         if not (16 <= self.min_width <= self.max_width and 16 <= self.min_height <= self.max_height):
             raise UserInputError("image size range is invalid")
 
@@ -230,8 +231,8 @@ def generate_synthetic_dataset(out_dir: PathLike, num_train: int = 2000, num_val
     ``knobs`` override :class:`SynthConfig` fields (e.g. ``num_classes=4, max_objects=6``).
     A split that already exists with the same seed, size and knobs is kept (same seed, same bytes).
     Anything else in a non-empty ``out_dir`` (another dataset, other files) is never replaced
-    without ``overwrite``: a one-line UserInputError names the folder. Returns ``out_dir``; pass it
-    as ``--data``.
+    without ``overwrite``: a one-line UserInputError names the folder. Returns ``out_dir``, the
+    dataset folder to train on (``TrainConfig.data``).
     """
     if config is None:
         unknown = set(knobs) - set(SynthConfig.__dataclass_fields__)
@@ -240,16 +241,21 @@ def generate_synthetic_dataset(out_dir: PathLike, num_train: int = 2000, num_val
         config = SynthConfig(**knobs)
     config.check()
     if num_train < 0 or num_val < 0:
-        raise UserInputError(f"image counts must be >= 0, got train={num_train} val={num_val}")
+        raise UserInputError(f"image counts must be >= 0, got num_train {num_train}, num_val {num_val}",
+                             fields=("num_train", "num_val"))
     out = Path(out_dir).expanduser()
-    check_output_path(out, "--out", folder=True)
+    try:
+        check_output_path(out, "out_dir", folder=True)
+    except UserInputError as err:
+        raise UserInputError(str(err), fields=("out_dir",)) from None
     splits = (("train", num_train), ("val", num_val))
     pending = [(i, split, count) for i, (split, count) in enumerate(splits)
                if not _already_written(out, split, count, seed, config)]
     if pending and not overwrite and out.is_dir() and any(out.iterdir()):
         held = "a different dataset" if (out / "annotations").is_dir() else "other files"
-        raise UserInputError(f"--out {out} is not empty (it holds {held}); pass --overwrite to write the "
-                             "synthetic dataset into it anyway, or pick an empty folder")
+        raise UserInputError(f"out_dir {out} is not empty (it holds {held}); pass overwrite to write the "
+                             "synthetic dataset into it anyway, or pick an empty folder",
+                             fields=("out_dir", "overwrite"))
     out.mkdir(parents=True, exist_ok=True)
     for split_index, split, count in pending:
         _write_split(out, split, split_index, count, seed, config)
