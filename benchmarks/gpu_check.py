@@ -40,16 +40,11 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from ssd300.box_coder import BoxCoder
 from ssd300.data.loaders import Batch
-from ssd300.default_boxes import default_boxes_300
-from ssd300.distributed import DistributedContext
 from ssd300.runtime import Runtime
 from ssd300.trainer import Trainer
 from ssd300.labels import LabelMap
-from ssd300.logging_utils import RunLogger
 from ssd300.model import SSD300
-from ssd300.optim import WarmupMultiStepSchedule, build_optimizer
 
 PARTS = ("train", "infer", "loader", "dali", "compile")
 # The goals (published for NVIDIA's code on 1x A100 80GB, AMP: training 724 img/s at
@@ -193,11 +188,7 @@ def make_trainer(settings: Settings, compiled: bool = False) -> Trainer:
     runtime = Runtime.resolve(device, amp, channels_last=amp)
     if runtime.channels_last(training=True):
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, 1e-3)
-    trainer = Trainer(model=model, optimizer=optimizer, schedule=WarmupMultiStepSchedule(1e-3, 0, []),
-                      box_coder=BoxCoder(default_boxes_300().to(device)), runtime=runtime,
-                      ctx=DistributedContext(device=device), label_map=LabelMap.generic(81),
-                      logger=RunLogger(enabled=False))
+    trainer = Trainer.build(model, runtime=runtime, label_map=LabelMap.generic(81), learning_rate=1e-3, multistep=[])
     if compiled:
         trainer.model = torch.compile(model)
     trainer.model.train()

@@ -61,16 +61,18 @@ def _one_line_error(capsys, argv: list[str], code: int = 2) -> str:
 def test_check_output_path(tmp_path):
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
-    with pytest.raises(UserInputError, match=r"--save .*file.txt: exists and is not a folder"):
-        check_output_path(a_file, "--save", folder=True)
-    with pytest.raises(UserInputError, match=r"--results .*: is a folder; give a file name"):
-        check_output_path(tmp_path, "--results", folder=False)
-    with pytest.raises(UserInputError, match=r"--out .*file.txt/x/y.json: .*file.txt is a file, not a folder"):
-        check_output_path(a_file / "x" / "y.json", "--out", folder=False)
-    with pytest.raises(UserInputError, match=r"--out /proc/ssd300-test/out: cannot write in /proc"):
-        check_output_path(UNWRITABLE, "--out", folder=True)
+    with pytest.raises(UserInputError, match=r"^save .*file.txt: exists and is not a folder") as info:
+        check_output_path(a_file, "save", folder=True)
+    assert info.value.fields == ("save",)
+    with pytest.raises(UserInputError, match=r"^results .*: is a folder; give a file name"):
+        check_output_path(tmp_path, "results", folder=False)
+    with pytest.raises(UserInputError, match=r"^out .*file.txt/x/y.json: .*file.txt is a file, not a folder"):
+        check_output_path(a_file / "x" / "y.json", "out", folder=False)
+    with pytest.raises(UserInputError, match=r"^out /proc/ssd300-test/out: cannot write in /proc") as info:
+        check_output_path(UNWRITABLE, "--out", folder=True)  # a flag spelling is taken as its field
+    assert info.value.fields == ("out",)
     deep = tmp_path / "new" / "deeper" / "results.json"
-    assert check_output_path(deep, "--results", folder=False) == deep
+    assert check_output_path(deep, "results", folder=False) == deep
     assert not (tmp_path / "new").exists()  # checking creates nothing
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]  # the probe file is gone
 
@@ -124,12 +126,12 @@ def test_evaluation_prints_its_summary_before_writing_results(data_dir, checkpoi
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--seed", "-1"], "seed (--seed) must be in [0, 2147483647], got -1"),
-    (["--epochs", "0"], "epochs (--epochs) must be >= 1 to train, got 0"),
-    (["--dali", "--num-workers", "0"], "num_workers (--num-workers) 0 with --dali: the DALI pipeline needs"),
-    (["--eval-every", "-1"], "eval_every (--eval-every) must be >= 0"),
-    (["--keep-last", "-2"], "keep_last (--keep-last) must be >= 0"),
-    (["--resume"], "resume (--resume) needs save (--save)"),
+    (["--seed", "-1"], "--seed must be in [0, 2147483647], got -1"),
+    (["--epochs", "0"], "--epochs must be >= 1 to train, got 0"),
+    (["--dali", "--num-workers", "0"], "--num-workers 0 with --dali: the DALI pipeline needs"),
+    (["--eval-every", "-1"], "--eval-every must be >= 0"),
+    (["--keep-last", "-2"], "--keep-last must be >= 0"),
+    (["--resume"], "--resume needs --save: the run folder"),
 ])
 def test_bad_run_flags_are_one_line_errors(capsys, data_dir, flags, message):
     err = _one_line_error(capsys, ["train", "--data", str(data_dir), *flags])
@@ -216,7 +218,7 @@ def test_version_defaults_in_help_and_plain_top_level_help(capsys):
     assert "(default: 21 31 37 42 48 53 59 64)" in text and "(default: False)" not in text
 
 
-def test_demo_counts_are_named_num_and_the_old_spelling_still_works(capsys):
+def test_demo_counts_are_named_num_and_the_old_spelling_is_gone(capsys):
     from ssd300.commands import demo
 
     parser = argparse.ArgumentParser(formatter_class=cli.HelpFormatter)
@@ -224,9 +226,11 @@ def test_demo_counts_are_named_num_and_the_old_spelling_still_works(capsys):
     help_text = parser.format_help()
     assert "--num-train-images" in help_text and "--train-images" not in help_text.replace("--num-train-images", "")
     assert parser.parse_args([]).num_train_images == demo.DEMO_DEFAULTS["train_images"]
-    args = parser.parse_args(["--train-images", "7", "--val-images", "3"])
+    args = parser.parse_args(["--num-train-images", "7", "--num-val-images", "3"])
     assert (args.num_train_images, args.num_val_images) == (7, 3)
-    assert "--train-images is deprecated; use --num-train-images" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the undocumented deprecated spelling was removed
+        parser.parse_args(["--train-images", "7"])
+    assert "unrecognized arguments: --train-images" in capsys.readouterr().err
 
 
 def test_synth_refuses_a_non_empty_folder_without_overwrite(capsys, tmp_path):

@@ -40,8 +40,9 @@ def test_fresh_run_refuses_a_folder_holding_another_run_unless_overwrite(tmp_pat
     _write(tmp_path / "epoch_0.pt")
     _write(tmp_path / "log.jsonl", "{}\n")
     mine = _write(tmp_path / "notes.txt")  # not a run file: never touched
-    with pytest.raises(UserInputError, match=r"holds another run \(epoch_0.pt, log.jsonl\).*--overwrite"):
+    with pytest.raises(UserInputError, match=r"^save .* holds another run \(epoch_0.pt, log.jsonl\).* overwrite") as info:
         RunFolder(tmp_path).prepare(resuming_from=None, overwrite=False)
+    assert "--" not in str(info.value) and info.value.fields == ("save", "resume", "overwrite")
     assert (tmp_path / "epoch_0.pt").exists() and not (tmp_path / LOCK_NAME).exists()
 
     folder = RunFolder(tmp_path)
@@ -93,7 +94,7 @@ def test_stale_checkpoint_temp_files_are_removed_and_never_loaded(tmp_path):
     others = [_write(tmp_path / name) for name in (".my_notes.tmp", "epoch_3.pt.tmp", ".epoch_x.pt.abc.tmp")]
     folder = RunFolder(tmp_path)
     assert folder.newest_checkpoint() is None  # a temp file is never a checkpoint
-    with pytest.raises(UserInputError, match="--resume: no checkpoint in"):
+    with pytest.raises(UserInputError, match="^resume: no checkpoint in"):
         run(TrainConfig(data=tmp_path, save=tmp_path, resume=True, backbone="resnet18"))
     notes = folder.prepare(resuming_from=None, overwrite=False)
     assert not any(p.exists() for p in ours) and all(p.exists() for p in others)
@@ -188,19 +189,20 @@ def test_run_writes_last_best_keeps_last_refuses_a_second_run_and_resumes(data_d
 
 
 def test_sigterm_during_evaluation_stops_it_and_keeps_the_epoch_checkpoint(data_dir, tmp_path, monkeypatch):
-    from ssd300 import training
+    from ssd300 import evaluation
 
-    real = training.evaluate_model
+    real = evaluation.evaluate_model
 
     def evaluate_after_a_signal(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)  # as if it arrived while the evaluation starts
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(training, "evaluate_model", evaluate_after_a_signal)
+    monkeypatch.setattr(evaluation, "evaluate_model", evaluate_after_a_signal)
     out = tmp_path / "run"
     with pytest.raises(TrainingInterrupted, match="during the evaluation after epoch 0") as stopped:
         run(_config(data_dir, save=out, epochs=2, evaluation=(0,)))
     assert stopped.value.exit_code == 143
+    assert str(stopped.value).endswith("(to continue: resume)") and stopped.value.fields == ("resume",)
     assert _load(out / "epoch_0.pt")["epoch"] == 1 and _load(out / "last.pt")["epoch"] == 1
     assert not (out / "results.json").exists()  # the evaluation did not run to its end
     assert not (out / LOCK_NAME).exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from typing import Sequence
 
 from ssd300.errors import UserInputError
 
@@ -46,7 +47,12 @@ def flag_of(field: str) -> str:
 def cli_message(error: UserInputError) -> str:
     """The error's message as the CLI shows it: each field it names (``error.fields``) written
     as its flag, at its first whole-word occurrence."""
-    message = str(error)
-    for field in error.fields:
+    return with_flags(str(error), error.fields)
+
+
+def with_flags(message: str, fields: Sequence[str]) -> str:
+    """``message`` with each of ``fields`` written as its flag at its first whole-word occurrence
+    (also for messages that are not a UserInputError's, e.g. an interrupted training's)."""
+    for field in fields:
         message = re.sub(rf"(?<![\w-]){re.escape(field)}(?![\w-])", flag_of(field), message, count=1)
     return message
