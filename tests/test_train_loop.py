@@ -39,6 +39,20 @@ def _trainer(dataset: CocoDetection, lr: float, warmup: int = 0) -> Trainer:
                          learning_rate=lr, warmup=warmup, multistep=[1000])
 
 
+def test_trainer_build_wires_the_reference_recipe(data_dir):
+    dataset = CocoDetection(data_dir / "train", data_dir / "annotations" / "instances_train.json", train=True)
+    model = SSD300("resnet18", num_classes=dataset.label_map.num_classes)
+    trainer = Trainer.build(model, runtime=Runtime.resolve("cpu", amp=False), label_map=dataset.label_map,
+                            learning_rate=0.01)
+    decay, no_decay = trainer.optimizer.param_groups
+    assert isinstance(trainer.optimizer, torch.optim.SGD) and decay["momentum"] == 0.9
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (5e-4, 0.0)  # no decay on biases and BatchNorm
+    assert trainer.schedule.milestones == (43, 54) and trainer.schedule.warmup_iterations == 0
+    assert trainer.schedule.base_lr == 0.01 and trainer.box_coder.default_boxes.xywh.shape == (8732, 4)
+    assert trainer.ctx.device == torch.device("cpu") and not trainer.ctx.distributed
+    assert not trainer.logger.enabled and trainer.scaler is None and not trainer.frozen_batchnorm
+
+
 def test_nan_loss_stops_naming_the_iteration_and_keeps_the_checkpoint(data_dir, tmp_path):
     dataset = CocoDetection(data_dir / "train", data_dir / "annotations" / "instances_train.json", train=True)
     trainer = _trainer(dataset, lr=0.01)

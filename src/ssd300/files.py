@@ -243,8 +243,8 @@ def check_output_path(path: PathLike, field: str, *, folder: bool) -> Path:
     else a file (it must not be a folder). Either way its nearest existing ancestor must be a
     folder in which a file can be created; that is tried (a probe file, removed at once) because
     permission bits lie (root, read-only mounts, /proc). Nothing is created otherwise: a folder
-    that does not exist yet is made by the work itself. A flag spelling (``"--out"``) is taken as
-    its field (``out``), so the CLI still writes it as that flag.
+    that does not exist yet is made by the work itself. A caller still passing a flag spelling
+    gets it as a field (dashes stripped, ``_`` for ``-``), which the CLI writes back as that flag.
     """
     field = field.lstrip("-").replace("-", "_")
     fields = (field,)

@@ -1,9 +1,10 @@
-"""Run figures: ``curves.png`` (training loss and validation mAP) and one figure per evaluation
+"""Run figures: the loss and mAP curves (training loss, validation mAP) and one figure per evaluation
 (per-class AP bars and precision-recall curves at IoU 0.5).
 
 Drawn with matplotlib's object API on the Agg canvas (``matplotlib.figure.Figure``), so no
 display is needed and the process-wide pyplot backend is left alone. Files are written
-atomically (:func:`ssd300.files.atomic_write`), like every other run output.
+atomically (:func:`ssd300.files.atomic_write`), like every other run output; their file names
+are :mod:`ssd300.run_folder`'s.
 """
 
 from __future__ import annotations

@@ -390,7 +390,7 @@ class _Run:
 
     def save_epoch(self, trainer: Trainer, epoch: int, metrics: Optional[CocoMetrics]) -> Optional[Path]:
         """The epoch's checkpoint (with its metrics when evaluated) through the run folder, which
-        also points ``last.pt`` (and ``best.pt`` when its AP is the run's best so far) at it;
+        also points the last (and, when its AP is the run's best so far, the best) checkpoint at it;
         then pruning to ``keep_last``. None where nothing is written (no folder, not rank 0)."""
         improved = metrics is not None and (self.best is None or metrics.ap > float(self.best["AP"]))
         if improved and metrics is not None:
