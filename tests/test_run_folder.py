@@ -41,8 +41,8 @@ def test_fresh_run_refuses_a_folder_holding_another_run_unless_overwrite(tmp_pat
     _write(tmp_path / "epoch_0.pt")
     _write(tmp_path / "log.jsonl", "{}\n")
     mine = _write(tmp_path / "notes.txt")  # not a run file: never touched
-    with pytest.raises(UserInputError, match=r"^save .* holds another run \(epoch_0.pt, log.jsonl\).* overwrite") \
-            as info:
+    refused = r"^save .* holds another run \(epoch_0.pt, log.jsonl\).* overwrite"
+    with pytest.raises(UserInputError, match=refused) as info:
         RunFolder(tmp_path).prepare(resuming_from=None, overwrite=False)
     assert "--" not in str(info.value) and info.value.fields == ("save", "resume", "overwrite")
     assert (tmp_path / "epoch_0.pt").exists() and not (tmp_path / LOCK_NAME).exists()
