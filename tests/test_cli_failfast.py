@@ -218,7 +218,7 @@ def test_version_defaults_in_help_and_plain_top_level_help(capsys):
     assert "(default: 21 31 37 42 48 53 59 64)" in text and "(default: False)" not in text
 
 
-def test_demo_counts_are_named_num_and_the_old_spelling_is_gone(capsys):
+def test_demo_counts_are_named_num_and_the_old_spelling_still_works(capsys):
     from ssd300.commands import demo
 
     parser = argparse.ArgumentParser(formatter_class=cli.HelpFormatter)
@@ -226,11 +226,9 @@ def test_demo_counts_are_named_num_and_the_old_spelling_is_gone(capsys):
     help_text = parser.format_help()
     assert "--num-train-images" in help_text and "--train-images" not in help_text.replace("--num-train-images", "")
     assert parser.parse_args([]).num_train_images == demo.DEMO_DEFAULTS["train_images"]
-    args = parser.parse_args(["--num-train-images", "7", "--num-val-images", "3"])
+    args = parser.parse_args(["--train-images", "7", "--val-images", "3"])
     assert (args.num_train_images, args.num_val_images) == (7, 3)
-    with pytest.raises(SystemExit):  # the undocumented deprecated spelling was removed
-        parser.parse_args(["--train-images", "7"])
-    assert "unrecognized arguments: --train-images" in capsys.readouterr().err
+    assert "--train-images is deprecated; use --num-train-images" in capsys.readouterr().err
 
 
 def test_synth_refuses_a_non_empty_folder_without_overwrite(capsys, tmp_path):

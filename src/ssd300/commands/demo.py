@@ -10,6 +10,7 @@ Settings the demo does not choose are :class:`~ssd300.train_config.TrainConfig`'
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="synthetic training images to generate")
     parser.add_argument("--num-val-images", type=int, default=d["val_images"], metavar="N",
                         help="synthetic validation images to generate")
+    # The old spellings, which read like train's --train-images FOLDER: still accepted (README documents
+    # them), not shown.
+    for old, new in (("--train-images", "num_train_images"), ("--val-images", "num_val_images")):
+        parser.add_argument(old, type=int, dest=new, default=argparse.SUPPRESS, help=argparse.SUPPRESS,
+                            action=_Deprecated)
     parser.add_argument("--classes", type=int, default=d["classes"], help="shape classes in the synthetic data")
     parser.add_argument("--epochs", type=int, default=d["epochs"])
     parser.add_argument("--batch-size", "--bs", type=int, default=d["batch_size"])
@@ -51,6 +57,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bn-recalibration", type=int, default=DEMO_DEFAULTS["bn_recalibration"], metavar="BATCHES",
                         help="recompute BatchNorm statistics before each evaluation (short runs need it)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+
+
+class _Deprecated(argparse.Action):
+    """A hidden old flag spelling: stores the value and says which flag replaces it."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        new = "--" + self.dest.replace("_", "-")
+        print(f"ssd300 demo: {option_string} is deprecated; use {new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 def run(args: argparse.Namespace) -> int:
