@@ -63,7 +63,7 @@ def nvidia_ssd(pretrained: bool = True, checkpoint: Optional[str] = None, model_
 
     if checkpoint is None and pretrained:
         raise _no_download("nvidia_ssd")
-    target = resolve_device(device, flag="device")
+    target = resolve_device(device)
     model = ssd300(checkpoint=checkpoint, pretrained=pretrained, backbone=backbone,
                    num_classes=num_classes, **kwargs)
     if model_math == "fp16":
@@ -119,7 +119,7 @@ class Processing:
         from ssd300.runtime import resolve_device
 
         self.label_map = label_map if label_map is not None else LabelMap.coco2017()
-        self.device = resolve_device(device, flag="device")
+        self.device = resolve_device(device)
 
     @staticmethod
     def load_image(image_path: str):
@@ -143,7 +143,7 @@ class Processing:
 
         from ssd300.runtime import resolve_device
 
-        target = self.device if device is None else resolve_device(device, flag="device")
+        target = self.device if device is None else resolve_device(device)
         tensor = torch.from_numpy(np.stack([np.asarray(x, dtype=np.float32) for x in inputs])).permute(0, 3, 1, 2)
         tensor = tensor.contiguous().to(target)
         return tensor.half() if fp16 else tensor

@@ -13,14 +13,9 @@ import argparse
 
 import torch
 
-from ssd300.box_coder import BoxCoder
 from ssd300.data.loaders import Batch
-from ssd300.default_boxes import default_boxes_300
-from ssd300.distributed import DistributedContext
 from ssd300.labels import LabelMap
-from ssd300.logging_utils import RunLogger
 from ssd300.model import SSD300
-from ssd300.optim import WarmupMultiStepSchedule, build_optimizer
 from ssd300.runtime import Runtime
 from ssd300.trainer import Trainer
 
@@ -45,9 +40,7 @@ def make_trainer(backbone: str, bf16: bool, channels_last: bool) -> Trainer:
     model.train()
     # bf16_available=True forces bf16 where it is emulated too (measured once, to show how slow it is).
     runtime = Runtime.resolve("cpu", amp=bf16, channels_last=channels_last, bf16_available=True)
-    return Trainer(model=model, optimizer=build_optimizer(model, 1e-3), schedule=WarmupMultiStepSchedule(1e-3, 0, []),
-                   box_coder=BoxCoder(default_boxes_300()), runtime=runtime, ctx=DistributedContext(),
-                   label_map=LabelMap.generic(4), logger=RunLogger(enabled=False))
+    return Trainer.build(model, runtime=runtime, label_map=LabelMap.generic(4), learning_rate=1e-3, multistep=[])
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ def test_warning_only_for_a_randomly_initialised_resnet50_training_run(tmp_path,
     assert (message is not None) == warns
     if warns:
         assert message.startswith("WARNING: training ResNet-50 from random weights")
-        assert "resnet50-0676ba61.pth" in message and "--backbone-path" in message
+        assert "resnet50-0676ba61.pth" in message and "as backbone_path" in message and "--" not in message
     assert random_backbone_warning(TrainConfig(), "resnet18", has_checkpoint=False) is None
     assert random_backbone_warning(TrainConfig(), "resnet50", has_checkpoint=True) is None
 

@@ -56,16 +56,18 @@ def _one_line_error(capsys, argv: list[str], code: int = 2) -> str:
 def test_check_output_path(tmp_path):
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
-    with pytest.raises(UserInputError, match=r"--save .*file.txt: exists and is not a folder"):
-        check_output_path(a_file, "--save", folder=True)
-    with pytest.raises(UserInputError, match=r"--results .*: is a folder; give a file name"):
-        check_output_path(tmp_path, "--results", folder=False)
-    with pytest.raises(UserInputError, match=r"--out .*file.txt/x/y.json: .*file.txt is a file, not a folder"):
-        check_output_path(a_file / "x" / "y.json", "--out", folder=False)
-    with pytest.raises(UserInputError, match=r"--out /proc/ssd300-test/out: cannot write in /proc"):
-        check_output_path(UNWRITABLE, "--out", folder=True)
+    with pytest.raises(UserInputError, match=r"^save .*file.txt: exists and is not a folder") as info:
+        check_output_path(a_file, "save", folder=True)
+    assert info.value.fields == ("save",)
+    with pytest.raises(UserInputError, match=r"^results .*: is a folder; give a file name"):
+        check_output_path(tmp_path, "results", folder=False)
+    with pytest.raises(UserInputError, match=r"^out .*file.txt/x/y.json: .*file.txt is a file, not a folder"):
+        check_output_path(a_file / "x" / "y.json", "out", folder=False)
+    with pytest.raises(UserInputError, match=r"^out /proc/ssd300-test/out: cannot write in /proc") as info:
+        check_output_path(UNWRITABLE, "--out", folder=True)  # a flag spelling is taken as its field
+    assert info.value.fields == ("out",)
     deep = tmp_path / "new" / "deeper" / "results.json"
-    assert check_output_path(deep, "--results", folder=False) == deep
+    assert check_output_path(deep, "results", folder=False) == deep
     assert not (tmp_path / "new").exists()  # checking creates nothing
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]  # the probe file is gone
 
@@ -119,12 +121,12 @@ def test_evaluation_prints_its_summary_before_writing_results(data_dir, checkpoi
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--seed", "-1"], "seed (--seed) must be in [0, 2147483647], got -1"),
-    (["--epochs", "0"], "epochs (--epochs) must be >= 1 to train, got 0"),
-    (["--dali", "--num-workers", "0"], "num_workers (--num-workers) 0 with --dali: the DALI pipeline needs"),
-    (["--eval-every", "-1"], "eval_every (--eval-every) must be >= 0"),
-    (["--keep-last", "-2"], "keep_last (--keep-last) must be >= 0"),
-    (["--resume"], "resume (--resume) needs save (--save)"),
+    (["--seed", "-1"], "--seed must be in [0, 2147483647], got -1"),
+    (["--epochs", "0"], "--epochs must be >= 1 to train, got 0"),
+    (["--dali", "--num-workers", "0"], "--num-workers 0 with --dali: the DALI pipeline needs"),
+    (["--eval-every", "-1"], "--eval-every must be >= 0"),
+    (["--keep-last", "-2"], "--keep-last must be >= 0"),
+    (["--resume"], "--resume needs --save: the run folder"),
 ])
 def test_bad_run_flags_are_one_line_errors(capsys, data_dir, flags, message):
     err = _one_line_error(capsys, ["train", "--data", str(data_dir), *flags])

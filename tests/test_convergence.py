@@ -21,17 +21,13 @@ import torch
 from conftest import ONE_LARGE_OBJECT
 
 from ssd300.batchnorm import recalibrate_batchnorm
-from ssd300.box_coder import BoxCoder
 from ssd300.coco_eval import load_coco_ground_truth
 from ssd300.data.coco import CocoDetection
 from ssd300.data.loaders import build_eval_loader, build_train_loader
 from ssd300.data.transforms import TrainTransform
-from ssd300.default_boxes import default_boxes_300
 from ssd300.distributed import DistributedContext
 from ssd300.evaluation import evaluate_model
-from ssd300.logging_utils import RunLogger
 from ssd300.model import SSD300
-from ssd300.optim import WarmupMultiStepSchedule, build_optimizer
 from ssd300.runtime import Runtime, native_bf16
 from ssd300.trainer import Trainer
 
@@ -72,10 +68,8 @@ def overfit(root: Path, amp: bool = False, seed: int = 0) -> Run:
     runtime = Runtime.resolve("cpu", amp=amp)
     torch.manual_seed(seed)
     model = SSD300("resnet18", num_classes=dataset.label_map.num_classes).to(memory_format=runtime.memory_format(True))
-    trainer = Trainer(model=model, optimizer=build_optimizer(model, LEARNING_RATE),
-                      schedule=WarmupMultiStepSchedule(LEARNING_RATE, WARMUP, [1000]),
-                      box_coder=BoxCoder(default_boxes_300()), runtime=runtime, ctx=DistributedContext(),
-                      label_map=dataset.label_map, logger=RunLogger(enabled=False))
+    trainer = Trainer.build(model, runtime=runtime, label_map=dataset.label_map, learning_rate=LEARNING_RATE,
+                            warmup=WARMUP, multistep=[1000])
     loader = build_train_loader(dataset, 2, num_workers=0, seed=0)
     ap_before = _ap50(model, root, dataset, runtime)
     for _ in range(STEPS):

@@ -31,13 +31,10 @@ import torch
 from ssd300.box_coder import BoxCoder
 from ssd300.data.loaders import Batch
 from ssd300.default_boxes import default_boxes_300
-from ssd300.distributed import DistributedContext
 from ssd300.runtime import Runtime
 from ssd300.trainer import Trainer
 from ssd300.labels import LabelMap
-from ssd300.logging_utils import RunLogger
 from ssd300.model import SSD300
-from ssd300.optim import WarmupMultiStepSchedule, build_optimizer
 from ssd300.postprocess import PostProcessor
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,18 +83,14 @@ def synthetic_batch(batch_size: int, seed: int = 0, max_boxes: int = 3) -> Batch
                  is_padding=torch.zeros(batch_size, dtype=torch.bool))
 
 
-def make_trainer(device: torch.device, amp: bool, backbone: str = "resnet50", lr: float = 1e-3,
-                 save_dir: Path | None = None) -> Trainer:
+def make_trainer(device: torch.device, amp: bool, backbone: str = "resnet50", lr: float = 1e-3) -> Trainer:
     """A Trainer as ``ssd300 train`` builds it (channels-last on CUDA), weights from seed 0."""
     torch.manual_seed(0)
     model = SSD300(backbone, num_classes=5).to(device)
     runtime = Runtime.resolve(device, amp, channels_last=device.type == "cuda")
     if runtime.channels_last(training=True):
         model = model.to(memory_format=torch.channels_last)
-    return Trainer(model=model, optimizer=build_optimizer(model, lr), schedule=WarmupMultiStepSchedule(lr, 0, []),
-                   box_coder=BoxCoder(default_boxes_300().to(device)), runtime=runtime,
-                   ctx=DistributedContext(device=device), label_map=LabelMap.generic(5),
-                   logger=RunLogger(enabled=False), save_dir=save_dir)
+    return Trainer.build(model, runtime=runtime, label_map=LabelMap.generic(5), learning_rate=lr, multistep=[])
 
 
 # The two places that know where a Trainer keeps its precision settings.
@@ -384,9 +377,9 @@ _RESUME_ON_CPU = textwrap.dedent("""
 
 
 def test_checkpoint_saved_on_gpu_resumes_on_a_machine_without_cuda(tmp_path, no_tf32):
-    trainer = make_trainer(GPU, amp=True, backbone="resnet18", save_dir=tmp_path)
+    trainer = make_trainer(GPU, amp=True, backbone="resnet18")
     amp_step(trainer, synthetic_batch(4))
-    path = trainer.save("gpu.pt")
+    path = trainer.save(tmp_path / "gpu.pt")
     images = torch.randn(2, 3, 300, 300)
     torch.save({"images": images}, tmp_path / "input.pt")
     model = trainer.model.eval()

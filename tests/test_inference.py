@@ -199,7 +199,7 @@ def test_amp_without_native_bf16_runs_fp32_with_a_warning(checkpoint, images, mo
 
 def test_bad_device_is_a_user_error():
     assert resolve_device("cpu") == torch.device("cpu")
-    with pytest.raises(UserInputError, match="--device"):
+    with pytest.raises(UserInputError, match="^device"):
         resolve_device("tpu:7")
     if not torch.cuda.is_available():
         with pytest.raises(UserInputError, match="CUDA"):

@@ -126,5 +126,5 @@ def test_tensorboard_missing_is_one_line_and_ignored(monkeypatch, tmp_path):
     stream = io.StringIO()
     RunLogger(tensorboard_dir=tmp_path / "tb", progress=False, stream=stream)
     assert stream.getvalue() == ("tensorboard is not installed (pip install 'ssd300[tensorboard]'); "
-                                 "--tensorboard ignored\n")
+                                 "no TensorBoard log\n")
     assert not (tmp_path / "tb").exists()

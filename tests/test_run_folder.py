@@ -16,7 +16,8 @@ import torch
 
 from ssd300.data.synth import generate_synthetic_dataset
 from ssd300.errors import UserInputError
-from ssd300.run_folder import LOCK_NAME, RunFolder
+from ssd300.cli import main
+from ssd300.run_folder import BEST, INTERRUPTED, LAST, LOCK_NAME, RunFolder
 from ssd300.trainer import TrainingInterrupted
 from ssd300.training import DEFAULT_EVALUATION, TrainConfig, run
 
@@ -40,8 +41,10 @@ def test_fresh_run_refuses_a_folder_holding_another_run_unless_overwrite(tmp_pat
     _write(tmp_path / "epoch_0.pt")
     _write(tmp_path / "log.jsonl", "{}\n")
     mine = _write(tmp_path / "notes.txt")  # not a run file: never touched
-    with pytest.raises(UserInputError, match=r"holds another run \(epoch_0.pt, log.jsonl\).*--overwrite"):
+    refused = r"^save .* holds another run \(epoch_0.pt, log.jsonl\).* overwrite"
+    with pytest.raises(UserInputError, match=refused) as info:
         RunFolder(tmp_path).prepare(resuming_from=None, overwrite=False)
+    assert "--" not in str(info.value) and info.value.fields == ("save", "resume", "overwrite")
     assert (tmp_path / "epoch_0.pt").exists() and not (tmp_path / LOCK_NAME).exists()
 
     folder = RunFolder(tmp_path)
@@ -93,7 +96,7 @@ def test_stale_checkpoint_temp_files_are_removed_and_never_loaded(tmp_path):
     others = [_write(tmp_path / name) for name in (".my_notes.tmp", "epoch_3.pt.tmp", ".epoch_x.pt.abc.tmp")]
     folder = RunFolder(tmp_path)
     assert folder.newest_checkpoint() is None  # a temp file is never a checkpoint
-    with pytest.raises(UserInputError, match="--resume: no checkpoint in"):
+    with pytest.raises(UserInputError, match="^resume: no checkpoint in"):
         run(TrainConfig(data=tmp_path, save=tmp_path, resume=True, backbone="resnet18"))
     notes = folder.prepare(resuming_from=None, overwrite=False)
     assert not any(p.exists() for p in ours) and all(p.exists() for p in others)
@@ -189,19 +192,69 @@ def test_run_writes_last_best_keeps_last_refuses_a_second_run_and_resumes(data_d
 
 
 def test_sigterm_during_evaluation_stops_it_and_keeps_the_epoch_checkpoint(data_dir, tmp_path, monkeypatch):
-    from ssd300 import training
+    from ssd300 import evaluation
 
-    real = training.evaluate_model
+    real = evaluation.evaluate_model
 
     def evaluate_after_a_signal(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)  # as if it arrived while the evaluation starts
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(training, "evaluate_model", evaluate_after_a_signal)
+    monkeypatch.setattr(evaluation, "evaluate_model", evaluate_after_a_signal)
     out = tmp_path / "run"
     with pytest.raises(TrainingInterrupted, match="during the evaluation after epoch 0") as stopped:
         run(_config(data_dir, save=out, epochs=2, evaluation=(0,)))
     assert stopped.value.exit_code == 143
+    assert str(stopped.value).endswith("(to continue: resume)") and stopped.value.fields == ("resume",)
     assert _load(out / "epoch_0.pt")["epoch"] == 1 and _load(out / "last.pt")["epoch"] == 1
     assert not (out / "results.json").exists()  # the evaluation did not run to its end
     assert not (out / LOCK_NAME).exists()
+
+
+# -- checkpoints: written and published only by the run folder ----------------------------------
+
+
+def test_run_folder_writes_epoch_and_interrupted_checkpoints_and_links_last_and_best(tmp_path):
+    folder = RunFolder(tmp_path)
+    first = folder.save_epoch(0, {"epoch": 1, "w": torch.ones(2)}, best=True)
+    second = folder.save_epoch(1, {"epoch": 2, "w": torch.zeros(2)}, best=False)
+    assert (first.name, second.name) == ("epoch_0.pt", "epoch_1.pt")
+    assert os.path.samefile(folder.checkpoint(LAST), second) and os.path.samefile(folder.checkpoint(BEST), first)
+    stopped = folder.save_interrupted({"epoch": 2, "iteration": 5})
+    assert stopped == tmp_path / INTERRUPTED and os.path.samefile(folder.checkpoint(LAST), stopped)
+    assert _load(folder.checkpoint(LAST))["iteration"] == 5 and _load(folder.checkpoint(BEST))["epoch"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "epoch_0.pt", "epoch_1.pt", "interrupted.pt",
+                                                          "last.pt"]  # no temp file left
+
+
+def test_publish_copies_atomically_where_hard_links_fail(tmp_path, monkeypatch):
+    folder = RunFolder(tmp_path)
+    source = folder.save_epoch(3, {"epoch": 4}, best=False)
+
+    def no_links(*args, **kwargs):
+        raise OSError("hard links not supported")
+
+    monkeypatch.setattr(os, "link", no_links)
+    folder.publish(source, BEST)
+    assert not os.path.samefile(folder.checkpoint(BEST), source) and _load(folder.checkpoint(BEST))["epoch"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "epoch_3.pt", "last.pt"]
+
+
+def test_run_folder_names_every_file_of_the_run(tmp_path):
+    folder = RunFolder(tmp_path)
+    assert (folder.log_file.name, folder.results_file.name, folder.metrics_file.name, folder.curves_file.name,
+            folder.evaluation_plot(7).name) == ("log.jsonl", "results.json", "metrics.json", "curves.png",
+                                                "evaluation_epoch_7.png")
+
+
+def test_a_folder_holding_another_run_names_the_field_in_the_library_and_the_flag_in_the_cli(data_dir, tmp_path,
+                                                                                           capsys):
+    _write(tmp_path / "epoch_0.pt")
+    with pytest.raises(UserInputError) as info:
+        run(_config(data_dir, save=tmp_path))
+    assert str(info.value).startswith(f"save {tmp_path} holds another run") and "--" not in str(info.value)
+    assert main(["train", "--data", str(data_dir), "--save", str(tmp_path), "--backbone", "resnet18",
+                 "--evaluation", "--epochs", "1", "--bs", "2", "--device", "cpu", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"--save {tmp_path} holds another run" in err and "continue it with --resume" in err
+    assert "pass --overwrite to replace it" in err

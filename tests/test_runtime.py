@@ -95,8 +95,9 @@ def test_device_resolution():
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device(None) == resolve_device("auto") == torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
-    with pytest.raises(UserInputError, match="--device 'tpu:7': not a device"):
+    with pytest.raises(UserInputError, match="^device 'tpu:7': not a device") as info:
         resolve_device("tpu:7")
+    assert info.value.fields == ("device",)
     with pytest.raises(UserInputError, match="only cpu and cuda"):
         resolve_device("meta")
     if not torch.cuda.is_available():

@@ -17,14 +17,9 @@ import pytest
 import torch
 from conftest import ONE_LARGE_OBJECT
 
-from ssd300.box_coder import BoxCoder
 from ssd300.data.coco import CocoDetection
 from ssd300.data.loaders import build_train_loader
-from ssd300.default_boxes import default_boxes_300
-from ssd300.distributed import DistributedContext
-from ssd300.logging_utils import RunLogger
 from ssd300.model import SSD300
-from ssd300.optim import WarmupMultiStepSchedule, build_optimizer
 from ssd300.runtime import Runtime
 from ssd300.trainer import NonFiniteLossError, Trainer
 from ssd300.training import TrainConfig, run
@@ -39,22 +34,33 @@ def data_dir(synthetic_dataset) -> Path:
     return synthetic_dataset(num_train=4, num_val=1, seed=0, **ONE_LARGE_OBJECT)
 
 
-def _trainer(dataset: CocoDetection, lr: float, warmup: int = 0, save_dir: Path | None = None) -> Trainer:
+def _trainer(dataset: CocoDetection, lr: float, warmup: int = 0) -> Trainer:
     torch.manual_seed(0)
     model = SSD300("resnet18", num_classes=dataset.label_map.num_classes)
-    optimizer = build_optimizer(model, lr)
-    return Trainer(model=model, optimizer=optimizer, schedule=WarmupMultiStepSchedule(lr, warmup, [1000]),
-                   box_coder=BoxCoder(default_boxes_300()), runtime=Runtime.resolve("cpu", amp=False),
-                   ctx=DistributedContext(), label_map=dataset.label_map, logger=RunLogger(enabled=False),
-                   save_dir=save_dir)
+    return Trainer.build(model, runtime=Runtime.resolve("cpu", amp=False), label_map=dataset.label_map,
+                         learning_rate=lr, warmup=warmup, multistep=[1000])
+
+
+def test_trainer_build_wires_the_reference_recipe(data_dir):
+    dataset = CocoDetection(data_dir / "train", data_dir / "annotations" / "instances_train.json", train=True)
+    model = SSD300("resnet18", num_classes=dataset.label_map.num_classes)
+    trainer = Trainer.build(model, runtime=Runtime.resolve("cpu", amp=False), label_map=dataset.label_map,
+                            learning_rate=0.01)
+    decay, no_decay = trainer.optimizer.param_groups
+    assert isinstance(trainer.optimizer, torch.optim.SGD) and decay["momentum"] == 0.9
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (5e-4, 0.0)  # no decay on biases and BatchNorm
+    assert trainer.schedule.milestones == (43, 54) and trainer.schedule.warmup_iterations == 0
+    assert trainer.schedule.base_lr == 0.01 and trainer.box_coder.default_boxes.xywh.shape == (8732, 4)
+    assert trainer.ctx.device == torch.device("cpu") and not trainer.ctx.distributed
+    assert not trainer.logger.enabled and trainer.scaler is None and not trainer.frozen_batchnorm
 
 
 def test_nan_loss_stops_naming_the_iteration_and_keeps_the_checkpoint(data_dir, tmp_path):
     dataset = CocoDetection(data_dir / "train", data_dir / "annotations" / "instances_train.json", train=True)
-    trainer = _trainer(dataset, lr=0.01, save_dir=tmp_path)
+    trainer = _trainer(dataset, lr=0.01)
     loader = build_train_loader(dataset, 4, num_workers=0, seed=0)
     trainer.train_epoch(loader, total_epochs=2)  # 1 good step
-    good = trainer.save("epoch_0.pt")
+    good = trainer.save(tmp_path / "epoch_0.pt")
     digest = hashlib.sha256(good.read_bytes()).hexdigest()
 
     real_loss = trainer.loss_fn
@@ -136,7 +142,7 @@ def test_sigterm_writes_a_checkpoint_and_mid_epoch_resume_is_exact(data_dir, str
     checkpoint = torch.load(interrupted / "interrupted.pt", weights_only=True)
     assert 0 < checkpoint["iteration"] < 4
     assert checkpoint["iteration"] == 2 * checkpoint["epoch"] + checkpoint["batch_in_epoch"]
-    assert "resume with --resume --save" in output
+    assert "(to continue: --resume with --save " in output  # the CLI writes the fields as its flags
     last = torch.load(interrupted / "last.pt", weights_only=True)  # last.pt is the interruption's state
     assert last["iteration"] == checkpoint["iteration"]
 

@@ -46,16 +46,11 @@ import torch
 
 # The package from this working tree (the GPU machine has no install of it, only PYTHONPATH).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from ssd300.box_coder import BoxCoder  # noqa: E402
 from ssd300.data.loaders import Batch  # noqa: E402
-from ssd300.default_boxes import default_boxes_300  # noqa: E402
-from ssd300.distributed import DistributedContext  # noqa: E402
+from ssd300.labels import LabelMap  # noqa: E402
+from ssd300.model import SSD300  # noqa: E402
 from ssd300.runtime import Runtime  # noqa: E402
 from ssd300.trainer import Trainer  # noqa: E402
-from ssd300.labels import LabelMap  # noqa: E402
-from ssd300.logging_utils import RunLogger  # noqa: E402
-from ssd300.model import SSD300  # noqa: E402
-from ssd300.optim import WarmupMultiStepSchedule, build_optimizer  # noqa: E402
 
 PARTS = ("train", "infer", "loader", "dali", "compile")
 # The issues' goals (published for NVIDIA's code on 1x A100 80GB, AMP: training 724 img/s at
@@ -201,11 +196,7 @@ def make_trainer(settings: Settings, compiled: bool = False) -> Trainer:
     runtime = Runtime.resolve(device, amp, channels_last=True)
     if runtime.channels_last(training=True):
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, 1e-3)
-    trainer = Trainer(model=model, optimizer=optimizer, schedule=WarmupMultiStepSchedule(1e-3, 0, []),
-                      box_coder=BoxCoder(default_boxes_300().to(device)), runtime=runtime,
-                      ctx=DistributedContext(device=device), label_map=LabelMap.generic(81),
-                      logger=RunLogger(enabled=False))
+    trainer = Trainer.build(model, runtime=runtime, label_map=LabelMap.generic(81), learning_rate=1e-3, multistep=[])
     if compiled:
         trainer.model = torch.compile(model)
     trainer.model.train()

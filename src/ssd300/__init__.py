@@ -15,7 +15,7 @@ _EXPORTS: dict[str, str] = {
     "SSD300": "ssd300.model",
     "Detector": "ssd300.inference",
     "ImageDetections": "ssd300.inference",
-    "TrainConfig": "ssd300.training",
+    "TrainConfig": "ssd300.train_config",
     "RunResult": "ssd300.training",
     "train": "ssd300.training",
     "evaluate": "ssd300.training",
@@ -31,7 +31,8 @@ if TYPE_CHECKING:
     from ssd300.inference import Detector, ImageDetections
     from ssd300.model import SSD300
     from ssd300.runtime import Runtime
-    from ssd300.training import RunResult, TrainConfig, evaluate, train
+    from ssd300.train_config import TrainConfig
+    from ssd300.training import RunResult, evaluate, train
 
 
 def __getattr__(name: str) -> Any:

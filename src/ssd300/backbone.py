@@ -45,7 +45,7 @@ BACKBONE_CHANNELS: dict[str, tuple[int, int, int, int, int, int]] = {
 _TRUNK_CHILDREN = 7
 
 
-# torchvision's ImageNet weight files (``ResNet<n>_Weights.IMAGENET1K_V1``) for --backbone-path; the
+# torchvision's ImageNet weight files (``ResNet<n>_Weights.IMAGENET1K_V1``) for ``backbone_path``; the
 # 8 hex digits in each name are the first 8 of the file's sha256 (torch.hub checks them so too).
 TORCHVISION_IMAGENET_FILES: dict[str, str] = {
     "resnet18": "resnet18-f37072fd.pth", "resnet34": "resnet34-b627a593.pth", "resnet50": "resnet50-0676ba61.pth",
@@ -55,7 +55,8 @@ TORCHVISION_IMAGENET_FILES: dict[str, str] = {
 
 def check_backbone_name(name: str) -> str:
     if name not in _RESNETS:
-        raise UserInputError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+        raise UserInputError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}",
+                             fields=("backbone",))
     return name
 
 

@@ -1,4 +1,4 @@
-"""Throughput loops of ``ssd300 train --mode benchmark-*``: training and inference images/s."""
+"""Throughput loops of the ``benchmark-training`` / ``benchmark-inference`` modes: images/s."""
 
 from __future__ import annotations
 

@@ -12,12 +12,8 @@ DataParallel/DDP), and bare SSD300 state dicts.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,7 +24,7 @@ from .default_boxes import DefaultBoxesConfig
 from .errors import UserInputError
 from .labels import LabelMap, category_mismatch
 from .model import SSD300
-from .files import MapLocation, PathLike, read_torch_file, strip_module_prefix
+from .files import MapLocation, PathLike, atomic_write, read_torch_file, strip_module_prefix
 
 
 _TRUNK = "feature_extractor.feature_extractor."
@@ -44,34 +40,10 @@ _ARCH_BY_LAYER3: dict[tuple[bool, int], str] = {
 
 
 def save_checkpoint(path: PathLike, obj: Mapping[str, Any]) -> None:
-    """Write ``obj`` to ``path`` atomically: a temp file in the same folder, fsync, ``os.replace``.
-
-    A crash mid-write leaves any previous file at ``path`` intact and no temp file behind.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(dict(obj), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable on POSIX; not possible (nor needed) everywhere.
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    """Write ``obj`` to ``path`` atomically (:func:`ssd300.files.atomic_write`): a crash mid-write
+    leaves any previous file at ``path`` intact; a full disk is one line naming the file."""
+    with atomic_write(path) as handle:
+        torch.save(dict(obj), handle)
 
 
 def load_checkpoint(path: PathLike, map_location: MapLocation = "cpu") -> dict[str, Any]:

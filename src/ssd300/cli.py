@@ -95,7 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserInputError as err:
         from ssd300.commands.options import cli_message
 
-        print(f"ssd300 {name}: error: {cli_message(err)}", file=sys.stderr)
+        # A command module may spell some fields its own way (FIELD_FLAGS), e.g. demo's image counts.
+        print(f"ssd300 {name}: error: {cli_message(err, getattr(module, 'FIELD_FLAGS', None))}", file=sys.stderr)
         return err.exit_code
     except Interrupted as err:
         print(f"ssd300 {name}: {err}", file=sys.stderr)

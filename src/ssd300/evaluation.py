@@ -1,8 +1,12 @@
-"""COCO evaluation of a model over a loader, on every rank, with gathered results."""
+"""COCO evaluation of a model over a loader, on every rank, with gathered results; and a training
+run's evaluations (:class:`RunEvaluator`: BatchNorm recalibration, metrics, their records and figure)."""
 
 from __future__ import annotations
 
 import signal
+import time
+from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
@@ -10,15 +14,27 @@ import numpy as np
 import torch
 from torch import nn
 
+from ssd300.batchnorm import recalibrate_batchnorm
 from ssd300.checkpoint import unwrap_model
-from ssd300.coco_eval import CocoMetrics, detections_to_rows, evaluate_results, merge_rank_rows, rows_to_results, \
-    write_results_json
-from ssd300.data.coco import skipped_summary
+from ssd300.coco_eval import (
+    CocoMetrics,
+    detections_to_rows,
+    evaluate_results,
+    load_coco_ground_truth,
+    merge_rank_rows,
+    rows_to_results,
+    write_results_json,
+)
+from ssd300.data.coco import CocoDetection, skipped_summary
+from ssd300.data.loaders import build_eval_loader
 from ssd300.default_boxes import default_boxes_300
 from ssd300.distributed import DistributedContext, all_gather_objects, broadcast_object, gather_arrays
 from ssd300.errors import Interrupted
 from ssd300.labels import LabelMap
+from ssd300.logging_utils import RunLogger
+from ssd300.plots import plot_evaluation
 from ssd300.postprocess import COCO_EVAL, PostprocessConfig, PostProcessor
+from ssd300.run_folder import RunFolder
 from ssd300.runtime import Runtime
 
 
@@ -106,3 +122,69 @@ def evaluate_model(model: nn.Module, loader: Iterable[Any], coco_gt: Any, label_
     metrics = broadcast_object(metrics)
     assert metrics is not None
     return metrics
+
+
+@dataclass
+class RunEvaluator:
+    """A run's evaluations of its validation set: optional BatchNorm recalibration, the COCO
+    metrics (:func:`evaluate_model`), the console line, the log record, and the per-class figure
+    in the run folder (``outputs``). ``evaluations`` collects one entry per evaluation."""
+
+    val_set: CocoDetection
+    annotations: Path                 # the validation set's COCO file (ground truth, read on rank 0)
+    label_map: LabelMap
+    runtime: Runtime
+    ctx: DistributedContext
+    logger: RunLogger
+    batch_size: int
+    num_workers: int
+    channels_last: bool
+    eval_backend: str = "auto"
+    bn_recalibration: int = 0
+    results_path: Optional[Path] = None
+    outputs: Optional[RunFolder] = None
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.coco_gt = load_coco_ground_truth(self.annotations, backend=self.eval_backend) if self.ctx.is_main \
+            else None
+
+    def loader(self) -> Any:
+        return build_eval_loader(self.val_set, self.batch_size, num_workers=self.num_workers, rank=self.ctx.rank,
+                                 world_size=self.ctx.world_size)
+
+    def evaluate(self, model: nn.Module, epoch: int, iteration: int, train_loader: Any = None,
+                 should_stop: Optional[Callable[[], bool]] = None) -> CocoMetrics:
+        """Evaluate ``model`` after ``epoch`` (0-based); ``should_stop`` yes ends it at the next batch
+        (:class:`EvaluationInterrupted`)."""
+        start = time.perf_counter()
+        if train_loader is not None and self.bn_recalibration > 0:
+            self.recalibrate(model, train_loader)
+        loader = self.loader()
+        with self.logger.progress_bar(len(loader.sampler), f"evaluation after epoch {epoch}") as bar:
+            metrics = evaluate_model(model, loader, self.coco_gt, self.label_map, ctx=self.ctx, runtime=self.runtime,
+                                     channels_last=self.channels_last, results_path=self.results_path,
+                                     log=self.logger.info, progress=bar.update, should_stop=should_stop)
+        self.record(epoch, iteration, metrics, time.perf_counter() - start)
+        return metrics
+
+    def record(self, epoch: int, iteration: int, metrics: CocoMetrics, seconds: float) -> None:
+        names = self.label_map.names_by_category_id()
+        self.logger.info(f"epoch {epoch}: AP {metrics.ap:.4f}  AP50 {metrics.ap50:.4f}  ({seconds:.1f} s, "
+                         f"{metrics.num_images} images, {metrics.backend})")
+        per_class = metrics.per_class_records(names)
+        self.logger.evaluation(epoch=epoch, iteration=iteration, metrics=metrics.as_dict(), seconds=seconds,
+                               per_class=per_class)
+        self.evaluations.append({"epoch": epoch, "iteration": iteration, **metrics.as_dict(), "per_class": per_class})
+        if self.outputs is not None and self.ctx.is_main:
+            plot = plot_evaluation(metrics, names, self.outputs.evaluation_plot(epoch), title=f"epoch {epoch}")
+            self.logger.info(f"per-class AP and precision-recall curves: {plot}")
+
+    def recalibrate(self, model: nn.Module, train_loader: Any) -> None:
+        inner = unwrap_model(model)
+        used = recalibrate_batchnorm(inner, islice(iter(train_loader), self.bn_recalibration), self.ctx.device,
+                                     self.channels_last)
+        if self.ctx.distributed:  # one set of statistics for every rank: rank 0's
+            for buffer in inner.buffers():
+                torch.distributed.broadcast(buffer, 0)
+        self.logger.info(f"BatchNorm statistics recomputed over {used} training batches")

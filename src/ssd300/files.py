@@ -235,30 +235,35 @@ def write_json(path: PathLike, obj: Any, layout: Literal["rows", "indent"] = "ro
     return path
 
 
-def check_output_path(path: PathLike, flag: str, *, folder: bool) -> Path:
-    """Fail now, in one line naming ``flag``, if ``path`` cannot be written later.
+def check_output_path(path: PathLike, field: str, *, folder: bool) -> Path:
+    """Fail now, in one line naming ``field`` (the argument or config field, listed in the error's
+    ``fields``), if ``path`` cannot be written later.
 
     ``folder``: the path is a folder the work writes into (it may exist; it must not be a file),
     else a file (it must not be a folder). Either way its nearest existing ancestor must be a
     folder in which a file can be created; that is tried (a probe file, removed at once) because
     permission bits lie (root, read-only mounts, /proc). Nothing is created otherwise: a folder
-    that does not exist yet is made by the work itself.
+    that does not exist yet is made by the work itself. A caller still passing a flag spelling
+    gets it as a field (dashes stripped, ``_`` for ``-``), which the CLI writes back as that flag.
     """
+    field = field.lstrip("-").replace("-", "_")
+    fields = (field,)
     path = Path(path).expanduser()
     if path.exists():
         if folder and not path.is_dir():
-            raise UserInputError(f"{flag} {path}: exists and is not a folder")
+            raise UserInputError(f"{field} {path}: exists and is not a folder", fields=fields)
         if not folder and path.is_dir():
-            raise UserInputError(f"{flag} {path}: is a folder; give a file name")
+            raise UserInputError(f"{field} {path}: is a folder; give a file name", fields=fields)
     probe_dir = path if folder and path.is_dir() else path.parent
     while not probe_dir.exists():
         probe_dir = probe_dir.parent
     if not probe_dir.is_dir():
-        raise UserInputError(f"{flag} {path}: {probe_dir} is a file, not a folder")
+        raise UserInputError(f"{field} {path}: {probe_dir} is a file, not a folder", fields=fields)
     try:
         fd, probe = tempfile.mkstemp(prefix=".ssd300-write-check.", dir=probe_dir)
     except OSError as exc:
-        raise UserInputError(f"{flag} {path}: cannot write in {probe_dir} ({exc.strerror or one_line(exc)})") from None
+        raise UserInputError(f"{field} {path}: cannot write in {probe_dir} ({exc.strerror or one_line(exc)})",
+                             fields=fields) from None
     os.close(fd)
     os.unlink(probe)
     return path

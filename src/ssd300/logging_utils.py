@@ -160,7 +160,7 @@ class RunLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                self.info(f"tensorboard is not installed ({install_hint('tensorboard')}); --tensorboard ignored")
+                self.info(f"tensorboard is not installed ({install_hint('tensorboard')}); no TensorBoard log")
             else:
                 self._tb = SummaryWriter(str(tensorboard_dir))
 

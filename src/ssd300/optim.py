@@ -1,7 +1,7 @@
 """The reference's optimisation recipe: SGD with momentum, decay on weights only, warmup + multistep.
 
-* learning rate = ``base_lr * world_size * batch_size / 32`` (``--lr`` is the rate for batch 32 on
-  one device, as in the reference);
+* learning rate = ``base_lr * world_size * batch_size / 32`` (``learning_rate`` is the rate for
+  batch 32 on one device, as in the reference);
 * weight decay on every parameter with more than one dimension; biases and BatchNorm parameters
   (every 1-D parameter) get none;
 * linear warmup over ``warmup`` iterations (``lr * iteration / warmup``, iteration counted from 0
@@ -14,13 +14,19 @@ the rate exactly without replaying scheduler steps.
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 REFERENCE_BATCH_SIZE = 32
+# The recipe's defaults (SPEC §6): the one owner; TrainConfig and Trainer.build take them from here.
+DEFAULT_LEARNING_RATE = 2.6e-3   # for a global batch of REFERENCE_BATCH_SIZE
+DEFAULT_MOMENTUM = 0.9
+DEFAULT_WEIGHT_DECAY = 5e-4
+DEFAULT_WARMUP = 0               # linear warmup iterations (published runs: 300)
+DEFAULT_MULTISTEP = (43, 54)     # epochs (0-based) at which the rate is multiplied by 0.1
 
 
 def scaled_learning_rate(base_lr: float, world_size: int, batch_size: int) -> float:
@@ -42,8 +48,8 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
     ]
 
 
-def build_optimizer(model: nn.Module, lr: float, momentum: float = 0.9,
-                    weight_decay: float = 5e-4) -> torch.optim.SGD:
+def build_optimizer(model: nn.Module, lr: float, momentum: float = DEFAULT_MOMENTUM,
+                    weight_decay: float = DEFAULT_WEIGHT_DECAY) -> torch.optim.SGD:
     return torch.optim.SGD(parameter_groups(model, weight_decay), lr=lr, momentum=momentum)
 
 
@@ -57,7 +63,7 @@ class WarmupMultiStepSchedule:
 
     base_lr: float
     warmup_iterations: int = 0
-    milestones: Sequence[int] = field(default_factory=lambda: (43, 54))
+    milestones: Sequence[int] = DEFAULT_MULTISTEP
     gamma: float = 0.1
     last_epoch: int = 0
     last_iteration: int = 0
@@ -90,7 +96,7 @@ class WarmupMultiStepSchedule:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the position; the recipe (rate, warmup, milestones) comes from the current flags.
+        """Restore the position; the recipe (rate, warmup, milestones) comes from the current config.
 
         A reference checkpoint's MultiStepLR state has other keys; only ``last_epoch`` is used.
         """

@@ -1,32 +1,25 @@
-"""Run figures: ``curves.png`` (training loss and validation mAP) and one figure per evaluation
+"""Run figures: the loss and mAP curves (training loss, validation mAP) and one figure per evaluation
 (per-class AP bars and precision-recall curves at IoU 0.5).
 
 Drawn with matplotlib's object API on the Agg canvas (``matplotlib.figure.Figure``), so no
 display is needed and the process-wide pyplot backend is left alone. Files are written
-atomically (temp file + rename), like every other run output.
+atomically (:func:`ssd300.files.atomic_write`), like every other run output; their file names
+are :mod:`ssd300.run_folder`'s.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ssd300.coco_eval import RECALL_POINTS, CocoMetrics
-
+from ssd300.files import atomic_write
 
 
 def _save(fig: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            fig.savefig(f, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as handle:
+        fig.savefig(handle, format="png", dpi=100)
     return path
 
 

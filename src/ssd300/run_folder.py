@@ -1,9 +1,11 @@
-"""A training run's folder (``--save``): one run per folder, a lock, checkpoints by name.
+"""A training run's folder (``TrainConfig.save``): one run per folder, a lock, every file by name.
 
-Files of a run (README, "Run folder"): ``epoch_<n>.pt`` after epoch ``n`` (0-based, as the
-reference), ``last.pt`` (the newest state: the last epoch or an interruption), ``best.pt`` (the
-evaluated epoch with the highest AP; its ``metrics`` entry says which), ``interrupted.pt``
-(SIGINT/SIGTERM), ``log.jsonl``, ``results.json``, and ``.ssd300.lock`` while a run is live.
+The one owner of the run folder's file names (nothing else spells them) and of writing its
+checkpoints. Files of a run (README, "Run folder"): ``epoch_<n>.pt`` after epoch ``n`` (0-based,
+as the reference), ``last.pt`` (the newest state: the last epoch or an interruption), ``best.pt``
+(the evaluated epoch with the highest AP; its ``metrics`` entry says which), ``interrupted.pt``
+(SIGINT/SIGTERM), ``log.jsonl``, ``results.json``, ``metrics.json`` (the run's summary),
+``curves.png``, ``evaluation_epoch_<n>.png``, and ``.ssd300.lock`` while a run is live.
 
 Policies, all here:
 
@@ -12,7 +14,9 @@ Policies, all here:
   ``log.jsonl``;
 * a lock file created with ``O_EXCL`` (pid and host inside) keeps a second live run out; a lock
   left by a dead process on this host is taken over, with a note;
-* temp files of our checkpoint writer (``.epoch_3.pt.k2j4x.tmp``, left by a SIGKILL mid-write)
+* checkpoints are written by :meth:`RunFolder.save_epoch` / :meth:`RunFolder.save_interrupted`
+  through :func:`ssd300.files.atomic_write`;
+* temp files of that writer (``.epoch_3.pt.k2j4x.tmp``, left by a SIGKILL mid-write)
   are removed when a run starts (the lock guarantees no live run is writing them) and never loaded;
 * ``last.pt`` / ``best.pt`` are hard links to the epoch file they name (no second write; a copy
   where links are not supported), replaced atomically;
@@ -29,17 +33,23 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Any, Mapping, Optional
 
+from ssd300.checkpoint import save_checkpoint
 from ssd300.errors import UserInputError
+from ssd300.files import PathLike, atomic_write, fsync_dir
 
 LOCK_NAME = ".ssd300.lock"
 LAST, BEST, INTERRUPTED = "last.pt", "best.pt", "interrupted.pt"
+LOG_NAME = "log.jsonl"          # the JSON-lines log
+RESULTS_NAME = "results.json"   # COCO results of the last evaluation
+METRICS_NAME = "metrics.json"   # the run's summary
+CURVES_NAME = "curves.png"      # loss and mAP curves
+EPOCH_NAME_PATTERN = "epoch_<n>.pt"  # for messages; epoch_file_name(n) is the name
 _EPOCH_FILE = re.compile(r"epoch_(\d+)\.pt")
-# save_checkpoint's temp names: mkstemp(prefix=".<name>.", suffix=".tmp"); only ours match.
+# atomic_write's temp names: mkstemp(prefix=".<name>.", suffix=".tmp"); only our checkpoints' match.
 _CHECKPOINT_TEMP = re.compile(r"\.(epoch_\d+|last|best|interrupted)\.pt\.[A-Za-z0-9_]+\.tmp")
-CURVES_NAME = "curves.png"
-_LOG_FILES = ("log.jsonl", "results.json", "metrics.json", CURVES_NAME)
+_LOG_FILES = (LOG_NAME, RESULTS_NAME, METRICS_NAME, CURVES_NAME)
 _EVALUATION_PLOT = re.compile(r"evaluation_epoch_\d+\.png")
 
 
@@ -54,11 +64,36 @@ def epoch_file_name(epoch: int) -> str:
 
 
 class RunFolder:
-    """The ``--save`` folder of one run (it need not exist yet)."""
+    """The ``save`` folder of one run (it need not exist yet)."""
 
-    def __init__(self, path: os.PathLike[str] | str) -> None:
+    def __init__(self, path: PathLike) -> None:
         self.path = Path(path)
         self._locked = False
+
+    # -- file names ---------------------------------------------------------------------------
+
+    @property
+    def log_file(self) -> Path:
+        return self.path / LOG_NAME
+
+    @property
+    def results_file(self) -> Path:
+        return self.path / RESULTS_NAME
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / METRICS_NAME
+
+    @property
+    def curves_file(self) -> Path:
+        return self.path / CURVES_NAME
+
+    def evaluation_plot(self, epoch: int) -> Path:
+        return self.path / evaluation_plot_name(epoch)
+
+    def checkpoint(self, name: str) -> Path:
+        """``name`` (``LAST``, ``BEST``, ``INTERRUPTED``, :func:`epoch_file_name`) in this folder."""
+        return self.path / name
 
     # -- what is there ------------------------------------------------------------------------
 
@@ -88,7 +123,7 @@ class RunFolder:
             candidates.append(self.path / INTERRUPTED)
         return max(candidates, key=lambda p: p.stat().st_mtime_ns, default=None)
 
-    def contains(self, path: os.PathLike[str] | str) -> bool:
+    def contains(self, path: PathLike) -> bool:
         """Whether ``path`` is a file directly in this folder."""
         try:
             return Path(path).resolve().parent == self.path.resolve()
@@ -97,38 +132,41 @@ class RunFolder:
 
     # -- starting a run -----------------------------------------------------------------------
 
-    def prepare(self, *, resuming_from: Optional[Path], overwrite: bool, flag: str = "--save") -> list[str]:
+    def prepare(self, *, resuming_from: Optional[Path], overwrite: bool) -> list[str]:
         """Take the folder for a run (main rank, before anything is written); returns notes to log.
 
-        ``resuming_from``: the checkpoint a resumed run continues (None: a fresh run).
+        ``resuming_from``: the checkpoint a resumed run continues (None: a fresh run). Errors
+        name the config fields (``save``, ``resume``, ``overwrite``, ``checkpoint``) in ``fields``.
         """
         notes: list[str] = []
         existing = self.run_files()
         if resuming_from is not None:
             if overwrite:
-                raise UserInputError(f"--overwrite with a resumed run: it would delete the run being resumed; "
-                                     f"drop --overwrite to continue {self.path}, or --checkpoint to start afresh")
+                raise UserInputError(f"overwrite with a resumed run would delete the run being resumed; leave "
+                                     f"it off to continue {self.path}, or give checkpoint alone to start afresh",
+                                     fields=("overwrite", "checkpoint"))
             if existing and not self.contains(resuming_from):
-                raise UserInputError(f"{flag} {self.path} holds another run ({_some(existing)}); resume from its own "
-                                     f"checkpoint (--resume) or save the resumed run in a new folder")
+                raise UserInputError(f"save {self.path} holds another run ({_some(existing)}); resume from its own "
+                                     f"checkpoint or save the resumed run in a new folder", fields=("save", "resume"))
         elif existing and not overwrite:
-            raise UserInputError(f"{flag} {self.path} holds another run ({_some(existing)}): continue it with "
-                                 "--resume, pick a new folder, or pass --overwrite to replace it")
+            raise UserInputError(f"save {self.path} holds another run ({_some(existing)}): continue it with "
+                                 "resume, pick a new folder, or pass overwrite to replace it",
+                                 fields=("save", "resume", "overwrite"))
         self.path.mkdir(parents=True, exist_ok=True)
-        note = self.acquire_lock(flag)
+        note = self.acquire_lock()
         if note:
             notes.append(note)
         if resuming_from is None and existing:
             for path in existing:
                 path.unlink()
-            notes.append(f"--overwrite: removed the previous run's {len(existing)} files from {self.path}")
+            notes.append(f"overwrite: removed the previous run's {len(existing)} files from {self.path}")
         stale = self.remove_stale_temps()
         if stale:
             notes.append(f"removed {len(stale)} unfinished checkpoint temp file(s) of an interrupted write: "
                          f"{', '.join(p.name for p in stale)}")
         return notes
 
-    def acquire_lock(self, flag: str = "--save") -> Optional[str]:
+    def acquire_lock(self) -> Optional[str]:
         """Create the lock file (``O_EXCL``); take over one left by a dead process on this host."""
         lock = self.path / LOCK_NAME
         me = {"pid": os.getpid(), "host": socket.gethostname()}
@@ -144,15 +182,16 @@ class RunFolder:
                     note = f"took over the lock of a run that is no longer running (pid {owner.get('pid')})"
                     continue
                 where = f"pid {owner.get('pid', '?')} on {owner.get('host', '?')}"
-                raise UserInputError(f"{flag} {self.path}: another run is using this folder ({where}); wait for it, "
-                                     f"or delete {lock} if that run is gone") from None
+                raise UserInputError(f"save {self.path}: another run is using this folder ({where}); wait for it, "
+                                     f"or delete {lock} if that run is gone", fields=("save",)) from None
             except OSError as exc:
-                raise UserInputError(f"{flag} {self.path}: cannot create {LOCK_NAME} ({exc.strerror})") from None
+                raise UserInputError(f"save {self.path}: cannot create {LOCK_NAME} ({exc.strerror})",
+                                     fields=("save",)) from None
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
             self._locked = True
             return note
-        raise UserInputError(f"{flag} {self.path}: could not take {lock}")
+        raise UserInputError(f"save {self.path}: could not take {lock}", fields=("save",))
 
     def release_lock(self) -> None:
         if self._locked:
@@ -172,24 +211,44 @@ class RunFolder:
 
     # -- during a run -------------------------------------------------------------------------
 
+    def save_epoch(self, epoch: int, state: Mapping[str, Any], *, best: bool) -> Path:
+        """Write ``epoch_<epoch>.pt``, then point ``last.pt`` (and ``best.pt`` when ``best``) at it."""
+        path = self.checkpoint(epoch_file_name(epoch))
+        save_checkpoint(path, state)
+        self.publish(path, LAST)
+        if best:
+            self.publish(path, BEST)
+        return path
+
+    def save_interrupted(self, state: Mapping[str, Any]) -> Path:
+        """Write ``interrupted.pt`` (a signal stopped the run) and point ``last.pt`` at it."""
+        path = self.checkpoint(INTERRUPTED)
+        save_checkpoint(path, state)
+        self.publish(path, LAST)
+        return path
+
     def publish(self, source: Path, name: str) -> Path:
-        """Make ``name`` (``last.pt``, ``best.pt``) hold ``source``'s content, atomically."""
-        target = self.path / name
+        """Make ``name`` (``last.pt``, ``best.pt``) hold ``source``'s content, atomically: a hard
+        link renamed over it (no second write), or an atomic copy where links are not supported."""
+        target = self.checkpoint(name)
         if source.resolve() == target.resolve():
             return target
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.path)
         os.close(fd)
         os.unlink(tmp)
         try:
-            try:
-                os.link(source, tmp)
-            except OSError:  # file systems without hard links
-                shutil.copyfile(source, tmp)
+            os.link(source, tmp)
+        except OSError:  # file systems without hard links
+            with open(source, "rb") as src, atomic_write(target) as dst:
+                shutil.copyfileobj(src, dst)
+            return target
+        try:
             os.replace(tmp, target)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
+        fsync_dir(self.path)
         return target
 
     def prune_epochs(self, keep_last: int) -> list[Path]:

@@ -437,7 +437,7 @@ def load_exported(path: PathLike, runtime: str = "auto", threads: Optional[int] 
         raise UserInputError(f"{path}: no such exported model file")
     fmt = format_of(path)
     chosen = resolve_runtime(path, fmt, runtime)
-    where = torch.device("cpu") if device in (None, "", "auto") else resolve_device(device, flag="device")
+    where = torch.device("cpu") if device in (None, "", "auto") else resolve_device(device)
     return FILE_RUNNERS[(fmt, chosen)](path, where, threads)
 
 

@@ -38,18 +38,19 @@ DeviceLike = Union[str, torch.device, None]
 _DTYPE_NAMES = {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-def resolve_device(device: DeviceLike, flag: str = "--device") -> torch.device:
-    """``None``/""/"auto" -> CUDA when available, else CPU; anything else must be a usable device."""
+def resolve_device(device: DeviceLike, field: str = "device") -> torch.device:
+    """``None``/""/"auto" -> CUDA when available, else CPU; anything else must be a usable device.
+    Errors name ``field`` (the argument or config field that gave ``device``)."""
     if device is None or device in ("", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as exc:
-        raise UserInputError(f"{flag} {device!r}: not a device ({exc})") from None
+        raise UserInputError(f"{field} {device!r}: not a device ({exc})", fields=(field,)) from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise UserInputError(f"{flag} {device}: CUDA is not available on this machine; use {flag} cpu")
+        raise UserInputError(f"{field} {device}: CUDA is not available on this machine; use cpu", fields=(field,))
     if resolved.type not in ("cpu", "cuda"):
-        raise UserInputError(f"{flag} {device}: only cpu and cuda devices are supported")
+        raise UserInputError(f"{field} {device}: only cpu and cuda devices are supported", fields=(field,))
     return resolved
 
 

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -25,17 +25,26 @@ from ssd300.batchnorm import set_frozen_batchnorm
 from ssd300.box_coder import BoxCoder
 from ssd300.checkpoint import model_checkpoint, save_checkpoint
 from ssd300.data.coco import skipped_summary
+from ssd300.default_boxes import default_boxes_300
 from ssd300.distributed import DistributedContext, capture_rng_state, restore_rng_state
 from ssd300.errors import EXIT_DIVERGED, Interrupted, UserInputError
+from ssd300.files import PathLike
 from ssd300.labels import LabelMap
 from ssd300.logging_utils import RunLogger
 from ssd300.loss import SSDLoss
-from ssd300.optim import WarmupMultiStepSchedule
+from ssd300.optim import (
+    DEFAULT_MOMENTUM,
+    DEFAULT_MULTISTEP,
+    DEFAULT_WARMUP,
+    DEFAULT_WEIGHT_DECAY,
+    WarmupMultiStepSchedule,
+    build_optimizer,
+)
 from ssd300.runtime import Runtime
 
 
 class NonFiniteLossError(UserInputError):
-    """The loss became NaN/inf; the message names the iteration. Lower --lr or raise --warmup.
+    """The loss became NaN/inf; the message names the iteration. Lower ``learning_rate`` or raise ``warmup``.
 
     Its own exit code (3, :data:`ssd300.errors.EXIT_DIVERGED`): not a usage error."""
 
@@ -43,8 +52,14 @@ class NonFiniteLossError(UserInputError):
 
 
 class TrainingInterrupted(Interrupted):
-    """SIGINT/SIGTERM arrived; a checkpoint was written (when a save directory is set).
-    ``exit_code``: 130 for SIGINT, 143 for SIGTERM."""
+    """SIGINT/SIGTERM arrived (the run writes a checkpoint first when it has a run folder).
+    ``exit_code``: 130 for SIGINT, 143 for SIGTERM. ``fields``: the config fields the message
+    names (as :class:`~ssd300.errors.UserInputError`'s), so the CLI can write them as flags."""
+
+    def __init__(self, message: str = "interrupted", signal_number: int = signal.SIGINT, *,
+                 fields: tuple[str, ...] = ()) -> None:
+        super().__init__(message, signal_number)
+        self.fields = tuple(fields)
 
 
 class StopFlag:
@@ -88,6 +103,9 @@ class TrainPosition:
 
 @dataclass
 class Trainer:
+    """Built with :meth:`Trainer.build` (the recipe's defaults); the fields stay open for tests
+    that swap one collaborator (e.g. ``loss_fn``)."""
+
     model: nn.Module                      # possibly DDP-wrapped
     optimizer: torch.optim.Optimizer
     schedule: WarmupMultiStepSchedule
@@ -98,7 +116,6 @@ class Trainer:
     logger: RunLogger
     loss_fn: nn.Module = field(default_factory=SSDLoss)
     frozen_batchnorm: bool = False
-    save_dir: Optional[Path] = None
     run_args: dict[str, Any] = field(default_factory=dict)
     position: TrainPosition = field(default_factory=TrainPosition)
     loss_history: list[tuple[int, float]] = field(default_factory=list)
@@ -107,6 +124,26 @@ class Trainer:
     def __post_init__(self) -> None:
         if self.scaler is None:
             self.scaler = self.runtime.grad_scaler()
+
+    @classmethod
+    def build(cls, model: nn.Module, *, runtime: Runtime, label_map: LabelMap, learning_rate: float,
+              momentum: float = DEFAULT_MOMENTUM, weight_decay: float = DEFAULT_WEIGHT_DECAY,
+              warmup: int = DEFAULT_WARMUP, multistep: Sequence[int] = DEFAULT_MULTISTEP,
+              ctx: Optional[DistributedContext] = None, logger: Optional[RunLogger] = None,
+              frozen_batchnorm: bool = False, run_args: Optional[dict[str, Any]] = None) -> "Trainer":
+        """The one way to wire a Trainer: the reference's SGD (decay on weights only), its warmup +
+        multistep schedule and the 300x300 default boxes on the run's device.
+
+        ``learning_rate`` is the rate actually used (already scaled for the global batch:
+        :func:`ssd300.optim.scaled_learning_rate`). ``ctx`` defaults to one process on
+        ``runtime.device``; ``logger`` to a silent one.
+        """
+        ctx = ctx if ctx is not None else DistributedContext(device=runtime.device)
+        return cls(model=model, optimizer=build_optimizer(model, learning_rate, momentum, weight_decay),
+                   schedule=WarmupMultiStepSchedule(learning_rate, warmup, tuple(multistep)),
+                   box_coder=BoxCoder(default_boxes_300().to(ctx.device)), runtime=runtime, ctx=ctx,
+                   label_map=label_map, logger=logger if logger is not None else RunLogger(enabled=False),
+                   frozen_batchnorm=frozen_batchnorm, run_args=dict(run_args or {}))
 
     @property
     def channels_last(self) -> bool:
@@ -142,7 +179,7 @@ class Trainer:
             raise NonFiniteLossError(
                 f"loss is {loss_value} at iteration {self.position.iteration} (epoch {self.position.epoch}, "
                 f"learning rate {lr:.3g}); stopped without updating the weights or writing a checkpoint; "
-                "try a lower --lr or a longer --warmup")
+                "try a lower learning_rate or a longer warmup", fields=("learning_rate", "warmup"))
         if scaler is not None:
             scaler.step(self.optimizer)
             scaler.update()
@@ -178,14 +215,10 @@ class Trainer:
                              batch_in_epoch=self.position.batch_in_epoch - 1, iterations_in_epoch=iterations,
                              loss=loss, lr=self.optimizer.param_groups[0]["lr"],
                              images_per_second=images_per_second)
-            if stop_now:
+            if stop_now:  # the position stays mid-epoch: the run writes it as its interrupted checkpoint
                 self.logger.end_epoch()
-                path = self.save("interrupted.pt")
-                where = (f"; checkpoint written to {path} (resume with --resume --save {path.parent}, "
-                         f"or --checkpoint {path})") if path else ""
-                message = f"stopped by signal at iteration {self.position.iteration}{where}"
-                self.logger.info(message)
-                raise TrainingInterrupted(message, stop.signal_number if stop and stop.signal_number else 2)
+                raise TrainingInterrupted(f"stopped by signal at iteration {self.position.iteration}",
+                                          stop.signal_number if stop and stop.signal_number else signal.SIGINT)
         self.logger.end_epoch()
         if skipped:  # this rank's; each was also logged when it happened
             self.logger.info(f"epoch {epoch + 1}: {skipped_summary(skipped)}")
@@ -208,14 +241,11 @@ class Trainer:
             rng=capture_rng_state(),
         )
 
-    def save(self, name: str, **extra: Any) -> Optional[Path]:
-        """Atomically write a checkpoint (plus ``extra`` entries, plain data) into the save
-        directory (main rank only)."""
-        if self.save_dir is None or not self.ctx.is_main:
-            return None
-        path = self.save_dir / name
+    def save(self, path: PathLike, **extra: Any) -> Path:
+        """Atomically write this state (plus ``extra`` entries, plain data) to the file ``path``.
+        A training run's checkpoints go through :class:`~ssd300.run_folder.RunFolder` instead."""
         save_checkpoint(path, {**self.state_dict(), **extra})
-        return path
+        return Path(path)
 
     def load_training_state(self, checkpoint: dict[str, Any]) -> bool:
         """Restore optimizer, schedule, scaler, position and RNG from a checkpoint (weights are
@@ -225,7 +255,8 @@ class Trainer:
         try:
             self.optimizer.load_state_dict(checkpoint["optimizer"])
         except (ValueError, KeyError) as err:
-            raise UserInputError(f"--checkpoint: its optimizer state does not fit this model/recipe ({err})") from None
+            raise UserInputError(f"checkpoint: its optimizer state does not fit this model/recipe ({err})",
+                                 fields=("checkpoint",)) from None
         if isinstance(checkpoint.get("scheduler"), dict):
             self.schedule.load_state_dict(checkpoint["scheduler"])
         if self.scaler is not None and checkpoint.get("scaler"):

@@ -2,8 +2,9 @@
 
 Sized to finish on 2 quiet CPU cores in about 9 minutes while visibly learning: a ResNet-18
 SSD300 (no pretrained weights exist offline) on a few hundred synthetic images of large shapes,
-bf16 where the CPU has it natively, else fp32. Everything lands in ``--out``: the dataset,
-checkpoints, ``metrics.json``, ``log.jsonl``, ``curves.png`` and ``predictions/*.jpg``.
+bf16 where the CPU has it natively, else fp32. Everything lands in ``--out``: the dataset, the run
+folder's files (checkpoints, summary, log, curves; :mod:`ssd300.run_folder`) and ``predictions/*.jpg``.
+Settings the demo does not choose are :class:`~ssd300.train_config.TrainConfig`'s defaults.
 """
 
 from __future__ import annotations
@@ -15,14 +16,18 @@ from pathlib import Path
 from typing import Any
 
 from ssd300.backbone import BACKBONES
-from ssd300.run_folder import CURVES_NAME
-from ssd300.training import TrainConfig, train
+from ssd300.run_folder import RunFolder
+from ssd300.train_config import TrainConfig
+from ssd300.training import train
 
 # Measured on a loaded 2-core CPU; see BENCHMARKS.md ("Training and evaluation").
 DEMO_DEFAULTS: dict[str, Any] = dict(
     train_images=200, val_images=50, epochs=10, batch_size=8, lr=0.05, warmup=40,
     classes=3, min_size=0.3, max_size=0.7, max_objects=3, random_color_prob=0.0, bn_recalibration=5,
 )
+
+# The synthetic generator's fields as demo's flags (synth spells them --train/--val).
+FIELD_FLAGS = {"num_train": "--num-train-images", "num_val": "--num-val-images"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="synthetic training images to generate")
     parser.add_argument("--num-val-images", type=int, default=d["val_images"], metavar="N",
                         help="synthetic validation images to generate")
-    # The old spellings, which read like train's --train-images FOLDER: still accepted, not shown.
+    # The old spellings, which read like train's --train-images FOLDER: still accepted (README documents
+    # them), not shown.
     for old, new in (("--train-images", "num_train_images"), ("--val-images", "num_val_images")):
         parser.add_argument(old, type=int, dest=new, default=argparse.SUPPRESS, help=argparse.SUPPRESS,
                             action=_Deprecated)
@@ -84,21 +90,22 @@ def run(args: argparse.Namespace) -> int:
     evaluation = sorted({min(1, epochs - 1), epochs // 2, epochs - 1})
     config = TrainConfig(
         data=data_dir, backbone=args.backbone, epochs=epochs, batch_size=args.batch_size,
-        eval_batch_size=32, learning_rate=args.learning_rate, warmup=args.warmup,
+        learning_rate=args.learning_rate, warmup=args.warmup,
         multistep=(int(epochs * 0.75),), evaluation=tuple(evaluation), save=out, seed=args.seed,
         device=args.device, num_workers=args.num_workers, amp=args.amp, log_interval=10,
-        json_summary=out / "metrics.json", progress=args.progress, results=out / "results.json",
-        bn_recalibration=args.bn_recalibration, iou_crop=args.iou_crop, overwrite=args.overwrite,
+        progress=args.progress, bn_recalibration=args.bn_recalibration, iou_crop=args.iou_crop,
+        overwrite=args.overwrite,
     )
-    result = train(config)  # writes curves.png and evaluation_epoch_<n>.png into the run folder
-    figure = out / CURVES_NAME
+    result = train(config)  # the run folder gets the summary, log, curves and per-evaluation figures
+    folder = RunFolder(out)
     drawn = draw_predictions(result.checkpoint, data_dir, out / "predictions", count=8)
     metrics = result.last_metrics
     elapsed = time.perf_counter() - start
     print(f"\ndemo finished in {elapsed / 60:.1f} min: AP {metrics.get('AP', 0):.3f}, "
           f"AP50 {metrics.get('AP50', 0):.3f} on {args.num_val_images} synthetic validation images")
-    print(f"  checkpoint:  {result.checkpoint}\n  metrics:     {out / 'metrics.json'}\n"
-          f"  curves:      {figure}\n  predictions: {drawn[0].parent if drawn else '-'} ({len(drawn)} images)")
+    print(f"  checkpoint:  {result.checkpoint}\n  metrics:     {folder.metrics_file}\n"
+          f"  curves:      {folder.curves_file}\n"
+          f"  predictions: {drawn[0].parent if drawn else '-'} ({len(drawn)} images)")
     return 0
 
 

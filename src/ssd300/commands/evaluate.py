@@ -1,4 +1,8 @@
-"""``ssd300 evaluate``: COCO evaluation of a checkpoint (same as ``ssd300 train --mode evaluation``)."""
+"""``ssd300 evaluate``: COCO evaluation of a checkpoint (same as ``ssd300 train --mode evaluation``).
+
+Its defaults are :class:`~ssd300.train_config.TrainConfig`'s, the one config of training and
+evaluation; this module only turns flags into one.
+"""
 
 from __future__ import annotations
 
@@ -7,33 +11,44 @@ from pathlib import Path
 
 from ssd300.backbone import BACKBONES
 from ssd300.coco_eval import EVAL_BACKENDS
-from ssd300.training import TrainConfig, run as run_config
+from ssd300.train_config import TrainConfig
+from ssd300.training import run as run_config
+
+DEFAULTS = TrainConfig()  # the one source of every default below
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", type=Path, required=True, help="our or the reference's checkpoint")
-    parser.add_argument("--data", "-d", type=Path, default=None, help="dataset folder (its val split is used)")
-    parser.add_argument("--val-images", type=Path, help="validation image folder (instead of --data)")
-    parser.add_argument("--val-annotations", type=Path, help="validation COCO-format json (instead of --data)")
-    parser.add_argument("--eval-batch-size", "--ebs", type=int, default=32)
-    parser.add_argument("--eval-backend", choices=("auto", *EVAL_BACKENDS), default="auto",
+    parser.add_argument("--data", "-d", type=Path, default=DEFAULTS.data,
+                        help="dataset folder (its val split is used)")
+    parser.add_argument("--val-images", type=Path, default=DEFAULTS.val_images,
+                        help="validation image folder (instead of --data)")
+    parser.add_argument("--val-annotations", type=Path, default=DEFAULTS.val_annotations,
+                        help="validation COCO-format json (instead of --data)")
+    parser.add_argument("--eval-batch-size", "--ebs", type=int, default=DEFAULTS.eval_batch_size)
+    parser.add_argument("--eval-backend", choices=("auto", *EVAL_BACKENDS), default=DEFAULTS.eval_backend,
                         help="COCO evaluation library (auto: faster-coco-eval when installed, else pycocotools)")
-    parser.add_argument("--num-workers", type=int, default=None)
-    parser.add_argument("--device", default=None, help="cuda, cpu (default: cuda when available)")
-    parser.add_argument("--backbone", choices=BACKBONES, default=None,
+    parser.add_argument("--num-workers", type=int, default=DEFAULTS.num_workers)
+    parser.add_argument("--device", default=DEFAULTS.device, help="cuda, cpu (default: cuda when available)")
+    parser.add_argument("--backbone", choices=BACKBONES, default=DEFAULTS.backbone,
                         help="must match the checkpoint (default: read from it)")
-    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--data-layout", choices=("channels_first", "channels_last"), default=None)
-    parser.add_argument("--results", type=Path, default=None, help="write the COCO results json here")
-    parser.add_argument("--json-summary", type=Path, default=None, help="write AP, AP50, ... as JSON here")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=DEFAULTS.amp)
+    parser.add_argument("--data-layout", choices=("channels_first", "channels_last"), default=None,
+                        help="memory layout (default: the runtime policy; see ssd300.runtime)")
+    parser.add_argument("--results", type=Path, default=DEFAULTS.results, help="write the COCO results json here")
+    parser.add_argument("--json-summary", type=Path, default=DEFAULTS.json_summary,
+                        help="write AP, AP50, ... as JSON here")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    layout = None if args.data_layout is None else args.data_layout == "channels_last"
+    return TrainConfig(
+        mode="evaluation", checkpoint=args.checkpoint, data=args.data, val_images=args.val_images,
+        val_annotations=args.val_annotations, eval_batch_size=args.eval_batch_size, eval_backend=args.eval_backend,
+        num_workers=args.num_workers, device=args.device, backbone=args.backbone, amp=args.amp,
+        channels_last=layout, results=args.results, json_summary=args.json_summary)
 
 
 def run(args: argparse.Namespace) -> int:
-    layout = None if args.data_layout is None else args.data_layout == "channels_last"
-    run_config(TrainConfig(
-        mode="evaluation", checkpoint=args.checkpoint, data=args.data, val_images=args.val_images,
-        val_annotations=args.val_annotations, eval_batch_size=args.eval_batch_size, eval_backend=args.eval_backend,
-        num_workers=args.num_workers,
-        device=args.device, backbone=args.backbone, amp=args.amp, channels_last=layout, results=args.results,
-        json_summary=args.json_summary))
+    run_config(config_from_args(args))
     return 0

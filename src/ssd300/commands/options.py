@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from typing import Mapping, Optional, Sequence
 
 from ssd300.errors import UserInputError
 
@@ -43,15 +44,25 @@ FLAG_OF_FIELD: dict[str, str] = {
 }
 
 
-def flag_of(field: str) -> str:
-    """A library argument or config field as its command-line flag: ``batch_size`` -> ``--batch-size``."""
+def flag_of(field: str, overrides: Optional[Mapping[str, str]] = None) -> str:
+    """A library argument or config field as its command-line flag: ``batch_size`` -> ``--batch-size``.
+
+    ``overrides``: one command's own spellings (a command module's ``FIELD_FLAGS``, e.g. demo's
+    ``num_train`` is ``--num-train-images`` where synth's is ``--train``), checked first."""
+    if overrides and field in overrides:
+        return overrides[field]
     return FLAG_OF_FIELD.get(field, "--" + field.replace("_", "-"))
 
 
-def cli_message(error: UserInputError) -> str:
+def cli_message(error: UserInputError, overrides: Optional[Mapping[str, str]] = None) -> str:
     """The error's message as the CLI shows it: each field it names (``error.fields``) written
     as its flag, at its first whole-word occurrence."""
-    message = str(error)
-    for field in error.fields:
-        message = re.sub(rf"(?<![\w-]){re.escape(field)}(?![\w-])", flag_of(field), message, count=1)
+    return with_flags(str(error), error.fields, overrides)
+
+
+def with_flags(message: str, fields: Sequence[str], overrides: Optional[Mapping[str, str]] = None) -> str:
+    """``message`` with each of ``fields`` written as its flag at its first whole-word occurrence
+    (also for messages that are not a UserInputError's, e.g. an interrupted training's)."""
+    for field in fields:
+        message = re.sub(rf"(?<![\w-]){re.escape(field)}(?![\w-])", flag_of(field, overrides), message, count=1)
     return message

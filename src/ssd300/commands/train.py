@@ -4,7 +4,7 @@
 ``--mode evaluation`` evaluates ``--checkpoint``, ``--mode benchmark-training`` and
 ``--mode benchmark-inference`` report images/s. Launch under ``torchrun`` for several processes.
 Every flag problem is reported in one line before any work starts. The work is
-:func:`ssd300.training.run`; this module only turns flags into a :class:`~ssd300.training.TrainConfig`.
+:func:`ssd300.training.run`; this module only turns flags into a :class:`~ssd300.train_config.TrainConfig`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,20 @@ from pathlib import Path
 
 from ssd300.backbone import BACKBONES
 from ssd300.coco_eval import EVAL_BACKENDS
+from ssd300.commands.options import with_flags
 from ssd300.errors import UserInputError
-from ssd300.training import MODES, TrainConfig, run as run_config
+from ssd300.run_folder import (
+    BEST,
+    EPOCH_NAME_PATTERN,
+    INTERRUPTED,
+    LAST,
+    LOG_NAME,
+    METRICS_NAME,
+    RESULTS_NAME,
+)
+from ssd300.trainer import TrainingInterrupted
+from ssd300.train_config import MODES, TrainConfig
+from ssd300.training import run as run_config
 
 DEFAULTS = TrainConfig()  # the one source of every default below
 
@@ -50,14 +62,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="resume from (our checkpoints) or start from (reference/weights-only) this file; "
                           "the model to evaluate/benchmark")
     run.add_argument("--save", type=Path, nargs="?", const=Path("./models"), default=None,
-                     help="the run folder: epoch_<n>.pt, last.pt, best.pt, log.jsonl (bare --save: ./models); "
+                     help=f"the run folder: {EPOCH_NAME_PATTERN}, {LAST}, {BEST}, {LOG_NAME} (bare --save: ./models); "
                           "one run per folder")
     run.add_argument("--resume", action="store_true",
-                     help="continue the run in --save from its newest checkpoint (last.pt); appends to its log")
+                     help=f"continue the run in --save from its newest checkpoint ({LAST}); appends to its log")
     run.add_argument("--overwrite", "--exist-ok", action="store_true",
                      help="let a fresh run replace another run's files in --save (they are deleted first)")
     run.add_argument("--keep-last", type=int, default=DEFAULTS.keep_last, metavar="N",
-                     help="keep only the N newest epoch_<n>.pt (last.pt, best.pt, interrupted.pt stay); 0: all")
+                     help=f"keep only the N newest {EPOCH_NAME_PATTERN} ({LAST}, {BEST}, {INTERRUPTED} stay); 0: all")
     run.add_argument("--evaluation", nargs="*", type=int, default=list(DEFAULTS.evaluation),
                      help="epochs (0-based) after which to evaluate; the final epoch always is, unless "
                           "--evaluation is given with no epochs (and no --eval-every)")
@@ -101,11 +113,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     log = parser.add_argument_group("logging")
     log.add_argument("--log-interval", type=int, default=DEFAULTS.log_interval)
     log.add_argument("--json-summary", type=Path, default=None,
-                     help="write a JSON summary of the run here (default: <save>/metrics.json)")
+                     help=f"write a JSON summary of the run here (default: <save>/{METRICS_NAME})")
     log.add_argument("--log-file", type=Path, default=None,
-                     help="JSON-lines log (default: <save>/log.jsonl when --save is given)")
+                     help=f"JSON-lines log (default: <save>/{LOG_NAME} when --save is given)")
     log.add_argument("--results", type=Path, default=None,
-                     help="COCO results json of the last evaluation (default: <save>/results.json)")
+                     help=f"COCO results json of the last evaluation (default: <save>/{RESULTS_NAME})")
     log.add_argument("--tensorboard", type=Path, default=None, help="TensorBoard log folder (needs tensorboard)")
     log.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="progress bar (default: when stderr is a terminal)")
@@ -136,5 +148,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    run_config(config_from_args(args))
+    try:
+        run_config(config_from_args(args))
+    except TrainingInterrupted as err:  # its message names config fields: write them as our flags
+        raise TrainingInterrupted(with_flags(str(err), err.fields), err.signal_number) from None
     return 0
