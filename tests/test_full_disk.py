@@ -429,3 +429,29 @@ def test_a_training_run_folder_follows_the_umask(data_dir, tmp_path):
     assert {"epoch_0.pt", "last.pt", "best.pt", "log.jsonl", "metrics.json", "results.json", "curves.png",
             "evaluation_epoch_0.png"} <= set(modes)
     assert set(modes.values()) == {0o640}, modes
+
+
+def test_a_disk_error_no_writer_named_is_still_one_line(monkeypatch, capsys):
+    import ssd300.commands.synth as synth
+
+    def run(args: Any) -> int:
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/data/out/000007.jpg")
+        except OSError as exc:
+            raise ValueError("encoder error -2 when writing image file") from exc
+
+    monkeypatch.setattr(synth, "run", run)
+    err = _one_line_error(capsys, ["synth", "--out", "/data/out"])
+    assert err == "ssd300 synth: error: /data/out/000007.jpg: could not be written (No space left on device)"
+
+
+@pytest.mark.parametrize("name", ["train/000002.jpg", "annotations/instances_train.json"])
+def test_synth_on_a_full_disk(monkeypatch, capsys, tmp_path, name):
+    out = tmp_path / "synth"
+    target = out / name
+    FullDisk(monkeypatch, str(target.parent / f".{target.name}.*"), after=100)
+    err = _one_line_error(capsys, ["synth", "--out", str(out), "--train", "3", "--val", "1"])
+    assert err == f"ssd300 synth: error: {target}: could not be written (No space left on device); " \
+                  "nothing was left at that path"
+    assert not target.exists() and _leftovers(out) == []
+    assert not (out / "annotations" / "instances_train.json").exists()  # the split is not complete
