@@ -214,7 +214,8 @@ class RunLogger:
 
         A write the disk refuses (full, quota, I/O error) does not stop the run: the file is cut
         back to its last whole line, the one-line warning naming it is shown once, and the records
-        from then on stay in memory only (``history``: metrics.json and the figures still get them).
+        from then on stay in memory only (``history``); the evaluations still reach metrics.json and the
+        losses curves.png, from their own owners.
         The log is a convenience; the checkpoints are the run's state, and their own write fails
         the run in one line if the disk stays full.
         """
