@@ -104,6 +104,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ssd300 {name}: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
+    except Exception as exc:  # a full disk under a writer that does not name its file: still one line
+        from ssd300.files import find_disk_error
+
+        found = find_disk_error(exc)
+        if found is None:
+            raise
+        where = f"{found.filename}: " if found.filename else ""
+        print(f"ssd300 {name}: error: {where}could not be written ({found.strerror or found})", file=sys.stderr)
+        return EXIT_USAGE
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -48,7 +48,7 @@ from torch import nn
 from ssd300.data.transforms import INPUT_SIZE, MEAN, STD
 from ssd300.default_boxes import DefaultBoxes
 from ssd300.errors import UserInputError
-from ssd300.files import PathLike, atomic_path
+from ssd300.files import PathLike, atomic_path, find_disk_error, write_bytes
 from ssd300.labels import LabelMap
 from ssd300.optional import available, require
 from ssd300.postprocess import ExportablePostprocess, PostprocessConfig
@@ -200,10 +200,10 @@ def export_onnx(module: nn.Module, path: PathLike, raw: bool = False, opset: int
             if use_dynamo:
                 try:
                     _export_onnx_dynamo(module, scratch, names, opset)
-                except OSError:
-                    raise  # the file cannot be written: no exporter will do better
                 except Exception as exc:  # noqa: BLE001 - any dynamo failure: the legacy exporter still works
-                    if requested == "dynamo" or not LEGACY_OPSETS[0] <= opset <= LEGACY_OPSETS[1]:
+                    # ... unless the disk refused the file (maybe wrapped): no exporter will do better.
+                    if (find_disk_error(exc) is not None or requested == "dynamo"
+                            or not LEGACY_OPSETS[0] <= opset <= LEGACY_OPSETS[1]):
                         raise
                     log.warning("dynamo ONNX export failed (%s); using the TorchScript-based exporter",
                                 " ".join(str(exc).split())[:200])
@@ -236,15 +236,18 @@ def write_onnx_metadata(path: PathLike, metadata: dict[str, str], out: PathLike 
 
 
 def export_torchscript(module: nn.Module, path: PathLike, metadata: dict[str, str] | None = None) -> Path:
-    """Trace ``module`` and save it; ``torch.jit.load(path)`` runs it without this package."""
+    """Trace ``module`` and save it; ``torch.jit.load(path)`` runs it without this package.
+
+    Serialised in memory, then written atomically (:func:`ssd300.files.write_bytes`): torch's C++
+    file writer aborts the whole process (exit 134) when the disk is full; a buffer cannot fail."""
     path = Path(path)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(module, (_example_input(),), check_trace=False)
     extra = {f"{key}.txt": value for key, value in (metadata or {}).items()}
-    with atomic_path(path) as scratch:
-        torch.jit.save(traced, str(scratch), _extra_files=extra)
-    return path
+    buffer = io.BytesIO()
+    torch.jit.save(traced, buffer, _extra_files=extra)
+    return write_bytes(path, buffer.getbuffer())
 
 
 def export_pt2(module: nn.Module, path: PathLike, metadata: dict[str, str] | None = None) -> Path:
@@ -253,6 +256,7 @@ def export_pt2(module: nn.Module, path: PathLike, metadata: dict[str, str] | Non
     TorchScript's successor: ``torch.export.load(path).module()(images)`` runs it (torchvision must be
     imported for ``nms``). The data-dependent sizes of the post-processing (score filter, NMS) are
     unbacked sizes, as in the dynamo ONNX export. Metadata lands in the archive's extra files.
+    Serialised in memory, then written atomically, as :func:`export_torchscript`.
     """
     path = Path(path)
     batch = torch.export.Dim("batch", min=1, max=4096)
@@ -260,9 +264,9 @@ def export_pt2(module: nn.Module, path: PathLike, metadata: dict[str, str] | Non
         warnings.simplefilter("ignore")
         program = torch.export.export(module, (_example_input(),), dynamic_shapes={"images": {0: batch}})
     extra = {f"{key}.txt": value for key, value in (metadata or {}).items()}
-    with atomic_path(path) as scratch:
-        torch.export.save(program, str(scratch), extra_files=extra)
-    return path
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer, extra_files=extra)
+    return write_bytes(path, buffer.getbuffer())
 
 
 def input_description() -> str:

@@ -11,6 +11,12 @@ One owner per file policy:
   write (full disk, quota, I/O error) leaves the previous file untouched, removes the temp file
   and raises one line naming the file. The file gets the permissions the umask gives (0644 by
   default), like any file the user's tools create, not the 0600 of a temp file.
+  Writers that wrap the OSError in their own exception type (exporters, PIL, torch's C++ zip
+  writer, whose "unexpected pos" RuntimeError drops it) are recognised too: the OSError is found
+  through ``__cause__``/``__context__`` (:func:`find_disk_error`) or remembered from the failed
+  ``write``. The error is a :class:`DiskError` (a UserInputError: exit 2).
+- :func:`write_bytes` writes what was serialised in memory (TorchScript, ExportedProgram: their
+  C++ file writers abort the process on a full disk, a buffer cannot fail).
 - :func:`write_json` is the one JSON writer (results, detections, run summaries).
 - :func:`cache_dir` is the one cache folder (annotation index, ONNX of the onnxruntime runner).
 - :func:`check_output_path` is the one check of an output path before the work starts.
@@ -22,6 +28,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import io
 import json
 import math
 import os
@@ -30,7 +37,7 @@ import re
 import tempfile
 import warnings
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Iterator, Literal, Optional, Union
+from typing import IO, TYPE_CHECKING, Any, Iterator, Literal, Optional, Union, cast
 
 from .errors import UserInputError, one_line
 
@@ -136,10 +143,80 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
-def disk_error(path: PathLike, exc: OSError) -> UserInputError:
+class DiskError(UserInputError):
+    """A write the disk refused (full, quota, read-only, I/O error): one line naming the file, exit 2.
+    ``path`` is that file, ``error`` the OSError behind it."""
+
+    def __init__(self, message: str, path: Path, error: OSError) -> None:
+        super().__init__(message)
+        self.path, self.error = path, error
+
+    def __reduce__(self) -> Any:  # picklable across processes (DataLoader workers), like UserInputError
+        return DiskError, (str(self), self.path, self.error)
+
+
+def disk_error(path: PathLike, exc: OSError) -> DiskError:
     """The one-line error for a write that the disk refused (full, quota, read-only, I/O)."""
     reason = exc.strerror or one_line(exc)
-    return UserInputError(f"{path}: could not be written ({reason}); nothing was left at that path")
+    return DiskError(f"{path}: could not be written ({reason}); nothing was left at that path", Path(path), exc)
+
+
+def find_disk_error(exc: Optional[BaseException]) -> Optional[OSError]:
+    """The disk's refusal (an OSError with an errno of :data:`DISK_ERRORS`) behind ``exc``: ``exc``
+    itself or one of its causes/contexts, as exporters, PIL or matplotlib wrap it in their own
+    exception types. None when the failure is something else."""
+    pending, seen = [exc], set()
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in DISK_ERRORS:
+            return current
+        if isinstance(current, DiskError):
+            return current.error
+        pending += [current.__context__, current.__cause__]
+    return None
+
+
+@contextlib.contextmanager
+def disk_errors_name(path: PathLike) -> Iterator[None]:
+    """Turn a disk's refusal anywhere in the block (:func:`find_disk_error`) into the one-line
+    :func:`disk_error` naming ``path``; any other exception propagates unchanged."""
+    try:
+        yield
+    except UserInputError:
+        raise
+    except Exception as exc:
+        found = find_disk_error(exc)
+        if found is None:
+            raise
+        raise disk_error(path, found) from None
+
+
+class _RecordingFile:
+    """The temp file of :func:`atomic_write`, remembering the OSError of a failed write: torch's
+    C++ zip writer (``torch.save`` to a file object) replaces it by a RuntimeError of its own
+    ("unexpected pos ..."), without a ``__cause__`` saying the disk is full."""
+
+    def __init__(self, handle: IO[Any]) -> None:
+        self._handle = handle
+        self.error: Optional[OSError] = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._handle.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def fileno(self) -> int:
+        # No file descriptor: PIL would encode straight to it in C, and a full disk would then be
+        # "encoder error -9", with no errno to recognise; through write() it is ENOSPC, recorded.
+        raise io.UnsupportedOperation("fileno")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._handle, name)
 
 
 @contextlib.contextmanager
@@ -147,30 +224,46 @@ def atomic_write(path: PathLike, mode: Literal["wb", "w"] = "wb") -> Iterator[IO
     """Open a temp file beside ``path`` for writing; on success it replaces ``path`` atomically.
 
     Readers never see half a file, a crash or a full disk leaves any previous file intact and no
-    temp file behind. Disk errors (:data:`DISK_ERRORS`) become a one-line :class:`UserInputError`
-    naming ``path``; other exceptions propagate unchanged after the cleanup.
+    temp file behind. Disk errors (:data:`DISK_ERRORS`, also when the writer wrapped them in its
+    own exception type) become a one-line :class:`UserInputError` naming ``path``; other
+    exceptions propagate unchanged after the cleanup.
     """
     path = Path(path)
     tmp: Optional[str] = None
+    recorder: Optional[_RecordingFile] = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.fchmod(fd, _umask_mode())
         with os.fdopen(fd, mode) as handle:
-            yield handle
+            recorder = _RecordingFile(handle)
+            yield cast(IO[Any], recorder)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
         tmp = None
-    except OSError as exc:
-        if exc.errno in DISK_ERRORS:
-            raise disk_error(path, exc) from None
+    except UserInputError:
+        raise
+    except Exception as exc:
+        found = find_disk_error(exc) or (recorder.error if recorder is not None else None)
+        if found is not None and found.errno in DISK_ERRORS:
+            raise disk_error(path, found) from None
         raise
     finally:
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
     fsync_dir(path.parent)
+
+
+def write_bytes(path: PathLike, data: Union[bytes, bytearray, memoryview]) -> Path:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_write`): for writers that serialise to
+    memory first (``torch.jit.save``/``torch.export.save`` to a buffer, whose C++ file writer
+    aborts the process on a full disk instead of raising)."""
+    path = Path(path)
+    with atomic_write(path) as handle:
+        handle.write(data)
+    return path
 
 
 @contextlib.contextmanager
@@ -190,9 +283,12 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
         tmp = None
-    except OSError as exc:
-        if exc.errno in DISK_ERRORS:
-            raise disk_error(path, exc) from None
+    except UserInputError:
+        raise
+    except Exception as exc:
+        found = find_disk_error(exc)
+        if found is not None:
+            raise disk_error(path, found) from None
         raise
     finally:
         if tmp is not None:

@@ -14,10 +14,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, TextIO
+from typing import Any, BinaryIO, Optional, TextIO
 
 from ssd300.files import json_ready
 from ssd300.optional import install_hint
@@ -145,7 +146,8 @@ class RunLogger:
         self.log_interval = max(1, int(log_interval))
         self.stream = stream or sys.stderr
         self.progress = (self.stream.isatty() if progress is None else progress) and enabled
-        self._jsonl: TextIO | None = None
+        self._jsonl: BinaryIO | None = None
+        self._jsonl_path: Path | None = None
         self._tb: Any = None
         self._bar: Any = None
         self._redirect: Any = None
@@ -155,7 +157,8 @@ class RunLogger:
         if jsonl_path is not None:
             path = Path(jsonl_path)
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._jsonl = open(path, "a", buffering=1)
+            self._jsonl = open(path, "ab", buffering=0)  # each record is one os.write: see _append
+            self._jsonl_path = path
         if tensorboard_dir is not None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -204,7 +207,35 @@ class RunLogger:
         entry = {"kind": kind, "time": round(time.time(), 3), **json_ready(fields)}
         self.history.append(entry)
         if self._jsonl is not None:
-            self._jsonl.write(json.dumps(entry) + "\n")
+            self._append(json.dumps(entry) + "\n")
+
+    def _append(self, line: str) -> None:
+        """Append one whole line to the JSON-lines file, or nothing.
+
+        A write the disk refuses (full, quota, I/O error) does not stop the run: the file is cut
+        back to its last whole line, the one-line warning naming it is shown once, and the records
+        from then on stay in memory only (``history``); the evaluations still reach metrics.json and the
+        losses curves.png, from their own owners.
+        The log is a convenience; the checkpoints are the run's state, and their own write fails
+        the run in one line if the disk stays full.
+        """
+        assert self._jsonl is not None
+        fd = self._jsonl.fileno()
+        data = memoryview(line.encode())
+        start: Optional[int] = None
+        try:
+            start = os.lseek(fd, 0, os.SEEK_END)
+            while data:
+                data = data[os.write(fd, data):]
+        except OSError as exc:
+            if start is not None:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, start)
+            with contextlib.suppress(OSError):
+                self._jsonl.close()
+            self._jsonl = None
+            self.info(f"warning: {self._jsonl_path}: could not be written ({exc.strerror or exc}); "
+                      "the run goes on, its records are no longer appended to this file")
 
     def step(self, *, epoch: int, iteration: int, batch_in_epoch: int, iterations_in_epoch: int,
              loss: float, lr: float, images_per_second: float) -> None:
@@ -242,7 +273,8 @@ class RunLogger:
     def close(self) -> None:
         self.end_epoch()
         if self._jsonl is not None:
-            self._jsonl.close()
+            with contextlib.suppress(OSError):
+                self._jsonl.close()
             self._jsonl = None
         if self._tb is not None:
             self._tb.close()

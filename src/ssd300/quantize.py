@@ -42,7 +42,7 @@ from torch import nn
 
 from ssd300.data.images import is_image_file
 from ssd300.errors import UserInputError
-from ssd300.files import PathLike
+from ssd300.files import DiskError, PathLike, find_disk_error
 from ssd300.labels import LabelMap
 from ssd300.postprocess import Detections, ExportablePostprocess, PostprocessConfig
 
@@ -303,7 +303,7 @@ def export_int8(model: nn.Module, label_map: LabelMap, out: PathLike, calibratio
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     num_classes = int(getattr(model, "num_classes"))  # noqa: B009 - an int attribute, not a module
-    with tempfile.TemporaryDirectory(prefix="ssd300-int8-") as folder:
+    with tempfile.TemporaryDirectory(prefix="ssd300-int8-") as folder, _scratch_space(Path(folder), out):
         network = module if raw else build_export_module(model, raw=True)
         fp32 = export_onnx(network, Path(folder) / "network.onnx", raw=True, opset=opset, exporter=exporter)
         quantized = quantize_network_onnx(fp32, Path(folder) / "network.int8.onnx", files, quantizer)
@@ -317,6 +317,22 @@ def export_int8(model: nn.Module, label_map: LabelMap, out: PathLike, calibratio
         write_onnx_metadata(assembled, metadata, out)
     log.info("INT8 export calibrated on %d images from %s", len(files), calibration)
     return out
+
+
+@contextlib.contextmanager
+def _scratch_space(folder: Path, out: Path) -> Iterator[None]:
+    """The INT8 steps write their intermediate files in ``folder`` (the system's temp folder): a
+    disk that refuses them is one line naming ``out`` and that folder, never a traceback; the
+    final write to ``out`` names ``out`` alone (:func:`ssd300.files.atomic_path`)."""
+    try:
+        yield
+    except Exception as exc:
+        found = find_disk_error(exc)
+        if found is None or (isinstance(exc, DiskError) and exc.path == out):
+            raise
+        raise DiskError(f"{out}: could not be written: the temporary folder {folder.parent} refused the "
+                        f"intermediate files ({found.strerror or found}); free space there or point TMPDIR "
+                        "at a folder with room; nothing was left at that path", out, found) from None
 
 
 @contextlib.contextmanager

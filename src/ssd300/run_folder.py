@@ -37,7 +37,7 @@ from typing import Any, Mapping, Optional
 
 from ssd300.checkpoint import save_checkpoint
 from ssd300.errors import UserInputError
-from ssd300.files import PathLike, atomic_write, fsync_dir
+from ssd300.files import PathLike, atomic_write, disk_errors_name, fsync_dir
 
 LOCK_NAME = ".ssd300.lock"
 LAST, BEST, INTERRUPTED = "last.pt", "best.pt", "interrupted.pt"
@@ -243,7 +243,8 @@ class RunFolder:
                 shutil.copyfileobj(src, dst)
             return target
         try:
-            os.replace(tmp, target)
+            with disk_errors_name(target):  # a full disk: one line, the previous last/best.pt kept
+                os.replace(tmp, target)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)

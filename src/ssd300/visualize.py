@@ -19,6 +19,8 @@ from PIL import Image
 from torchvision.utils import draw_bounding_boxes
 
 from ssd300.data.images import to_uint8_chw
+from ssd300.errors import UserInputError
+from ssd300.files import atomic_write
 
 ImageLike = Union[Image.Image, np.ndarray, torch.Tensor]
 
@@ -129,12 +131,16 @@ def draw_detection_result(image: ImageLike, detections: Any, class_names: ClassN
 
 
 def save_image(image: torch.Tensor, path: str | os.PathLike[str], quality: int = 90) -> None:
-    """Write a 3xHxW uint8 tensor; the format follows the file extension (PNG, JPEG, ...)."""
+    """Write a 3xHxW uint8 tensor; the format follows the file extension (PNG, JPEG, ...).
+
+    Written atomically (:func:`ssd300.files.atomic_write`): a full disk leaves no half image at
+    ``path`` and is a one-line error naming it."""
     array = to_uint8_chw(image).permute(1, 2, 0).numpy()
     pil = Image.fromarray(array)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix.lower() in (".jpg", ".jpeg"):
-        pil.save(path, quality=quality)
-    else:
-        pil.save(path)
+    image_format = Image.registered_extensions().get(path.suffix.lower())
+    if image_format is None:
+        raise UserInputError(f"{path}: unknown image format {path.suffix!r}; use .jpg or .png")
+    options = {"quality": quality} if image_format == "JPEG" else {}
+    with atomic_write(path) as handle:
+        pil.save(handle, format=image_format, **options)

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ssd300.errors import UserInputError
-from ssd300.files import PathLike, check_output_path
+from ssd300.files import PathLike, atomic_write, check_output_path
 
 # name, typical hue (degrees), aspect (width / height) range
 SHAPES: tuple[tuple[str, float, tuple[float, float]], ...] = (
@@ -192,7 +192,8 @@ def _write_split(out_dir: Path, split: str, split_index: int, count: int, seed: 
         rng = np.random.default_rng((seed, split_index, index))
         image, objects = render_image(rng, config)
         file_name = f"{index + 1:06d}.jpg"
-        image.save(image_dir / file_name, "JPEG", quality=config.jpeg_quality)
+        with atomic_write(image_dir / file_name) as handle:  # a full disk: one line naming the image
+            image.save(handle, "JPEG", quality=config.jpeg_quality)
         image_id = index + 1
         images.append({"id": image_id, "file_name": file_name, "width": image.width, "height": image.height})
         for (x, y, w, h), category in objects:
@@ -208,9 +209,8 @@ def _write_split(out_dir: Path, split: str, split_index: int, count: int, seed: 
     annotation_dir = out_dir / "annotations"
     annotation_dir.mkdir(parents=True, exist_ok=True)
     target = annotation_dir / f"instances_{split}.json"
-    tmp = target.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data))
-    tmp.replace(target)  # the json last and atomically: its presence means the split is complete
+    with atomic_write(target, "w") as handle:  # the json last and atomically: its presence means the split is complete
+        handle.write(json.dumps(data))
 
 
 def _already_written(out_dir: Path, split: str, count: int, seed: int, config: SynthConfig) -> bool:
