@@ -274,3 +274,27 @@ def test_files_left_to_dalis_decoder_decode_as_pillow_does(fmt, mode):
         pipe.set_outputs(fn.decoders.image(files, device="cpu", output_type=types.RGB))
     pipe.build()
     np.testing.assert_array_equal(np.array(pipe.run()[0][0]), expected)
+
+
+def test_16_bit_rgb_png_and_trailing_bytes_go_to_pillow():
+    """Pillow opens a 16-bit RGB PNG as mode "RGB" too: the IHDR bit depth sends it to Pillow. A
+    JPEG with bytes after its end marker (a phone's appended data) goes to Pillow as well."""
+    import io
+    import struct
+    import zlib
+
+    from ssd300.data.dali import _dali_decodes
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    rows = b"".join(b"\x00" + np.full((4, 3), 40000, ">u2").tobytes() for _ in range(3))
+    png16 = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 3, 16, 2, 0, 0, 0))
+             + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    with Image.open(io.BytesIO(png16)) as image:
+        assert image.mode == "RGB" and not _dali_decodes(image, png16)
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(buffer, "JPEG")
+    jpeg = buffer.getvalue()
+    with Image.open(io.BytesIO(jpeg)) as image:
+        assert _dali_decodes(image, jpeg) and not _dali_decodes(image, jpeg + b"MotionPhoto")

@@ -54,8 +54,8 @@ def _dali_decodes(image: Image.Image, data: bytes) -> bool:
         return False
     if image.format == "JPEG":
         return data.endswith(b"\xff\xd9")
-    if image.format == "PNG":
-        return data.endswith(_PNG_END)
+    if image.format == "PNG":  # 8 bits per channel (Pillow reads 16-bit RGB as "RGB" too, rounding its own way)
+        return data[24:25] == b"\x08" and data.endswith(_PNG_END)
     if image.format == "BMP":
         return len(data) == int.from_bytes(data[2:6], "little")
     return len(data) == int.from_bytes(data[4:8], "little") + 8  # WebP: the RIFF size
