@@ -166,3 +166,135 @@ def test_image_of_another_size_than_the_json_says_is_skipped_and_reported(synthe
     dataset = CocoDetection.from_root(root, "train")
     skipped = sum((batch.skipped for batch in _loader(dataset)), [])
     assert len(skipped) == 1 and "000003.jpg" in skipped[0] and SIZE_MISMATCH in skipped[0]
+
+
+def _dataset_with_awkward_files(synthetic_dataset, tmp_path, *, strict=False):
+    """8 training images, of which a GIF, an int32 TIFF (mode "I") and a JPEG cut in half."""
+    root = synthetic_dataset(num_train=8, num_val=1, seed=4, copy_to=tmp_path / "d")
+    annotation_file = root / "annotations" / "instances_train.json"
+    data = json.loads(annotation_file.read_text())
+
+    def rewrite(position, suffix, save):
+        record = data["images"][position]
+        source = root / "train" / record["file_name"]
+        with Image.open(source) as image:
+            picture = image.convert("RGB")
+        source.unlink()
+        record["file_name"] = source.with_suffix(suffix).name
+        save(picture, root / "train" / record["file_name"])
+
+    def truncated_jpeg(picture, path):
+        picture.save(path, quality=90)
+        path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+    rewrite(0, ".gif", lambda picture, path: picture.save(path))
+    rewrite(1, ".tif", lambda picture, path: Image.fromarray(
+        np.asarray(picture.convert("L"), dtype=np.int32) * 100, "I").save(path))
+    rewrite(2, ".jpg", truncated_jpeg)
+    annotation_file.write_text(json.dumps(data))
+    with Image.open(root / "train" / data["images"][1]["file_name"]) as tiff:
+        assert tiff.mode == "I"
+    return CocoDetection.from_root(root, "train", strict=strict), data["images"][2]["file_name"]
+
+
+def test_gif_int32_tiff_and_truncated_jpeg_are_used_and_skipped_as_by_the_pytorch_loader(
+        synthetic_dataset, tmp_path, caplog):
+    from ssd300.data.loaders import build_train_loader
+
+    dataset, truncated = _dataset_with_awkward_files(synthetic_dataset, tmp_path)
+    gif_id, tiff_id = dataset.index.image_id(0), dataset.index.image_id(1)
+    for epoch in range(3):
+        default = build_train_loader(dataset, 4, num_workers=0, seed=0)
+        dali = _loader(dataset)
+        default.set_epoch(epoch)
+        dali.set_epoch(epoch)
+        default_batches, dali_batches = list(default), list(dali)
+        assert len(dali_batches) == len(default_batches) == 2
+        for ours, theirs in zip(dali_batches, default_batches):
+            assert ours.image_ids.tolist() == theirs.image_ids.tolist()
+            assert ours.skipped == theirs.skipped
+            assert ours.images.shape == (4, 3, 300, 300)
+        used = sum((b.image_ids.tolist() for b in dali_batches), [])
+        skipped = sum((b.skipped for b in dali_batches), [])
+        assert gif_id in used and tiff_id in used
+        assert skipped and all(truncated in reason and "truncated" in reason for reason in skipped)
+    assert "Traceback" not in caplog.text
+
+
+def test_truncated_jpeg_in_strict_mode_fails_as_the_pytorch_loader_does(synthetic_dataset, tmp_path):
+    from ssd300.data.loaders import build_train_loader
+    from ssd300.errors import UserInputError
+
+    dataset, truncated = _dataset_with_awkward_files(synthetic_dataset, tmp_path, strict=True)
+    messages = []
+    for loader in (build_train_loader(dataset, 4, num_workers=0, seed=0), _loader(dataset)):
+        with pytest.raises(UserInputError) as caught:
+            list(loader)
+        messages.append(str(caught.value))
+    assert messages[0] == messages[1]
+    assert truncated in messages[1] and "\n" not in messages[1]
+
+
+def test_a_file_dalis_decoder_rejects_is_one_line_naming_the_files(synthetic_dataset, tmp_path, monkeypatch):
+    """Should DALI's decoder still fail on a file (here: the GIF forced through it), the error is one
+    line naming the batch's files, not DALI's traceback."""
+    import ssd300.data.dali as dali_module
+    from ssd300.errors import UserInputError
+
+    dataset, _ = _dataset_with_awkward_files(synthetic_dataset, tmp_path)
+    monkeypatch.setattr(dali_module, "_dali_decodes", lambda image, data: True)
+    with pytest.raises(UserInputError) as caught:
+        list(_loader(dataset))
+    message = str(caught.value)
+    assert "DALI could not decode one of" in message and ".gif" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("fmt, mode", [(f, m) for f, modes in
+                                       {"JPEG": ("L", "RGB"), "PNG": ("L", "RGB"), "BMP": ("RGB",),
+                                        "WEBP": ("RGB",)}.items() for m in modes])
+def test_files_left_to_dalis_decoder_decode_as_pillow_does(fmt, mode):
+    import io
+
+    import nvidia.dali as dali
+    from nvidia.dali import fn, types
+
+    from ssd300.data.dali import _DALI_MODES, _dali_decodes
+
+    assert mode in _DALI_MODES[fmt]
+    pixels = np.random.default_rng(0).integers(0, 255, (30, 40, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(buffer, fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+    data = buffer.getvalue()
+    with Image.open(io.BytesIO(data)) as image:
+        assert _dali_decodes(image, data)
+        expected = np.asarray(image.convert("RGB"))
+    pipe = dali.Pipeline(batch_size=1, num_threads=1, device_id=None, exec_dynamic=True)
+    with pipe:
+        files = fn.external_source(source=lambda: [np.frombuffer(data, np.uint8)], batch=True, dtype=types.UINT8)
+        pipe.set_outputs(fn.decoders.image(files, device="cpu", output_type=types.RGB))
+    pipe.build()
+    np.testing.assert_array_equal(np.array(pipe.run()[0][0]), expected)
+
+
+def test_16_bit_rgb_png_and_trailing_bytes_go_to_pillow():
+    """Pillow opens a 16-bit RGB PNG as mode "RGB" too: the IHDR bit depth sends it to Pillow. A
+    JPEG with bytes after its end marker (a phone's appended data) goes to Pillow as well."""
+    import io
+    import struct
+    import zlib
+
+    from ssd300.data.dali import _dali_decodes
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    rows = b"".join(b"\x00" + np.full((4, 3), 40000, ">u2").tobytes() for _ in range(3))
+    png16 = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 3, 16, 2, 0, 0, 0))
+             + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    with Image.open(io.BytesIO(png16)) as image:
+        assert image.mode == "RGB" and not _dali_decodes(image, png16)
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(buffer, "JPEG")
+    jpeg = buffer.getvalue()
+    with Image.open(io.BytesIO(jpeg)) as image:
+        assert _dali_decodes(image, jpeg) and not _dali_decodes(image, jpeg + b"MotionPhoto")

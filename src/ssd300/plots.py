@@ -9,12 +9,17 @@ are :mod:`ssd300.run_folder`'s.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import unicodedata
+import warnings
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from ssd300.coco_eval import RECALL_POINTS, CocoMetrics
 from ssd300.files import atomic_write
+from ssd300.fonts import FontChoice, choose_fonts
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -51,14 +56,89 @@ def plot_curves(loss_history: Sequence[tuple[int, float]], evaluations: Sequence
     return _save(fig, Path(path))
 
 
+LEGEND_MAX = 20  # PR curves named in the legend (best AP50 first); the rest are counted as "+N more"
+
+
+def _display_width(text: str) -> int:
+    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+
+
+def short_label(name: str, width: int = 18, lines: int = 2) -> str:
+    """``name`` wrapped at ``width`` columns (CJK characters count 2) on at most ``lines`` lines,
+    the rest replaced by "…": a long class name stays readable under a bar."""
+    rows: list[str] = []
+    row = ""
+    for word in name.split() or [""]:
+        while word:
+            room = width - _display_width(row) - (1 if row else 0)
+            if _display_width(word) <= room:
+                row, word = f"{row} {word}" if row else word, ""
+            elif row:
+                rows.append(row)
+                row = ""
+            else:  # a word longer than a line: cut it
+                cut = next(i for i in range(len(word), 0, -1) if _display_width(word[:i]) <= width or i == 1)
+                rows.append(word[:cut])
+                word = word[cut:]
+    rows.append(row)
+    rows = [r for r in rows if r] or [""]
+    if len(rows) > lines:
+        last = rows[lines - 1]
+        while last and _display_width(last) > width - 1:
+            last = last[:-1]
+        rows = rows[:lines - 1] + [last + "\u2026"]
+    return "\n".join(rows)
+
+
+@contextlib.contextmanager
+def _class_name_fonts(choice: FontChoice) -> Iterator[None]:
+    """Matplotlib draws with the chosen fonts (glyph by glyph fallback) without touching the
+    process's rcParams, and its missing-glyph warnings never reach the console (``choice.clean``
+    already replaced those characters; this is the safety net)."""
+    import matplotlib
+
+    font_log = logging.getLogger("matplotlib.font_manager")
+    level = font_log.level
+    font_log.setLevel(logging.ERROR)
+    try:
+        with matplotlib.rc_context({"font.family": list(choice.families)}), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from")
+            warnings.filterwarnings("ignore", message=r"Matplotlib currently does not support")
+            yield
+    finally:
+        font_log.setLevel(level)
+
+
 def plot_evaluation(metrics: CocoMetrics, names: Mapping[int, str], path: str | os.PathLike[str],
                     title: str = "") -> Path:
     """Per-class AP and AP50 bars (classes without ground truth left out) and each class's
     precision-recall curve at IoU 0.5 (pycocotools' interpolated precision at 101 recall points)."""
-    from matplotlib.figure import Figure
+    with _class_name_fonts(_fonts_for(metrics, names, title)):
+        return _save(evaluation_figure(metrics, names, title), Path(path))
 
+
+def _fonts_for(metrics: CocoMetrics, names: Mapping[int, str], title: str) -> FontChoice:
+    return choose_fonts([title, *(names.get(cid, str(cid)) for cid in {*metrics.per_class, *metrics.pr_curves})])
+
+
+def evaluation_figure(metrics: CocoMetrics, names: Mapping[int, str], title: str = "") -> Any:
+    """The :func:`plot_evaluation` figure (a ``matplotlib.figure.Figure``), not saved; class names
+    drawn with fonts that have their characters (:mod:`ssd300.fonts`), long ones wrapped."""
+    choice = _fonts_for(metrics, names, title)
     classes = [cid for cid, v in metrics.per_class.items() if v["AP"] >= 0]
-    labels = [names.get(cid, str(cid)) for cid in classes]
+    curves = [cid for cid in metrics.pr_curves if metrics.per_class.get(cid, {}).get("AP", 0) >= 0]
+    names = {cid: choice.clean(names.get(cid, str(cid))) for cid in {*classes, *curves}}
+    title = choice.clean(title)
+    with _class_name_fonts(choice):
+        return _evaluation_figure(metrics, classes, curves, names, title)
+
+
+def _evaluation_figure(metrics: CocoMetrics, classes: list[int], curves: list[int], names: Mapping[int, str],
+                       title: str) -> Any:
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    labels = [short_label(names[cid]) for cid in classes]
     fig = Figure(figsize=(max(11.0, 4 + 0.3 * len(classes)), 4.5))
     ax_bars, ax_pr = fig.subplots(1, 2, gridspec_kw={"width_ratios": [max(1.0, len(classes) / 12), 1]})
     positions = range(len(classes))
@@ -67,18 +147,24 @@ def plot_evaluation(metrics: CocoMetrics, names: Mapping[int, str], path: str | 
     ax_bars.bar([p + 0.2 for p in positions], [metrics.per_class[c]["AP"] for c in classes], width=0.4,
                 label="AP@[.5:.95]")
     ax_bars.set_xticks(list(positions))
-    many = len(classes) > 8
-    ax_bars.set_xticklabels(labels, rotation=60 if many else 0, ha="right" if many else "center",
-                            fontsize=8 if len(classes) > 20 else 10)
+    rotate = len(classes) > 8 or max((_display_width(label) for label in labels), default=0) > 12
+    ax_bars.set_xticklabels(labels, rotation=60 if rotate else 0, ha="right" if rotate else "center",
+                            rotation_mode="anchor", fontsize=8 if len(classes) > 20 else 10)
     ax_bars.set_ylim(0, 1)
     ax_bars.set(title=f"per-class AP ({title})" if title else "per-class AP", ylabel="AP")
     ax_bars.legend()
     recall = [i / (RECALL_POINTS - 1) for i in range(RECALL_POINTS)]
-    for cid, curve in metrics.pr_curves.items():
-        ax_pr.plot(recall, curve, linewidth=1.2,
-                   label=f"{names.get(cid, str(cid))} ({metrics.per_class.get(cid, {}).get('AP50', 0):.2f})")
+    # Best AP50 first, so the legend (capped at LEGEND_MAX) names the curves that stand out.
+    ordered = sorted(curves, key=lambda cid: -metrics.per_class.get(cid, {}).get("AP50", 0))
+    lines = [ax_pr.plot(recall, metrics.pr_curves[cid], linewidth=1.2,
+                        label=f"{short_label(names[cid], 24, 1)} "
+                              f"({metrics.per_class.get(cid, {}).get('AP50', 0):.2f})")[0]
+             for cid in ordered]
     ax_pr.set(title="precision-recall at IoU 0.5", xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
-    if 0 < len(metrics.pr_curves) <= 20:
-        ax_pr.legend(fontsize=8, loc="lower left")
+    if lines:
+        handles = lines[:LEGEND_MAX]
+        if len(lines) > LEGEND_MAX:
+            handles.append(Line2D([], [], linestyle="none", label=f"+{len(lines) - LEGEND_MAX} more"))
+        ax_pr.legend(handles=handles, fontsize=8 if len(handles) <= 10 else 6, loc="lower left")
     fig.tight_layout()
-    return _save(fig, Path(path))
+    return fig

@@ -21,6 +21,7 @@ from torchvision.utils import draw_bounding_boxes
 from ssd300.data.images import to_uint8_chw
 from ssd300.errors import UserInputError
 from ssd300.files import atomic_write
+from ssd300.fonts import single_font
 
 ImageLike = Union[Image.Image, np.ndarray, torch.Tensor]
 
@@ -96,13 +97,17 @@ def draw_detections(
     boxes_t[:, 2:] = torch.maximum(boxes_t[:, 2:], boxes_t[:, :2])
     short_side = min(height, width)
     line_width = line_width or max(1, round(short_side / 250))
-    font = _truetype_font()
     font_size = font_size or max(10, round(short_side / 40))
     texts = [
         _label_text(int(label), None if scores_t is None else float(score), class_names)
         for label, score in zip(labels_t.tolist(),
                                 scores_t.tolist() if scores_t is not None else [None] * len(labels_t))
     ]
+    # PIL draws with one font: the installed one that has most of the names' characters (a CJK
+    # font for CJK names), the others drawn as a box rather than as PIL's invisible .notdef.
+    font, choice = single_font(texts)
+    font = font or _truetype_font()
+    texts = [choice.clean(text) for text in texts]
     return draw_bounding_boxes(
         canvas,
         boxes_t,

@@ -9,7 +9,9 @@ stage runs on the CPU; with a GPU, decoding is "mixed" (nvJPEG) and image stages
 Files, boxes and labels come from our :class:`~ssd300.data.coco.CocoDetection` (so validation,
 the label map and the counted skips are the same as on the PyTorch path) through an
 ``external_source``; the loader yields the same :class:`~ssd300.data.loaders.Batch` with uint8
-images that ``batch.to(device)`` normalises. Randomness is DALI's, seeded by ``seed + rank``;
+images that ``batch.to(device)`` normalises. Files DALI's decoder does not read as Pillow does (GIF,
+TIFF, 16/32-bit, truncated: see ``_dali_decodes``) are decoded by Pillow on the Python side, so the
+same images are used or skipped as by the PyTorch loader. Randomness is DALI's, seeded by ``seed + rank``;
 it is reproducible for a seed but is not the same stream as the PyTorch path.
 """
 
@@ -26,19 +28,37 @@ import torch
 from PIL import Image
 
 from ssd300.data.coco import CocoDetection, ImageSizeMismatch, check_image_size
-from ssd300.data.images import DECODE_ERRORS
+from ssd300.data.images import DECODE_ERRORS, to_rgb
 from ssd300.data.loaders import Batch, EpochSampler
 from ssd300.data.transforms import (BRIGHTNESS, CONTRAST, CROP_ASPECT, CROP_SCALE, HUE, INPUT_SIZE,
                                     SATURATION)
-from ssd300.errors import UserInputError
+from ssd300.errors import UserInputError, one_line
 from ssd300.optional import available, install_hint
 
 log = logging.getLogger(__name__)
 
 IOU_THRESHOLDS = [0.0, 0.1, 0.3, 0.5, 0.7, 0.9]  # with allow_no_crop: the reference's 7 modes
 
-# File signatures DALI's decoders read; anything else would fail inside the pipeline, unnamed.
-_IMAGE_SIGNATURES = (b"\xff\xd8", b"\x89PNG", b"BM", b"GIF8", b"II*\x00", b"MM\x00*", b"RIFF")
+# What DALI's decoder reads exactly as Pillow does (checked against Pillow in the tests); any other
+# file the PyTorch loader reads (GIF, TIFF, PPM, 16/32-bit, CMYK, alpha, palettes) is decoded on
+# the Python side. A raw DALI error would name no file and leave the pipeline unusable.
+_DALI_MODES = {"JPEG": ("L", "RGB"), "PNG": ("L", "RGB"), "BMP": ("RGB",), "WEBP": ("RGB",)}
+_PNG_END = b"IEND\xaeB`\x82"
+
+
+def _dali_decodes(image: Image.Image, data: bytes) -> bool:
+    """Whether DALI's decoder reads this (header-opened) file as Pillow would: a format and mode it
+    handles, and a file that is complete as far as its end shows (a truncated JPEG or PNG goes to
+    Pillow, which skips it as the PyTorch loader does; trailing bytes after the end marker too)."""
+    if image.mode not in _DALI_MODES.get(image.format or "", ()):
+        return False
+    if image.format == "JPEG":
+        return data.endswith(b"\xff\xd9")
+    if image.format == "PNG":  # 8 bits per channel (Pillow reads 16-bit RGB as "RGB" too, rounding its own way)
+        return data[24:25] == b"\x08" and data.endswith(_PNG_END)
+    if image.format == "BMP":
+        return len(data) == int.from_bytes(data[2:6], "little")
+    return len(data) == int.from_bytes(data[4:8], "little") + 8  # WebP: the RIFF size
 
 
 def dali_available() -> bool:
@@ -67,42 +87,44 @@ class _EpochSource:
         self.batch_size = batch_size
         self.order: list[int] = []
         self.skipped: deque[list[str]] = deque()
+        self.pending: deque[list[str]] = deque()  # file names of batches fed to DALI, not yet out
+        self.error: Optional[UserInputError] = None
 
     def start_epoch(self) -> None:
         self.order = [key[0] for key in self.sampler]
         self.skipped.clear()
+        self.pending.clear()
+        self.error = None
 
     def __len__(self) -> int:
         return len(self.sampler) // self.batch_size
 
     def _read(self, index: int) -> Optional[bytes]:
+        """The bytes DALI decodes for image ``index``, or None when it is skipped (logged, counted,
+        fatal with ``strict``) for the same reasons and with the same text as the PyTorch loader."""
         path = self.dataset.path_of(index)
-        reason: Optional[str]
-        try:
-            data = path.read_bytes()
-        except OSError as err:
-            reason = f"{path}: {err.strerror or err}"
-        else:
-            reason = self._size_problem(index, data) if data.startswith(_IMAGE_SIGNATURES) else \
-                f"{path}: not a JPEG/PNG/BMP/GIF/TIFF/WebP file"
-            if reason is None:
-                return data
-        if self.dataset.strict:
-            raise UserInputError(f"{reason} (image is missing or cannot be decoded)")
-        log.warning("skipping image %s", reason)
-        self._current_skips.append(reason)
-        return None
-
-    def _size_problem(self, index: int, data: bytes) -> Optional[str]:
-        """As the PyTorch loader: the header's size must be the json's (else boxes are misaligned)."""
         width, height = self.dataset.index.size(index)
         try:
-            with Image.open(io.BytesIO(data)) as header:  # header only: no pixels are decoded
-                check_image_size(header, width, height)
-        except ImageSizeMismatch as err:
-            return f"{self.dataset.path_of(index)}: {err}"
-        except DECODE_ERRORS as err:
-            return f"{self.dataset.path_of(index)}: cannot be decoded ({err})"
+            data = path.read_bytes()
+            with Image.open(io.BytesIO(data)) as image:  # header only, as the PyTorch loader's check
+                check_image_size(image, width, height)
+                if _dali_decodes(image, data):
+                    return data
+                # Not for DALI's decoder (GIF, int32 TIFF, 16-bit PNG, a JPEG without its end
+                # marker, ...): decoded here exactly as the PyTorch loader does (a truncated file
+                # fails as there) and handed to DALI as an uncompressed BMP (one copy of the pixels).
+                buffer = io.BytesIO()
+                to_rgb(image).save(buffer, format="BMP")
+                return buffer.getvalue()
+        except DECODE_ERRORS as err:  # ImageSizeMismatch included (a ValueError)
+            mismatch = isinstance(err, ImageSizeMismatch)
+            reason = f"{path}: {err if mismatch else one_line(err, limit=200)}"
+            if self.dataset.strict:
+                why = "fatal in strict mode" if mismatch else "image is missing or cannot be decoded"
+                self.error = UserInputError(f"{reason} ({why})")
+                raise self.error from None
+        log.warning("skipping image %s", reason)
+        self._current_skips.append(reason)
         return None
 
     def __call__(self, iteration: int) -> tuple[list[np.ndarray], ...]:
@@ -110,17 +132,22 @@ class _EpochSource:
             raise StopIteration
         self._current_skips: list[str] = []
         files, boxes, labels, ids, sizes = [], [], [], [], []
+        names: list[str] = []
         start = iteration * self.batch_size
         for position in range(start, start + self.batch_size):
             index = self.order[position]
             data = None
-            for offset in range(min(len(self.dataset), 16)):  # a broken file: the next one replaces it
+            attempts = min(len(self.dataset), 16)
+            for offset in range(attempts):  # a broken file: the next one replaces it (as the PyTorch loader)
                 data = self._read((index + offset) % len(self.dataset))
                 if data is not None:
                     index = (index + offset) % len(self.dataset)
                     break
             if data is None:
-                raise UserInputError(f"{self.dataset.image_dir}: 16 images in a row could not be read")
+                self.error = UserInputError(f"{self.dataset.image_dir}: {attempts} images in a row could not be "
+                                            f"read, e.g. {self._current_skips[-1]}")
+                raise self.error
+            names.append(str(self.dataset.path_of(index)))
             annotation_index = self.dataset.index
             width, height = annotation_index.size(index)
             pixel_boxes, image_labels = annotation_index.targets(index)
@@ -130,6 +157,7 @@ class _EpochSource:
             ids.append(np.array([annotation_index.image_id(index)], dtype=np.int64))
             sizes.append(np.array([width, height], dtype=np.int64))
         self.skipped.append(self._current_skips)
+        self.pending.append(names)
         return files, boxes, labels, ids, sizes
 
 
@@ -212,7 +240,19 @@ class DaliTrainLoader:
                 outputs = self.pipe.run()
             except StopIteration:
                 return
+            except Exception as err:  # DALI wraps everything raised inside it; a failed pipeline is unusable
+                raise self._pipeline_error(err) from None
             yield self._to_batch(outputs)
+
+    def _pipeline_error(self, err: Exception) -> UserInputError:
+        """One line for a failed pipeline: our own error from the source, else the files DALI had."""
+        if self.source.error is not None:
+            return self.source.error
+        files = sorted({name for names in self.source.pending for name in names})
+        shown = ", ".join(files[:8]) + (f" (+{len(files) - 8} more)" if len(files) > 8 else "")
+        detail = " ".join(line.strip() for line in str(err).splitlines() if "failure" in line or "rror" in line)
+        return UserInputError(f"DALI could not decode one of {shown} ({detail[:200] or type(err).__name__}); "
+                              "train without dali to skip it, or remove the file", fields=("dali",))
 
     def _to_batch(self, outputs: Any) -> Batch:
         images_tl, boxes_tl, labels_tl, ids_tl, sizes_tl = outputs
@@ -232,8 +272,13 @@ class DaliTrainLoader:
             image_ids=torch.from_numpy(np.array(ids_tl.as_array()).reshape(n)).to(torch.int64),
             image_sizes=torch.from_numpy(np.array(sizes_tl.as_array()).reshape(n, 2)).to(torch.int64),
             is_padding=torch.zeros(n, dtype=torch.bool),
-            skipped=self.source.skipped.popleft() if self.source.skipped else [],
+            skipped=self._pop_skipped(),
         )
+
+    def _pop_skipped(self) -> list[str]:
+        if self.source.pending:
+            self.source.pending.popleft()
+        return self.source.skipped.popleft() if self.source.skipped else []
 
 
 def _images_to_torch(images: Any, device_id: Optional[int]) -> torch.Tensor:
