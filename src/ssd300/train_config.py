@@ -30,6 +30,7 @@ from ssd300.optim import (
 )
 from ssd300.optional import install_hint
 from ssd300.run_folder import EPOCH_NAME_PATTERN, INTERRUPTED, LAST, RunFolder
+from ssd300.voc_eval import METRICS
 
 MODES = ("training", "evaluation", "benchmark-training", "benchmark-inference")
 TRAINING_MODES = ("training", "benchmark-training")
@@ -61,6 +62,7 @@ class TrainConfig:
     batch_size: int = 32                     # images per process and step
     eval_batch_size: int = 32
     eval_backend: str = "auto"             # COCO evaluation library: auto (faster-coco-eval when installed), ...
+    metric: str = "coco"                     # coco (AP@[.5:.95]), voc07 (11-point) or voc12 (all-point) mAP@0.5
     seed: Optional[int] = None               # base seed (rank r uses seed + r); None: the checkpoint's, else random
     checkpoint: Optional[Path] = None        # resume from / start from / the model to evaluate
     save: Optional[Path] = None              # the run folder (ssd300.run_folder): checkpoints, log, figures
@@ -112,6 +114,8 @@ class TrainConfig:
             _refuse("mode", f"must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.eval_backend not in ("auto", *EVAL_BACKENDS):
             _refuse("eval_backend", f"must be one of auto, {', '.join(EVAL_BACKENDS)}, got {self.eval_backend!r}")
+        if self.metric not in METRICS:
+            _refuse("metric", f"must be one of {', '.join(METRICS)}, got {self.metric!r}")
         for name in ("batch_size", "eval_batch_size", "log_interval", "benchmark_iterations"):
             if getattr(self, name) < 1:
                 _refuse(name, f"must be >= 1, got {getattr(self, name)}")

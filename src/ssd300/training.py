@@ -208,7 +208,7 @@ class _Run:
         results = config.results or (self.outputs.results_file if self.outputs else None)
         return RunEvaluator(self.val_set, val[1], self.spec.label_map, self.runtime, self.ctx, self.logger,
                             batch_size=config.eval_batch_size, num_workers=self.workers,
-                            channels_last=self.channels_last, eval_backend=config.eval_backend,
+                            channels_last=self.channels_last, eval_backend=config.eval_backend, metric=config.metric,
                             bn_recalibration=config.bn_recalibration, results_path=results, outputs=self.outputs,
                             evaluations=self.result.evaluations)
 

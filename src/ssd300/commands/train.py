@@ -28,6 +28,7 @@ from ssd300.run_folder import (
 from ssd300.trainer import TrainingInterrupted
 from ssd300.train_config import MODES, TrainConfig
 from ssd300.training import run as run_config
+from ssd300.voc_eval import METRICS
 
 DEFAULTS = TrainConfig()  # the one source of every default below
 
@@ -57,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--eval-batch-size", "--ebs", type=int, default=DEFAULTS.eval_batch_size)
     run.add_argument("--eval-backend", choices=("auto", *EVAL_BACKENDS), default=DEFAULTS.eval_backend,
                      help="COCO evaluation library (auto: faster-coco-eval when installed, else pycocotools)")
+    run.add_argument("--metric", choices=METRICS, default=DEFAULTS.metric,
+                     help="coco: AP@[.5:.95]; voc07 / voc12: VOC 11-point / all-point mAP at IoU 0.5, "
+                          "difficult ignored")
     run.add_argument("--seed", "-s", type=int, default=None, help="base seed (rank r uses seed + r); random if unset")
     run.add_argument("--checkpoint", type=Path, default=None,
                      help="resume from (our checkpoints) or start from (reference/weights-only) this file; "
@@ -133,7 +137,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         val_images=args.val_images, val_annotations=args.val_annotations, num_workers=args.num_workers,
         dali=args.dali, strict_images=args.strict_images, iou_crop=not args.no_iou_crop,
         mode=args.mode, epochs=args.epochs, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
-        eval_backend=args.eval_backend,
+        eval_backend=args.eval_backend, metric=args.metric,
         seed=args.seed, checkpoint=args.checkpoint, save=args.save, resume=args.resume, overwrite=args.overwrite,
         keep_last=args.keep_last, evaluation=tuple(args.evaluation), eval_every=args.eval_every,
         device="cpu" if args.no_cuda else args.device,
