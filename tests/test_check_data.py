@@ -1,0 +1,154 @@
+"""``ssd300 check-data`` / :func:`ssd300.data.check.check_dataset`: a crafted dataset with every fault
+planted once is reported fault by fault; a clean synthetic dataset passes (exit 0)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ssd300.cli import main
+from ssd300.data.check import DataReport, check_dataset, smallest_default_box
+from ssd300.data.images import EXIF_ORIENTATION_TAG
+from ssd300.default_boxes import DefaultBoxesConfig
+
+W, H = 64, 48
+
+
+def _image(path: Path, seed: int, size: tuple[int, int] = (W, H), orientation: int = 0) -> None:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    if orientation:
+        exif = Image.Exif()
+        exif[EXIF_ORIENTATION_TAG] = orientation
+        image.save(path, "JPEG", exif=exif.tobytes())
+    else:
+        image.save(path, "JPEG")
+
+
+def _coco(images: list[tuple[str, int, int]], boxes: list[tuple[int, list[float], int]],
+          categories: list[tuple[int, str]]) -> dict[str, Any]:
+    return {"images": [{"id": i + 1, "file_name": n, "width": w, "height": h} for i, (n, w, h) in enumerate(images)],
+            "annotations": [{"id": k + 1, "image_id": i, "bbox": b, "category_id": c, "iscrowd": 0}
+                            for k, (i, b, c) in enumerate(boxes)],
+            "categories": [{"id": c, "name": n} for c, n in categories]}
+
+
+# Every fault, planted once (the findings each produces, with its count):
+PLANTED = {
+    ("images_without_boxes", "train"): 1,        # b.jpg: no annotation
+    ("duplicate_images", None): 1,               # c.jpg: a byte copy of a.jpg
+    ("boxes_outside_image", "train"): 1,         # d.jpg: x + w = 80 on a 64 px wide image
+    ("degenerate_boxes", "train"): 1,            # e.jpg: a box 0 px wide
+    ("exif_rotated_size_mismatch", "train"): 1,  # f.jpg: stored 64x48, EXIF orientation 6, json 48x64
+    ("size_mismatch", "train"): 1,               # h.jpg: json says 70 px wide
+    ("unreadable_images", "train"): 1,           # i.jpg: not an image
+    ("missing_images", "train"): 1,              # g.jpg: listed, not on disk
+    ("empty_classes", "train"): 1,               # category 3 "unused": no box anywhere (error in train ...
+    ("empty_classes", "val"): 1,                 # ... and a warning in val)
+    ("class_mismatch", None): 2,                 # val calls category 2 "rect": (2, rectangle) / (2, rect)
+    ("split_overlap", None): 1,                  # val/v1.jpg: a byte copy of train/d.jpg
+    ("split_overlap_names", None): 1,            # a.jpg in train and in val, different pictures
+}
+
+
+def make_bad_dataset(root: Path) -> Path:
+    train, val = root / "train", root / "val"
+    train.mkdir(parents=True)
+    val.mkdir()
+    (root / "annotations").mkdir()
+    for seed, name in enumerate("abdefh"):
+        _image(train / f"{name}.jpg", seed)
+    _image(train / "f.jpg", 10, orientation=6)
+    _image(train / "b.jpg", 11)
+    shutil.copyfile(train / "a.jpg", train / "c.jpg")
+    (train / "i.jpg").write_bytes(b"not a jpeg at all")
+    categories = [(1, "disc"), (2, "rectangle"), (3, "unused")]
+    images = [("a.jpg", W, H), ("b.jpg", W, H), ("c.jpg", W, H), ("d.jpg", W, H), ("e.jpg", W, H),
+              ("f.jpg", H, W), ("g.jpg", W, H), ("h.jpg", 70, H), ("i.jpg", W, H)]
+    boxes = [(1, [10, 10, 20, 20], 1), (1, [40, 30, 2, 2], 2),      # a: a 2x2 px box (small, not a fault)
+             (3, [5, 5, 30, 30], 2), (4, [50, 10, 30, 20], 1), (5, [10, 10, 0, 20], 1), (6, [5, 5, 20, 20], 1),
+             (7, [5, 5, 20, 20], 2), (8, [5, 5, 20, 20], 1), (9, [5, 5, 20, 20], 2)]
+    (root / "annotations" / "instances_train.json").write_text(json.dumps(_coco(images, boxes, categories)))
+    _image(val / "a.jpg", 20)
+    shutil.copyfile(train / "d.jpg", val / "v1.jpg")
+    _image(val / "v2.jpg", 21)
+    val_categories = [(1, "disc"), (2, "rect"), (3, "unused")]
+    val_boxes = [(1, [10, 10, 20, 20], 1), (2, [10, 10, 20, 20], 2), (3, [10, 10, 20, 20], 1)]
+    (root / "annotations" / "instances_val.json").write_text(
+        json.dumps(_coco([("a.jpg", W, H), ("v1.jpg", W, H), ("v2.jpg", W, H)], val_boxes, val_categories)))
+    return root
+
+
+def _found(report: DataReport) -> dict[tuple[str, Any], int]:
+    found = {}
+    for f in report.findings:
+        split = next((s for s in ("train", "val") if f.message.startswith(f"{s}: ")), None)
+        found[(f.kind, split)] = f.count
+    return found
+
+
+def test_every_planted_fault_is_found(tmp_path: Path) -> None:
+    report = check_dataset(make_bad_dataset(tmp_path / "bad"))
+    assert _found(report) == PLANTED
+    by_kind = {f.kind: f for f in report.findings}
+    assert "c.jpg" in by_kind["duplicate_images"].examples[0] and "a.jpg" in by_kind["duplicate_images"].examples[0]
+    assert "d.jpg" in by_kind["boxes_outside_image"].examples[0]
+    assert "e.jpg" in by_kind["degenerate_boxes"].examples[0]
+    assert "f.jpg" in by_kind["exif_rotated_size_mismatch"].examples[0]
+    assert "EXIF orientation 6" in by_kind["exif_rotated_size_mismatch"].examples[0]
+    assert "h.jpg" in by_kind["size_mismatch"].examples[0] and "i.jpg" in by_kind["unreadable_images"].examples[0]
+    assert by_kind["missing_images"].examples == [str(tmp_path / "bad" / "train" / "g.jpg")]
+    assert "unused" in by_kind["empty_classes"].message
+    assert "v1.jpg" in by_kind["split_overlap"].examples[0] and by_kind["split_overlap_names"].examples == ["a.jpg"]
+    assert "rectangle (id 2)" in by_kind["class_mismatch"].message and "rect (id 2)" in by_kind["class_mismatch"].message
+    train = report.splits[0]
+    assert (train.images, train.boxes, train.images_without_boxes) == (9, 9, 1)
+    assert train.class_boxes == {"disc": 5, "rectangle": 4, "unused": 0}
+    assert train.class_images == {"disc": 5, "rectangle": 4, "unused": 0}
+    # below the smallest default box at 300x300: the 2x2 box (9.4 x 12.5 px) and the 0 px wide one
+    assert train.below_smallest_default == 2 and sum(train.size_counts) == 9
+    assert report.exit_status() == 1
+
+
+def test_smallest_default_box_comes_from_the_geometry() -> None:
+    config = DefaultBoxesConfig()
+    assert smallest_default_box() == pytest.approx(config.scales[0] / config.figure_size * 300, rel=1e-6)
+
+
+def test_cli_bad_dataset_exits_1_with_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = make_bad_dataset(tmp_path / "bad")
+    assert main(["check-data", str(root), "--header-checks", "0"]) == 1
+    out = capsys.readouterr().out
+    assert "duplicate_images" in out and "exif_rotated_size_mismatch" not in out   # headers not read
+    assert main(["check-data", str(root), "--json"]) == 1
+    data = json.loads(capsys.readouterr().out)
+    assert data["exit_status"] == 1 and {f["kind"] for f in data["findings"]} == {k for k, _ in PLANTED}
+
+
+def test_clean_synthetic_dataset_exits_0(synthetic_dataset: Any, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    root = synthetic_dataset(6, 3, num_classes=2, min_width=64, max_width=96, min_height=64, max_height=96)
+    out = tmp_path / "report"
+    assert main(["check-data", str(root), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "OK: 0 problems" in text and "disc" in text
+    saved = json.loads((out / "check-data.json").read_text())
+    # the generator numbers files per split: the same names in train/ and val/ are only a warning
+    assert [f["kind"] for f in saved["findings"]] == ["split_overlap_names"]
+    assert (out / "check-data.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["check-data", str(root), "--strict"]) == 1
+
+
+def test_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-data", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "nowhere" in err and "does not exist" in err
+    (tmp_path / "empty").mkdir()
+    assert main(["check-data", str(tmp_path / "empty")]) == 2
+    assert "no split" in capsys.readouterr().err
