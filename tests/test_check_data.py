@@ -106,7 +106,8 @@ def test_every_planted_fault_is_found(tmp_path: Path) -> None:
     assert by_kind["missing_images"].examples == [str(tmp_path / "bad" / "train" / "g.jpg")]
     assert "unused" in by_kind["empty_classes"].message
     assert "v1.jpg" in by_kind["split_overlap"].examples[0] and by_kind["split_overlap_names"].examples == ["a.jpg"]
-    assert "rectangle (id 2)" in by_kind["class_mismatch"].message and "rect (id 2)" in by_kind["class_mismatch"].message
+    mismatch = by_kind["class_mismatch"].message
+    assert "only in train: rectangle (id 2)" in mismatch and "only in val: rect (id 2)" in mismatch
     train = report.splits[0]
     assert (train.images, train.boxes, train.images_without_boxes) == (9, 9, 1)
     assert train.class_boxes == {"disc": 5, "rectangle": 4, "unused": 0}

@@ -4,11 +4,15 @@ against the published ``mean_average_precision`` package where it is installed."
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pytest
 
-from ssd300.train_config import TrainConfig
 from ssd300.errors import UserInputError
+from ssd300.train_config import TrainConfig
 from ssd300.voc_eval import GroundTruth, average_precision, evaluate_voc, ground_truth_from_coco
 
 
@@ -200,3 +204,27 @@ class ToInputs:
         rows = rows.copy()
         rows[:, 6] += 1
         return GroundTruth(truth.image_ids, truth.boxes, truth.category_ids + 1, truth.difficult), rows
+
+
+@pytest.mark.slow
+def test_evaluate_command_with_the_voc_metric(synthetic_dataset: Any, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """``--metric voc07`` through the whole evaluation: the figures are evaluate_voc's on the
+    written results (AP and AP50 both the mAP), per class for the model's categories."""
+    from ssd300.cli import main
+    from ssd300.coco_eval import load_coco_ground_truth
+
+    root = synthetic_dataset(2, 3, num_classes=2, max_objects=2, min_width=240, max_width=260, min_height=200,
+                             max_height=220)
+    summary, results = tmp_path / "summary.json", tmp_path / "results.json"
+    assert main(["evaluate", "--checkpoint", str(tiny_checkpoint), "--data", str(root), "--device", "cpu",
+                 "--num-workers", "0", "--metric", "voc07", "--json-summary", str(summary),
+                 "--results", str(results)]) == 0
+    written = json.loads(summary.read_text())
+    rows = np.array([[r["image_id"], *r["bbox"], r["score"], r["category_id"]]
+                     for r in json.loads(results.read_text())], dtype=np.float64).reshape(-1, 7)
+    gt = load_coco_ground_truth(root / "annotations" / "instances_val.json", backend="pycocotools")
+    expected = evaluate_voc(ground_truth_from_coco(gt), rows, "voc07", category_ids=[1, 2])
+    assert len(rows) > 0 and written["AP"] == pytest.approx(expected.ap, abs=1e-3)
+    last = written["evaluations"][-1]
+    assert last["AP50"] == last["AP"] and last["AP75"] == -1            # the COCO path gives AP75 >= 0
+    assert [c["category_id"] for c in last["per_class"]] == [1, 2]
