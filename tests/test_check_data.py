@@ -152,4 +152,7 @@ def test_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert err.count("\n") == 0 and "nowhere" in err and "does not exist" in err
     (tmp_path / "empty").mkdir()
     assert main(["check-data", str(tmp_path / "empty")]) == 2
-    assert "no split" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no known dataset layout" in err and "empty" in err
+    assert main(["check-data", str(tmp_path / "empty"), "--data-format", "coco"]) == 2
+    assert "no split of train, val found in its coco layout" in capsys.readouterr().err

@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Optional
 
 from ssd300.data.check import HEADER_CHECKS, SPLITS, check_dataset, plot_report
+from ssd300.data.layouts import DATA_FORMATS
 from ssd300.files import check_output_path, write_json
 
-FIELD_FLAGS = {"data": "DATA", "header_checks": "--header-checks", "out": "--out"}
+FIELD_FLAGS = {"data": "DATA"}
 
 
 def _header_checks(value: str) -> Optional[int]:
@@ -30,6 +31,8 @@ def _header_checks(value: str) -> Optional[int]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data", type=Path, metavar="DATA", help="dataset folder")
+    parser.add_argument("--data-format", choices=DATA_FORMATS, default="auto",
+                        help="dataset layout (auto: detected from the folder)")
     parser.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS),
                         help="splits to check (those present)")
     parser.add_argument("--header-checks", type=_header_checks, default=HEADER_CHECKS, metavar="N",
@@ -44,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     out: Optional[Path] = check_output_path(args.out, "out", folder=True) if args.out is not None else None
-    report = check_dataset(args.data, args.splits, header_checks=args.header_checks)
+    report = check_dataset(args.data, args.splits, data_format=args.data_format, header_checks=args.header_checks)
     if out is not None:
         write_json(out / "check-data.json", report.as_dict(), layout="indent")
         plot_report(report, out / "check-data.png")

@@ -26,8 +26,9 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ssd300.data.annotations import ParsedAnnotations, parse_annotations, read_annotation_file
-from ssd300.data.coco import ImageSizeMismatch, check_image_size, resolve_split
+from ssd300.data.coco import ImageSizeMismatch, check_image_size
 from ssd300.data.images import DECODE_ERRORS, exif_orientation, open_image
+from ssd300.data.layouts import check_data_format, detect_format, find_split, read_columns
 from ssd300.data.transforms import INPUT_SIZE
 from ssd300.default_boxes import default_boxes_300
 from ssd300.errors import UserInputError
@@ -66,6 +67,7 @@ class SplitReport:
     images: int
     boxes: int
     crowd_boxes: int
+    difficult_boxes: int                 # VOC's difficult flag (counted in the boxes below)
     images_without_boxes: int
     class_boxes: dict[str, int]          # class name -> boxes (crowd excluded)
     class_images: dict[str, int]         # class name -> images with at least one such box
@@ -80,6 +82,7 @@ class DataReport:
     """The result of :func:`check_dataset`."""
 
     root: str
+    data_format: str                     # the layout read: coco, voc or yolo
     smallest_default_box: float
     splits: list[SplitReport]
     findings: list[Finding]
@@ -96,10 +99,11 @@ class DataReport:
 
     def table(self) -> str:
         """The report as text for a terminal."""
-        lines = [f"dataset {self.root}"]
+        lines = [f"dataset {self.root} ({self.data_format} layout)"]
         for s in self.splits:
-            lines.append(f"  {s.split}: {s.images} images, {s.boxes} boxes ({s.crowd_boxes} crowd left out), "
-                         f"{s.images_without_boxes} images without boxes  [{s.annotation_file}]")
+            difficult = f", {s.difficult_boxes} difficult" if s.difficult_boxes else ""
+            lines.append(f"  {s.split}: {s.images} images, {s.boxes} boxes ({s.crowd_boxes} crowd left out"
+                         f"{difficult}), {s.images_without_boxes} images without boxes  [{s.annotation_file}]")
         names = list(dict.fromkeys(n for s in self.splits for n in s.class_boxes))
         if names:
             width = max(8, *(len(n) for n in names))
@@ -136,6 +140,7 @@ def _bin_name(lo: float, hi: float) -> str:
 @dataclass
 class _Split:
     name: str
+    format: str
     image_dir: Path
     annotation_file: Path
     parsed: ParsedAnnotations
@@ -150,50 +155,70 @@ class _Split:
         return [self.image_dir / self.file_name(r) for r in range(len(self.parsed.image_ids))]
 
 
-def _load_coco_split(root: Path, split: str) -> Optional[_Split]:
+def _outside(boxes_ltrb: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """(B,) bool: the box passes its image's edge (``sizes`` (B, 2) width, height) by more than the tolerance."""
+    t = OUTSIDE_TOLERANCE
+    return np.asarray(((boxes_ltrb[:, :2] < -t) | (boxes_ltrb[:, 2:] > sizes + t)).any(axis=1))
+
+
+def _read_split(root: Path, split: str, data_format: str) -> Optional[_Split]:
+    """One split of the dataset, or None when the layout has no such split. The flat index clips
+    boxes to the image, so whether they passed its edge is read from the unclipped source."""
     try:
-        image_dir, annotation_file = resolve_split(root, split)
+        source = find_split(root, split, data_format)
     except UserInputError as err:
-        if "no annotation file for split" in str(err):
+        if f"for split {split!r}" in str(err):
             return None
         raise
-    data = read_annotation_file(annotation_file)
-    parsed = parse_annotations(data, annotation_file)
-    # The index clips boxes to the image; whether they passed its edge is read from the file.
-    sizes = {img["id"]: (float(img["width"]), float(img["height"]), img["file_name"]) for img in data["images"]}
-    anns = data["annotations"]
-    xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
-    wh = np.array([sizes[a["image_id"]][:2] for a in anns], dtype=np.float64).reshape(-1, 2)
-    t = OUTSIDE_TOLERANCE
-    outside: np.ndarray = np.asarray(((xywh[:, :2] < -t) | (xywh[:, :2] + xywh[:, 2:] > wh + t)).any(axis=1))
-    examples = [f"{annotation_file}: annotation {anns[i].get('id', i)} of {sizes[anns[i]['image_id']][2]}: "
-                f"bbox {anns[i]['bbox']} outside {wh[i, 0]:.0f}x{wh[i, 1]:.0f}"
-                for i in np.flatnonzero(outside)[:MAX_EXAMPLES]]
-    return _Split(split, image_dir, annotation_file, parsed, outside, examples)
+    where = source.annotations
+    if source.format == "coco":
+        data = read_annotation_file(where)
+        parsed = parse_annotations(data, where)
+        images = {img["id"]: (float(img["width"]), float(img["height"]), img["file_name"]) for img in data["images"]}
+        anns = data["annotations"]
+        xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
+        wh = np.array([images[a["image_id"]][:2] for a in anns], dtype=np.float64).reshape(-1, 2)
+        outside = _outside(np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1), wh)
+        examples = [f"{where}: annotation {anns[i].get('id', i)} of {images[anns[i]['image_id']][2]}: "
+                    f"bbox {anns[i]['bbox']} outside {wh[i, 0]:.0f}x{wh[i, 1]:.0f}"
+                    for i in np.flatnonzero(outside)[:MAX_EXAMPLES]]
+    else:
+        columns = read_columns(where)
+        parsed = columns.parsed()
+        rows = np.repeat(np.arange(len(columns.image_ids)), columns.box_counts)
+        wh = columns.sizes[rows].astype(np.float64).reshape(-1, 2)
+        outside = _outside(columns.boxes.reshape(-1, 4), wh)
+        examples = [f"{where}: {columns.file_names[rows[i]]}: box {columns.boxes[i].round(2).tolist()} (ltrb) "
+                    f"outside {wh[i, 0]:.0f}x{wh[i, 1]:.0f}" for i in np.flatnonzero(outside)[:MAX_EXAMPLES]]
+    return _Split(split, source.format, source.image_dir, Path(where), parsed, outside, examples)
 
 
-def _load_splits(root: Path, splits: Sequence[str]) -> list[_Split]:
-    if not root.is_dir():
-        raise UserInputError(f"data {root}: dataset folder does not exist", fields=("data",))
-    loaded = [s for s in (_load_coco_split(root, name) for name in splits) if s is not None]
+def _load_splits(root: Path, splits: Sequence[str], data_format: str) -> list[_Split]:
+    check_data_format(data_format)
+    if data_format == "auto":
+        data_format = detect_format(root)   # no known layout: one line naming the folder
+    loaded = [s for s in (_read_split(root, name, data_format) for name in splits) if s is not None]
     if not loaded:
-        raise UserInputError(f"data {root}: no split of {', '.join(splits)} found (expected annotations/"
-                             "instances_train.json or instances_train2017.json, ...)", fields=("data",))
+        raise UserInputError(f"data {root}: no split of {', '.join(splits)} found in its {data_format} layout",
+                             fields=("data",))
     return loaded
 
 
 # ----------------------------------------------------------------------------- the checks
 
 
-def check_dataset(root: PathLike, splits: Sequence[str] = SPLITS, *,
+def check_dataset(root: PathLike, splits: Sequence[str] = SPLITS, *, data_format: str = "auto",
                   header_checks: Optional[int] = HEADER_CHECKS) -> DataReport:
     """Check the dataset folder ``root`` (its ``splits`` that exist) and return the report.
+
+    ``data_format``: "auto" (detected from the folder, :func:`ssd300.data.layouts.detect_format`),
+    "coco", "voc" or "yolo".
 
     ``header_checks``: images per split whose header is read for the size/EXIF check (``None``:
     all; 0: none). Raises UserInputError (field ``data``) when no split can be read.
     """
     root_path = Path(root).expanduser()
-    loaded = _load_splits(root_path, splits)
+    loaded = _load_splits(root_path, splits, data_format)
     smallest = smallest_default_box()
     findings: list[Finding] = []
     reports = [_split_report(s, smallest, findings, header_checks) for s in loaded]
@@ -202,7 +227,7 @@ def check_dataset(root: PathLike, splits: Sequence[str] = SPLITS, *,
         _check_classes_across(loaded, findings)
     order = {"error": 0, "warning": 1}
     findings.sort(key=lambda f: order[f.severity])
-    return DataReport(str(root_path), smallest, reports, findings)
+    return DataReport(str(root_path), loaded[0].format, smallest, reports, findings)
 
 
 def _split_report(s: _Split, smallest: float, findings: list[Finding], header_checks: Optional[int]) -> SplitReport:
@@ -249,7 +274,8 @@ def _split_report(s: _Split, smallest: float, findings: list[Finding], header_ch
         findings.append(Finding("empty_classes", "error" if s.name == "train" else "warning", len(empty_classes),
                                 f"{tag}{len(empty_classes)} classes have no boxes: {', '.join(empty_classes)}"))
     checked = _check_headers(s, findings, header_checks)
-    return SplitReport(s.name, str(s.annotation_file), str(s.image_dir), n, len(p.boxes), p.num_crowd,
+    difficult = int(p.difficult.sum()) if p.difficult is not None else 0
+    return SplitReport(s.name, str(s.annotation_file), str(s.image_dir), n, len(p.boxes), p.num_crowd, difficult,
                        int(empty_rows.size), class_boxes, class_images, edges, size_counts.tolist(),
                        int((side < smallest).sum()), checked)
 
