@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "detect": ("ssd300.commands.detect", "run a checkpoint on images, write JSON and annotated images"),
     "export": ("ssd300.commands.export", "export a checkpoint to ONNX or TorchScript"),
     "synth": ("ssd300.commands.synth", "write the built-in synthetic COCO-format dataset"),
+    "convert": ("ssd300.commands.convert", "convert annotations: VOC/YOLO/LabelMe to COCO json, COCO to YOLO/VOC"),
     "demo": ("ssd300.commands.demo", "generate the synthetic dataset, train, evaluate and draw results"),
 }
 
