@@ -129,11 +129,11 @@ def find_split(root: PathLike, split: str, data_format: str = "auto") -> SplitSo
 
 
 def _find_pair(root: Path, split: str, candidates: list[tuple[Path, Path]], what: str) -> tuple[Path, Path]:
-    for image_dir, annotations in candidates:
-        if annotations.exists():
+    for image_dir, source in candidates:
+        if source.exists():
             if not image_dir.is_dir():
-                raise _data_error(root, f"found {annotations} but no image folder {image_dir}")
-            return image_dir, annotations
+                raise _data_error(root, f"found {source} but no image folder {image_dir}")
+            return image_dir, source
     expected = " or ".join(str(a.relative_to(root)) for _, a in candidates)
     raise _data_error(root, f"no {what} for split {split!r} (expected {expected})")
 
