@@ -156,3 +156,49 @@ def test_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert err.count("\n") == 1 and "no known dataset layout" in err and "empty" in err
     assert main(["check-data", str(tmp_path / "empty"), "--data-format", "coco"]) == 2
     assert "no split of train, val found in its coco layout" in capsys.readouterr().err
+
+
+def _small_coco(root: Path) -> Path:
+    """train: a.jpg, b.jpg (a box past the right edge), c.jpg (a box 0 px wide), d.jpg (a copy of a.jpg)."""
+    (root / "train").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    for seed, name in enumerate("abc"):
+        _image(root / "train" / f"{name}.jpg", seed)
+    shutil.copyfile(root / "train" / "a.jpg", root / "train" / "d.jpg")
+    boxes = [(1, [10, 10, 20, 20], 1), (2, [50, 10, 30, 20], 2), (3, [10, 10, 0, 20], 1), (4, [5, 5, 20, 20], 2)]
+    annotation_file = root / "annotations" / "instances_train.json"
+    annotation_file.write_text(json.dumps(_coco([(f"{n}.jpg", W, H) for n in "abcd"], boxes,
+                                                [(1, "disc"), (2, "rectangle")])))
+    return annotation_file
+
+
+def test_voc_layout_faults_are_found_as_in_coco(tmp_path: Path) -> None:
+    from ssd300.data.convert import coco_to_voc
+
+    annotation_file = _small_coco(tmp_path / "coco")
+    coco_to_voc(annotation_file, tmp_path / "coco" / "train", tmp_path / "voc", "train", images="copy")
+    expected = {("boxes_outside_image", "train"): 1, ("degenerate_boxes", "train"): 1, ("duplicate_images", None): 1}
+    coco, voc = check_dataset(tmp_path / "coco"), check_dataset(tmp_path / "voc")
+    assert _found(coco) == expected and _found(voc) == expected
+    assert voc.data_format == "voc" and voc.splits[0].class_boxes == coco.splits[0].class_boxes == {"disc": 2,
+                                                                                                 "rectangle": 2}
+    outside = next(f for f in voc.findings if f.kind == "boxes_outside_image")
+    assert outside.examples == [f"{tmp_path / 'voc' / 'Annotations' / 'b.xml'}: box [50.0, 10.0, 80.0, 30.0] (ltrb) "
+                                "outside 64x48"]
+
+
+def test_yolo_coordinates_outside_the_image_are_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ssd300.data.convert import coco_to_yolo
+
+    annotation_file = _small_coco(tmp_path / "coco")
+    data = json.loads(annotation_file.read_text())
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] != 3]   # YOLO cannot hold a 0 px box
+    annotation_file.write_text(json.dumps(data))
+    coco_to_yolo(annotation_file, tmp_path / "coco" / "train", tmp_path / "yolo", "train", images="copy")
+    assert main(["check-data", str(tmp_path / "yolo")]) == 2   # the reader refuses values past 1, naming file:line
+    assert f"{tmp_path / 'yolo' / 'labels' / 'train' / 'b.txt'}:1" in capsys.readouterr().err
+    (tmp_path / "yolo" / "labels" / "train" / "b.txt").write_text("1 0.5 0.5 0.25 0.25\n")
+    report = check_dataset(tmp_path / "yolo")
+    assert report.data_format == "yolo"
+    assert _found(report) == {("duplicate_images", None): 1, ("images_without_boxes", "train"): 1}   # c.jpg
+    assert report.splits[0].class_boxes == {"disc": 1, "rectangle": 2}

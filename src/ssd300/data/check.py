@@ -188,7 +188,11 @@ def _read_split(root: Path, split: str, data_format: str) -> Optional[_Split]:
         rows = np.repeat(np.arange(len(columns.image_ids)), columns.box_counts)
         wh = columns.sizes[rows].astype(np.float64).reshape(-1, 2)
         outside = _outside(columns.boxes.reshape(-1, 4), wh)
-        examples = [f"{where}: {columns.file_names[rows[i]]}: box {columns.boxes[i].round(2).tolist()} (ltrb) "
+        def file_of(name: str) -> Path:   # the file that holds the image's boxes
+            folder = source.image_dir.parent / "Annotations" if source.format == "voc" else Path(where)
+            return folder / (Path(name).stem + (".xml" if source.format == "voc" else ".txt"))
+
+        examples = [f"{file_of(columns.file_names[rows[i]])}: box {columns.boxes[i].round(2).tolist()} (ltrb) "
                     f"outside {wh[i, 0]:.0f}x{wh[i, 1]:.0f}" for i in np.flatnonzero(outside)[:MAX_EXAMPLES]]
     return _Split(split, source.format, source.image_dir, Path(where), parsed, outside, examples)
 
