@@ -131,7 +131,7 @@ class DataReport:
 
 
 def _bin_name(lo: float, hi: float) -> str:
-    return f"<{hi:.0f}" if lo == 0 else (f">={lo:.0f}" if not np.isfinite(hi) else f"{lo:.0f}-{hi:.0f}")
+    return f"<{hi:.0f}" if lo == 0 else f"{lo:.0f}-{hi:.0f}"
 
 
 # ----------------------------------------------------------------------------- loading the splits
@@ -243,14 +243,17 @@ def _split_report(s: _Split, smallest: float, findings: list[Finding], header_ch
     wh = boxes[:, 2:] - boxes[:, :2]
     scale = INPUT_SIZE / p.sizes[row_of_box].astype(np.float64)      # the image is stretched to 300x300
     side = np.sqrt(np.clip(wh * scale, 0, None).prod(axis=1))
-    edges = [0.0, smallest / 4, smallest / 2, smallest, 2 * smallest, 4 * smallest, 8 * smallest, float("inf")]
+    # boxes are clipped to the image, so no side passes the input size (the last bin includes it)
+    edges = [0.0, smallest / 4, smallest / 2, smallest, 2 * smallest, 4 * smallest, 8 * smallest, float(INPUT_SIZE)]
     size_counts = np.histogram(side, bins=edges)[0]
     names = dict(p.categories)
-    class_boxes, class_images = {}, {}
-    for cid, name in p.categories:
-        mine = p.category_ids == cid
-        class_boxes[name] = int(mine.sum())
-        class_images[name] = int(np.unique(row_of_box[mine]).size)
+    ids = np.array([c for c, _ in p.categories], dtype=np.int64)
+    order = np.argsort(ids)
+    k = order[np.searchsorted(ids[order], p.category_ids)]             # category index of each box
+    per_class = np.bincount(k, minlength=len(ids))
+    images_per_class = np.bincount(np.unique(k * max(n, 1) + row_of_box) // max(n, 1), minlength=len(ids))
+    class_boxes = {name: int(per_class[i]) for i, (_, name) in enumerate(p.categories)}
+    class_images = {name: int(images_per_class[i]) for i, (_, name) in enumerate(p.categories)}
     tag = f"{s.name}: "
 
     def example_rows(rows: np.ndarray) -> list[str]:
