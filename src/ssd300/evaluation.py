@@ -20,12 +20,12 @@ from ssd300.coco_eval import (
     CocoMetrics,
     detections_to_rows,
     evaluate_results,
-    load_coco_ground_truth,
     merge_rank_rows,
     rows_to_results,
     write_results_json,
 )
 from ssd300.data.coco import CocoDetection, skipped_summary
+from ssd300.data.layouts import load_ground_truth
 from ssd300.data.loaders import build_eval_loader
 from ssd300.default_boxes import default_boxes_300
 from ssd300.distributed import DistributedContext, all_gather_objects, broadcast_object, gather_arrays
@@ -137,7 +137,7 @@ class RunEvaluator:
     in the run folder (``outputs``). ``evaluations`` collects one entry per evaluation."""
 
     val_set: CocoDetection
-    annotations: Path                 # the validation set's COCO file (ground truth, read on rank 0)
+    annotations: Path                 # the validation set's annotation source (ground truth, read on rank 0)
     label_map: LabelMap
     runtime: Runtime
     ctx: DistributedContext
@@ -153,8 +153,7 @@ class RunEvaluator:
     evaluations: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.coco_gt = load_coco_ground_truth(self.annotations, backend=self.eval_backend) if self.ctx.is_main \
-            else None
+        self.coco_gt = load_ground_truth(self.annotations, backend=self.eval_backend) if self.ctx.is_main else None
 
     def loader(self) -> Any:
         return build_eval_loader(self.val_set, self.batch_size, num_workers=self.num_workers, rank=self.ctx.rank,

@@ -238,7 +238,8 @@ class _Run:
         self.val_set: Optional[CocoDetection] = None
         if paths.train is not None:
             self.train_set = CocoDetection(*paths.train, train=True, seed=self.seed, strict=config.strict_images,
-                                           transform=TrainTransform(crop=config.iou_crop))
+                                           transform=TrainTransform(crop=config.iou_crop),
+                                           keep_difficult=config.keep_difficult)
         data_label_map, data_source = None, "the dataset"
         if self.train_set is not None and paths.train is not None:
             data_label_map, data_source = self.train_set.label_map, f"annotation file {paths.train[1]}"

@@ -156,6 +156,30 @@ def read_split(root: PathLike, split: str, data_format: str = "auto",
     return DataSplit(source.image_dir, source.read(cache_dir), source)
 
 
+def split_image_files(source: SplitSource) -> list[Path]:
+    """The split's image files, sorted (VOC: those of the image-set list, not all of JPEGImages)."""
+    files = sorted(p for p in source.image_dir.iterdir() if p.is_file() and is_image_file(p))
+    if source.format == "voc":
+        lines = source.annotations.read_text(encoding="utf-8-sig").splitlines()
+        listed = {line.split()[0] for line in lines if line.strip()}
+        files = [p for p in files if p.stem in listed]
+    return files
+
+
+def dataset_image_files(root: PathLike) -> Optional[list[Path]]:
+    """A dataset folder's training images (the validation split's when it has no training split);
+    None when ``root`` is no known dataset layout."""
+    root = Path(root)
+    if not root.is_dir() or _detect(root) is None:
+        return None
+    for split in SPLITS:
+        try:
+            return split_image_files(find_split(root, split))
+        except UserInputError:
+            continue
+    return None
+
+
 def format_of_source(annotations: PathLike) -> str:
     """The reader an annotation source needs: a .json file COCO, another file VOC, a folder YOLO."""
     path = Path(annotations)
