@@ -228,3 +228,22 @@ def test_evaluate_command_with_the_voc_metric(synthetic_dataset: Any, tiny_check
     last = written["evaluations"][-1]
     assert last["AP50"] == last["AP"] and last["AP75"] == -1            # the COCO path gives AP75 >= 0
     assert [c["category_id"] for c in last["per_class"]] == [1, 2]
+
+
+def test_voc_layout_difficult_boxes_are_ignored(tmp_path: Path) -> None:
+    """A VOC folder's ground truth (layouts.load_ground_truth: difficult -> iscrowd) under the VOC
+    metric: a detection on the difficult box changes nothing, and missing it costs nothing."""
+    from test_data_voc import IMAGES, make_voc
+
+    from ssd300.data.layouts import find_split, load_ground_truth
+
+    root = make_voc(tmp_path / "voc", IMAGES)
+    truth = ground_truth_from_coco(load_ground_truth(find_split(root, "train").annotations, backend="pycocotools"))
+    assert truth.difficult.tolist() == [False, True, False]
+    hits = [[1, 10, 5, 30.5, 25, 0.9, 2], [2, 5, 6, 40, 53, 0.8, 1]]
+    on_difficult = [1, 0, 0, 20, 20, 0.95, 1]
+    for metric in ("voc07", "voc12"):
+        base = evaluate_voc(truth, np.array(hits), metric)
+        assert base.ap == pytest.approx(1.0) and base.per_class == {1: {"AP": 1.0, "AP50": 1.0},
+                                                                    2: {"AP": 1.0, "AP50": 1.0}}
+        assert evaluate_voc(truth, np.array([*hits, on_difficult]), metric).per_class == base.per_class
