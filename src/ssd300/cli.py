@@ -30,7 +30,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("ssd300.commands.evaluate", "evaluate a checkpoint with the COCO metric"),
     "detect": ("ssd300.commands.detect", "run a checkpoint on images, write JSON and annotated images"),
     "export": ("ssd300.commands.export", "export a checkpoint to ONNX or TorchScript"),
+    "check-data": ("ssd300.commands.check_data", "check a dataset (counts, box sizes, duplicates, bad boxes, "
+                   "split overlap) before training; exit 1 when a problem is found"),
     "synth": ("ssd300.commands.synth", "write the built-in synthetic COCO-format dataset"),
+    "convert": ("ssd300.commands.convert", "convert annotations: VOC/YOLO/LabelMe to COCO json, COCO to YOLO/VOC"),
     "demo": ("ssd300.commands.demo", "generate the synthetic dataset, train, evaluate and draw results"),
 }
 

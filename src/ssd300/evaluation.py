@@ -20,12 +20,12 @@ from ssd300.coco_eval import (
     CocoMetrics,
     detections_to_rows,
     evaluate_results,
-    load_coco_ground_truth,
     merge_rank_rows,
     rows_to_results,
     write_results_json,
 )
 from ssd300.data.coco import CocoDetection, skipped_summary
+from ssd300.data.layouts import load_ground_truth
 from ssd300.data.loaders import build_eval_loader
 from ssd300.default_boxes import default_boxes_300
 from ssd300.distributed import DistributedContext, all_gather_objects, broadcast_object, gather_arrays
@@ -36,6 +36,7 @@ from ssd300.plots import plot_evaluation
 from ssd300.postprocess import COCO_EVAL, PostprocessConfig, PostProcessor
 from ssd300.run_folder import RunFolder
 from ssd300.runtime import Runtime
+from ssd300.voc_eval import evaluate_voc, ground_truth_from_coco
 
 
 class EvaluationInterrupted(Interrupted):
@@ -83,7 +84,7 @@ def predict_rows(model: nn.Module, loader: Iterable[Any], postprocessor: PostPro
 def evaluate_model(model: nn.Module, loader: Iterable[Any], coco_gt: Any, label_map: LabelMap, *,
                    ctx: DistributedContext, runtime: Runtime, channels_last: bool,
                    results_path: Optional[Path] = None, postprocess: PostprocessConfig = COCO_EVAL,
-                   log: Optional[Callable[[str], None]] = None,
+                   metric: str = "coco", log: Optional[Callable[[str], None]] = None,
                    progress: Optional[Callable[[int], None]] = None,
                    should_stop: Optional[Callable[[], bool]] = None) -> CocoMetrics:
     """COCO evaluation over ``loader`` (all ranks take part); every rank returns the same metrics.
@@ -96,6 +97,7 @@ def evaluate_model(model: nn.Module, loader: Iterable[Any], coco_gt: Any, label_
     ``coco_gt`` is only needed on the main rank. ``progress(n)`` is called after each batch of
     ``n`` images (e.g. :meth:`ssd300.logging_utils.Progress.update`). Only the label map's
     categories are scored (a background category of the file is not a class the model missed).
+    ``metric``: "coco", or "voc07"/"voc12" (:mod:`ssd300.voc_eval`, same result type).
     """
     postprocessor = PostProcessor(default_boxes_300().to(ctx.device), postprocess)
     image_ids, rows, skipped = predict_rows(unwrap_model(model), loader, postprocessor, runtime,
@@ -113,7 +115,11 @@ def evaluate_model(model: nn.Module, loader: Iterable[Any], coco_gt: Any, label_
         all_skipped = [s for g in gathered for s in g]
         if all_skipped and log is not None:
             log(f"evaluation: {skipped_summary(all_skipped)}")
-        metrics = evaluate_results(coco_gt, results, image_ids=ids, category_ids=label_map.category_ids[1:])
+        if metric == "coco":
+            metrics = evaluate_results(coco_gt, results, image_ids=ids, category_ids=label_map.category_ids[1:])
+        else:
+            metrics = evaluate_voc(ground_truth_from_coco(coco_gt), merged, metric, image_ids=ids,
+                                   category_ids=label_map.category_ids[1:])
         if log is not None:  # the figures first: a failing results write must not lose them
             log(metrics.summary)
             log(metrics.per_class_table(label_map.names_by_category_id()))
@@ -131,7 +137,7 @@ class RunEvaluator:
     in the run folder (``outputs``). ``evaluations`` collects one entry per evaluation."""
 
     val_set: CocoDetection
-    annotations: Path                 # the validation set's COCO file (ground truth, read on rank 0)
+    annotations: Path                 # the validation set's annotation source (ground truth, read on rank 0)
     label_map: LabelMap
     runtime: Runtime
     ctx: DistributedContext
@@ -140,14 +146,14 @@ class RunEvaluator:
     num_workers: int
     channels_last: bool
     eval_backend: str = "auto"
+    metric: str = "coco"
     bn_recalibration: int = 0
     results_path: Optional[Path] = None
     outputs: Optional[RunFolder] = None
     evaluations: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.coco_gt = load_coco_ground_truth(self.annotations, backend=self.eval_backend) if self.ctx.is_main \
-            else None
+        self.coco_gt = load_ground_truth(self.annotations, backend=self.eval_backend) if self.ctx.is_main else None
 
     def loader(self) -> Any:
         return build_eval_loader(self.val_set, self.batch_size, num_workers=self.num_workers, rank=self.ctx.rank,
@@ -164,7 +170,8 @@ class RunEvaluator:
         with self.logger.progress_bar(len(loader.sampler), f"evaluation after epoch {epoch}") as bar:
             metrics = evaluate_model(model, loader, self.coco_gt, self.label_map, ctx=self.ctx, runtime=self.runtime,
                                      channels_last=self.channels_last, results_path=self.results_path,
-                                     log=self.logger.info, progress=bar.update, should_stop=should_stop)
+                                     metric=self.metric, log=self.logger.info, progress=bar.update,
+                                     should_stop=should_stop)
         self.record(epoch, iteration, metrics, time.perf_counter() - start)
         return metrics
 

@@ -60,7 +60,7 @@ CALIBRATION_BATCH = 8
 def calibration_files(source: PathLike, count: int = DEFAULT_CALIBRATION_IMAGES) -> list[Path]:
     """``calibration`` -> up to ``count`` image files, spread evenly over the sorted list.
 
-    ``source`` is a folder of images, or a COCO-format dataset root (``ssd300 train --data``
+    ``source`` is a folder of images, or a dataset folder (COCO, VOC or YOLO: ``ssd300 train --data``
     layout), whose training images are used (the validation split only when there is no training
     split, so that a later evaluation on it stays honest).
     """
@@ -70,17 +70,11 @@ def calibration_files(source: PathLike, count: int = DEFAULT_CALIBRATION_IMAGES)
     if not root.is_dir():
         raise UserInputError(f"calibration {root}: not a folder of images or a COCO-format dataset",
                              fields=("calibration",))
-    folder = root
-    if (root / "annotations").is_dir():
-        from ssd300.data.coco import resolve_split
+    from ssd300.data.layouts import dataset_image_files
 
-        for split in ("train", "val"):
-            try:
-                folder, _ = resolve_split(root, split)
-                break
-            except UserInputError:
-                continue
-    files = sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
+    files = dataset_image_files(root)  # a dataset folder (COCO, VOC, YOLO): its training images
+    if files is None:
+        files = sorted(p for p in root.iterdir() if p.is_file() and is_image_file(p))
     if not files:
         raise UserInputError(f"calibration {root}: holds no image files", fields=("calibration",))
     if len(files) > count:

@@ -19,6 +19,7 @@ from typing import Any, Optional
 from ssd300.backbone import BACKBONES
 from ssd300.coco_eval import EVAL_BACKENDS
 from ssd300.data.coco import resolve_split
+from ssd300.data.layouts import check_data_format
 from ssd300.errors import UserInputError
 from ssd300.files import check_output_path
 from ssd300.optim import (
@@ -30,6 +31,7 @@ from ssd300.optim import (
 )
 from ssd300.optional import install_hint
 from ssd300.run_folder import EPOCH_NAME_PATTERN, INTERRUPTED, LAST, RunFolder
+from ssd300.voc_eval import METRICS
 
 MODES = ("training", "evaluation", "benchmark-training", "benchmark-inference")
 TRAINING_MODES = ("training", "benchmark-training")
@@ -51,6 +53,8 @@ class TrainConfig:
     train_annotations: Optional[Path] = None
     val_images: Optional[Path] = None
     val_annotations: Optional[Path] = None
+    data_format: str = "auto"               # layout of data: auto (detected), coco, voc, yolo (ssd300.data.layouts)
+    keep_difficult: bool = False            # train on VOC's difficult boxes too (evaluation ignores them)
     num_workers: Optional[int] = None       # data loading processes per rank (None: min(8, CPUs))
     dali: bool = False                       # the DALI training pipeline
     strict_images: bool = False              # stop at the first undecodable image instead of skipping it
@@ -61,6 +65,7 @@ class TrainConfig:
     batch_size: int = 32                     # images per process and step
     eval_batch_size: int = 32
     eval_backend: str = "auto"             # COCO evaluation library: auto (faster-coco-eval when installed), ...
+    metric: str = "coco"                     # coco (AP@[.5:.95]), voc07 (11-point) or voc12 (all-point) mAP@0.5
     seed: Optional[int] = None               # base seed (rank r uses seed + r); None: the checkpoint's, else random
     checkpoint: Optional[Path] = None        # resume from / start from / the model to evaluate
     save: Optional[Path] = None              # the run folder (ssd300.run_folder): checkpoints, log, figures
@@ -110,8 +115,11 @@ class TrainConfig:
     def _check_ranges(self) -> None:
         if self.mode not in MODES:
             _refuse("mode", f"must be one of {', '.join(MODES)}, got {self.mode!r}")
+        check_data_format(self.data_format)
         if self.eval_backend not in ("auto", *EVAL_BACKENDS):
             _refuse("eval_backend", f"must be one of auto, {', '.join(EVAL_BACKENDS)}, got {self.eval_backend!r}")
+        if self.metric not in METRICS:
+            _refuse("metric", f"must be one of {', '.join(METRICS)}, got {self.metric!r}")
         for name in ("batch_size", "eval_batch_size", "log_interval", "benchmark_iterations"):
             if getattr(self, name) < 1:
                 _refuse(name, f"must be >= 1, got {getattr(self, name)}")
@@ -205,7 +213,7 @@ def _refuse(field: str, problem: str) -> None:
     raise UserInputError(f"{field} {problem}", fields=(field,))
 
 
-Split = tuple[Path, Path]  # (image folder, COCO-format annotation file)
+Split = tuple[Path, Path]  # (image folder, annotation source: ssd300.data.layouts)
 
 
 @dataclass
@@ -226,9 +234,9 @@ def resolve_data(config: TrainConfig) -> DataPaths:
     paths = DataPaths()
     if config.data is not None:
         if config.needs_train_data:
-            paths.train = resolve_split(config.data, "train")
+            paths.train = resolve_split(config.data, "train", config.data_format)
         if config.needs_val_data:
-            paths.val = resolve_split(config.data, "val")
+            paths.val = resolve_split(config.data, "val", config.data_format)
         return paths
     for split, needed in (("train", config.needs_train_data), ("val", config.needs_val_data)):
         images, annotations = explicit[split]
@@ -244,7 +252,7 @@ def resolve_data(config: TrainConfig) -> DataPaths:
         if images is not None and annotations is not None:
             if not images.is_dir():
                 _refuse(pair[0], f"{images}: folder not found")
-            if not annotations.is_file():
+            if not annotations.exists():  # a COCO json, a VOC image-set list, a YOLO labels folder
                 _refuse(pair[1], f"{annotations}: file not found")
             setattr(paths, split, (images, annotations))
     return paths

@@ -208,7 +208,7 @@ class _Run:
         results = config.results or (self.outputs.results_file if self.outputs else None)
         return RunEvaluator(self.val_set, val[1], self.spec.label_map, self.runtime, self.ctx, self.logger,
                             batch_size=config.eval_batch_size, num_workers=self.workers,
-                            channels_last=self.channels_last, eval_backend=config.eval_backend,
+                            channels_last=self.channels_last, eval_backend=config.eval_backend, metric=config.metric,
                             bn_recalibration=config.bn_recalibration, results_path=results, outputs=self.outputs,
                             evaluations=self.result.evaluations)
 
@@ -238,7 +238,8 @@ class _Run:
         self.val_set: Optional[CocoDetection] = None
         if paths.train is not None:
             self.train_set = CocoDetection(*paths.train, train=True, seed=self.seed, strict=config.strict_images,
-                                           transform=TrainTransform(crop=config.iou_crop))
+                                           transform=TrainTransform(crop=config.iou_crop),
+                                           keep_difficult=config.keep_difficult)
         data_label_map, data_source = None, "the dataset"
         if self.train_set is not None and paths.train is not None:
             data_label_map, data_source = self.train_set.label_map, f"annotation file {paths.train[1]}"

@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ssd300.data.layouts import DATA_FORMATS
 from ssd300.backbone import BACKBONES
 from ssd300.coco_eval import EVAL_BACKENDS
 from ssd300.train_config import TrainConfig
+from ssd300.voc_eval import METRICS
 from ssd300.training import run as run_config
 
 DEFAULTS = TrainConfig()  # the one source of every default below
@@ -24,10 +26,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-images", type=Path, default=DEFAULTS.val_images,
                         help="validation image folder (instead of --data)")
     parser.add_argument("--val-annotations", type=Path, default=DEFAULTS.val_annotations,
-                        help="validation COCO-format json (instead of --data)")
+                        help="validation COCO json, VOC ImageSets/Main list or YOLO labels folder (instead of --data)")
+    parser.add_argument("--data-format", choices=DATA_FORMATS, default=DEFAULTS.data_format,
+                        help="the layout of --data (auto: detected; VOC difficult boxes are ignored regions)")
     parser.add_argument("--eval-batch-size", "--ebs", type=int, default=DEFAULTS.eval_batch_size)
     parser.add_argument("--eval-backend", choices=("auto", *EVAL_BACKENDS), default=DEFAULTS.eval_backend,
                         help="COCO evaluation library (auto: faster-coco-eval when installed, else pycocotools)")
+    parser.add_argument("--metric", choices=METRICS, default=DEFAULTS.metric,
+                        help="coco: AP@[.5:.95]; voc07 / voc12: VOC 11-point / all-point mAP at IoU 0.5, "
+                             "difficult ignored")
     parser.add_argument("--num-workers", type=int, default=DEFAULTS.num_workers)
     parser.add_argument("--device", default=DEFAULTS.device, help="cuda, cpu (default: cuda when available)")
     parser.add_argument("--backbone", choices=BACKBONES, default=DEFAULTS.backbone,
@@ -43,8 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     layout = None if args.data_layout is None else args.data_layout == "channels_last"
     return TrainConfig(
-        mode="evaluation", checkpoint=args.checkpoint, data=args.data, val_images=args.val_images,
+        mode="evaluation", checkpoint=args.checkpoint, data=args.data, data_format=args.data_format,
+        val_images=args.val_images,
         val_annotations=args.val_annotations, eval_batch_size=args.eval_batch_size, eval_backend=args.eval_backend,
+        metric=args.metric,
         num_workers=args.num_workers, device=args.device, backbone=args.backbone, amp=args.amp,
         channels_last=layout, results=args.results, json_summary=args.json_summary)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from ssd300.backbone import BACKBONES
 from ssd300.coco_eval import EVAL_BACKENDS
 from ssd300.commands.options import with_flags
+from ssd300.data.layouts import DATA_FORMATS
 from ssd300.errors import UserInputError
 from ssd300.run_folder import (
     BEST,
@@ -28,6 +29,7 @@ from ssd300.run_folder import (
 from ssd300.trainer import TrainingInterrupted
 from ssd300.train_config import MODES, TrainConfig
 from ssd300.training import run as run_config
+from ssd300.voc_eval import METRICS
 
 DEFAULTS = TrainConfig()  # the one source of every default below
 
@@ -35,12 +37,18 @@ DEFAULTS = TrainConfig()  # the one source of every default below
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
     data.add_argument("--data", "-d", type=Path, default=None,
-                      help="dataset folder: COCO 2017 layout (train2017/, val2017/, annotations/) or "
-                           "train/, val/, annotations/instances_{train,val}.json")
+                      help="dataset folder: COCO 2017 layout (train2017/, val2017/, annotations/), "
+                           "train/, val/, annotations/instances_{train,val}.json, VOC or YOLO (README: Your data)")
+    data.add_argument("--data-format", choices=DATA_FORMATS, default=DEFAULTS.data_format,
+                      help="the layout of --data (auto: detected from its files)")
+    data.add_argument("--keep-difficult", action="store_true",
+                      help="train on VOC's difficult boxes too (default: left out; evaluation always ignores them)")
     data.add_argument("--train-images", type=Path, help="training image folder (instead of --data)")
-    data.add_argument("--train-annotations", type=Path, help="training COCO-format json (instead of --data)")
+    data.add_argument("--train-annotations", type=Path,
+                      help="training COCO json, VOC ImageSets/Main list or YOLO labels folder (instead of --data)")
     data.add_argument("--val-images", type=Path, help="validation image folder (instead of --data)")
-    data.add_argument("--val-annotations", type=Path, help="validation COCO-format json (instead of --data)")
+    data.add_argument("--val-annotations", type=Path,
+                      help="validation COCO json, VOC ImageSets/Main list or YOLO labels folder (instead of --data)")
     data.add_argument("--num-workers", type=int, default=None,
                       help="data loading processes per rank (default: min(8, CPU count))")
     data.add_argument("--dali", action="store_true", help="use the DALI training pipeline (needs nvidia-dali)")
@@ -57,6 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--eval-batch-size", "--ebs", type=int, default=DEFAULTS.eval_batch_size)
     run.add_argument("--eval-backend", choices=("auto", *EVAL_BACKENDS), default=DEFAULTS.eval_backend,
                      help="COCO evaluation library (auto: faster-coco-eval when installed, else pycocotools)")
+    run.add_argument("--metric", choices=METRICS, default=DEFAULTS.metric,
+                     help="coco: AP@[.5:.95]; voc07 / voc12: VOC 11-point / all-point mAP at IoU 0.5, "
+                          "difficult ignored")
     run.add_argument("--seed", "-s", type=int, default=None, help="base seed (rank r uses seed + r); random if unset")
     run.add_argument("--checkpoint", type=Path, default=None,
                      help="resume from (our checkpoints) or start from (reference/weights-only) this file; "
@@ -131,9 +142,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         data=args.data, train_images=args.train_images, train_annotations=args.train_annotations,
         val_images=args.val_images, val_annotations=args.val_annotations, num_workers=args.num_workers,
+        data_format=args.data_format, keep_difficult=args.keep_difficult,
         dali=args.dali, strict_images=args.strict_images, iou_crop=not args.no_iou_crop,
         mode=args.mode, epochs=args.epochs, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
-        eval_backend=args.eval_backend,
+        eval_backend=args.eval_backend, metric=args.metric,
         seed=args.seed, checkpoint=args.checkpoint, save=args.save, resume=args.resume, overwrite=args.overwrite,
         keep_last=args.keep_last, evaluation=tuple(args.evaluation), eval_every=args.eval_every,
         device="cpu" if args.no_cuda else args.device,

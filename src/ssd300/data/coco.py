@@ -22,9 +22,9 @@ from ssd300.data.annotations import (
     ParsedAnnotations,
     background_categories,
     label_map_from_categories,
-    load_annotations,
 )
-from ssd300.data.images import DECODE_ERRORS, draft_for_crop, exif_orientation, is_image_file, open_image
+from ssd300.data.images import DECODE_ERRORS, draft_for_crop, exif_orientation, open_image
+from ssd300.data.layouts import find_split, read_annotations
 from ssd300.data.transforms import INPUT_SIZE, EvalTransform, TrainTransform
 from ssd300.errors import UserInputError, one_line
 from ssd300.files import PathLike
@@ -36,31 +36,15 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------- layout
 
 
-def resolve_split(data_root: PathLike, split: str) -> tuple[Path, Path]:
-    """Dataset folder + split ("train" or "val") -> (image_dir, annotation_file).
+def resolve_split(data_root: PathLike, split: str, data_format: str = "auto") -> tuple[Path, Path]:
+    """Dataset folder + split ("train" or "val") -> (image_dir, annotation source).
 
-    Understands the COCO 2017 layout (``train2017/``, ``annotations/instances_train2017.json``)
-    and the synthetic/custom layout (``train/``, ``annotations/instances_train.json``). Errors name
-    the folder as the field ``data`` (``TrainConfig.data``).
+    Any layout of :mod:`ssd300.data.layouts` (COCO 2017's ``train2017/`` +
+    ``annotations/instances_train2017.json``, the synthetic/custom ``train/`` +
+    ``annotations/instances_train.json``, VOC, YOLO). Errors name the folder as the field ``data``.
     """
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    root = Path(data_root).expanduser()
-    if not root.is_dir():
-        raise UserInputError(f"data {root}: dataset folder does not exist", fields=("data",))
-    candidates = [(root / f"{split}2017", root / "annotations" / f"instances_{split}2017.json"),
-                  (root / split, root / "annotations" / f"instances_{split}.json")]
-    for image_dir, annotation_file in candidates:
-        if annotation_file.is_file():
-            if not image_dir.is_dir():
-                raise UserInputError(f"data {root}: found {annotation_file} but no image folder {image_dir}",
-                                     fields=("data",))
-            if not any(is_image_file(p) for p in image_dir.iterdir()):
-                raise UserInputError(f"data {root}: image folder {image_dir} has no images", fields=("data",))
-            return image_dir, annotation_file
-    expected = " or ".join(str(a.relative_to(root)) for _, a in candidates)
-    raise UserInputError(f"data {root}: no annotation file for split {split!r} (expected {expected})",
-                         fields=("data",))
+    source = find_split(data_root, split, data_format)
+    return source.image_dir, source.annotations
 
 
 # ----------------------------------------------------------------------------- the index
@@ -89,11 +73,13 @@ class DatasetStats:
     crowd_boxes: int = 0               # excluded from training targets
     small_boxes: int = 0               # under 1 pixel wide or high after clipping
     background_boxes: int = 0          # of a background category (see labels.is_background_category)
+    difficult_boxes: int = 0           # VOC's difficult, left out of training unless kept
 
     def summary(self) -> str:
         background = f"{self.background_boxes} background-category boxes, " if self.background_boxes else ""
+        difficult = f"{self.difficult_boxes} difficult boxes, " if self.difficult_boxes else ""
         return (f"{self.images} images, {self.annotations} annotations; left out: "
-                f"{self.crowd_boxes} crowd boxes, {background}{self.small_boxes} boxes under 1 px, "
+                f"{self.crowd_boxes} crowd boxes, {background}{difficult}{self.small_boxes} boxes under 1 px, "
                 f"{self.images_without_boxes} images without usable boxes")
 
 
@@ -145,9 +131,9 @@ class AnnotationIndex:
 
 
 def build_index(parsed: ParsedAnnotations, label_map: LabelMap, *, skip_empty: bool,
-                stats: DatasetStats) -> AnnotationIndex:
-    """Map categories to labels, drop boxes of background categories and under 1 px, and
-    (``skip_empty``) images left without boxes."""
+                stats: DatasetStats, keep_difficult: bool = False) -> AnnotationIndex:
+    """Map categories to labels, drop boxes of background categories, under 1 px and (unless
+    ``keep_difficult``) VOC's difficult ones, and (``skip_empty``) images left without boxes."""
     to_label = label_map.category_id_to_label()
     background = background_categories(parsed.categories)
     for category_id in parsed.category_order.tolist():
@@ -158,6 +144,9 @@ def build_index(parsed: ParsedAnnotations, label_map: LabelMap, *, skip_empty: b
     is_background = np.isin(parsed.category_ids, np.array(sorted(background), dtype=np.int64))
     big_enough = ((boxes[:, 2] - boxes[:, 0]) >= 1) & ((boxes[:, 3] - boxes[:, 1]) >= 1)
     usable = big_enough & ~is_background
+    if parsed.difficult is not None and not keep_difficult:
+        stats.difficult_boxes += int((parsed.difficult & usable).sum())
+        usable &= ~parsed.difficult
     stats.background_boxes += int(is_background.sum())
     row_of_box = np.repeat(np.arange(num_images), np.diff(parsed.box_offsets))
     counts = np.bincount(row_of_box[usable], minlength=num_images)
@@ -229,24 +218,27 @@ class CocoDetection(torch.utils.data.Dataset):
     next image takes its place, in evaluation ``__getitem__`` returns ``None`` (the collate drops
     it). ``strict=True`` raises UserInputError instead. ``cache_dir``: where a big annotation
     file's index is cached (see :func:`load_annotations`; ``None`` disables it).
+    ``annotation_file`` is any annotation source of :mod:`ssd300.data.layouts` (COCO json, VOC
+    image-set list, YOLO labels folder); ``keep_difficult``: train on VOC's difficult boxes too.
     """
 
     def __init__(self, image_dir: PathLike, annotation_file: PathLike, *, train: bool,
                  label_map: Optional[LabelMap] = None, seed: int = 0, strict: bool = False,
                  transform: Optional[Callable[..., Any]] = None,
-                 cache_dir: Optional[PathLike] = "auto") -> None:
+                 cache_dir: Optional[PathLike] = "auto", keep_difficult: bool = False) -> None:
         self.image_dir = Path(image_dir)
         self.annotation_file = Path(annotation_file)
         if not self.image_dir.is_dir():
             raise UserInputError(f"{self.image_dir}: image folder does not exist")
-        parsed = load_annotations(self.annotation_file, cache_dir=cache_dir)
+        parsed = read_annotations(self.annotation_file, cache_dir=cache_dir)
         self.label_map = label_map if label_map is not None else label_map_from_categories(parsed.categories,
                                                                                             self.annotation_file)
         self.train = train
         self.seed = int(seed)
         self.strict = strict
         self.stats = DatasetStats()
-        self.index = build_index(parsed, self.label_map, skip_empty=train, stats=self.stats)
+        self.index = build_index(parsed, self.label_map, skip_empty=train, stats=self.stats,
+                                 keep_difficult=keep_difficult)
         for cid, name in background_categories(parsed.categories).items():
             log.warning("%s: category %d %r is treated as the background, not as an object class "
                         "(%d of its annotations dropped)", self.annotation_file, cid, name, self.stats.background_boxes)
@@ -257,7 +249,7 @@ class CocoDetection(torch.utils.data.Dataset):
         self._check_images_present()
         self.transform: Any = transform if transform is not None else (TrainTransform() if train else EvalTransform())
         left_out = (self.stats.crowd_boxes + self.stats.small_boxes + self.stats.images_without_boxes
-                    + self.stats.background_boxes)
+                    + self.stats.background_boxes + self.stats.difficult_boxes)
         (log.warning if left_out else log.info)("%s: %s", self.annotation_file, self.stats.summary())
 
     @property
@@ -274,7 +266,7 @@ class CocoDetection(torch.utils.data.Dataset):
 
     @classmethod
     def from_root(cls, data_root: PathLike, split: str, **kwargs: Any) -> "CocoDetection":
-        image_dir, annotation_file = resolve_split(data_root, split)
+        image_dir, annotation_file = resolve_split(data_root, split, kwargs.pop("data_format", "auto"))
         kwargs.setdefault("train", split == "train")
         return cls(image_dir, annotation_file, **kwargs)
 
