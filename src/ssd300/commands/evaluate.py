@@ -18,7 +18,9 @@ DEFAULTS = TrainConfig()  # the one source of every default below
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", type=Path, required=True, help="our or the reference's checkpoint")
+    parser.add_argument("--checkpoint", type=Path, required=True,
+                        help="our or the reference's checkpoint (a training checkpoint, not an exported ONNX, "
+                             "pt2 or TorchScript file)")
     parser.add_argument("--data", "-d", type=Path, default=DEFAULTS.data,
                         help="dataset folder (its val split is used)")
     parser.add_argument("--val-images", type=Path, default=DEFAULTS.val_images,
@@ -29,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-backend", choices=("auto", *EVAL_BACKENDS), default=DEFAULTS.eval_backend,
                         help="COCO evaluation library (auto: faster-coco-eval when installed, else pycocotools)")
     parser.add_argument("--num-workers", type=int, default=DEFAULTS.num_workers)
+    parser.add_argument("--strict-images", action="store_true", default=DEFAULTS.strict_images,
+                        help="stop at the first missing or undecodable image (default: log it, skip it, count it), "
+                             "as train's --strict-images")
     parser.add_argument("--device", default=DEFAULTS.device, help="cuda, cpu (default: cuda when available)")
     parser.add_argument("--backbone", choices=BACKBONES, default=DEFAULTS.backbone,
                         help="must match the checkpoint (default: read from it)")
@@ -45,7 +50,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         mode="evaluation", checkpoint=args.checkpoint, data=args.data, val_images=args.val_images,
         val_annotations=args.val_annotations, eval_batch_size=args.eval_batch_size, eval_backend=args.eval_backend,
-        num_workers=args.num_workers, device=args.device, backbone=args.backbone, amp=args.amp,
+        num_workers=args.num_workers, strict_images=args.strict_images, device=args.device, backbone=args.backbone, amp=args.amp,
         channels_last=layout, results=args.results, json_summary=args.json_summary)
 
 

@@ -46,6 +46,11 @@ def resolve_split(data_root: PathLike, split: str) -> tuple[Path, Path]:
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     root = Path(data_root).expanduser()
+    if root.is_file():
+        raise UserInputError(
+            f"data {root}: is a file; data takes a dataset folder (holding {split}/ or {split}2017/ and "
+            f"annotations/instances_{split}.json); for a single COCO-format json give it as {split}_annotations "
+            f"with its image folder as {split}_images", fields=("data", f"{split}_annotations", f"{split}_images"))
     if not root.is_dir():
         raise UserInputError(f"data {root}: dataset folder does not exist", fields=("data",))
     candidates = [(root / f"{split}2017", root / "annotations" / f"instances_{split}2017.json"),
@@ -56,7 +61,8 @@ def resolve_split(data_root: PathLike, split: str) -> tuple[Path, Path]:
                 raise UserInputError(f"data {root}: found {annotation_file} but no image folder {image_dir}",
                                      fields=("data",))
             if not any(is_image_file(p) for p in image_dir.iterdir()):
-                raise UserInputError(f"data {root}: image folder {image_dir} has no images", fields=("data",))
+                raise UserInputError(f"data {root}: the {split} split is empty: image folder {image_dir} has no images",
+                                     fields=("data",))
             return image_dir, annotation_file
     expected = " or ".join(str(a.relative_to(root)) for _, a in candidates)
     raise UserInputError(f"data {root}: no annotation file for split {split!r} (expected {expected})",
