@@ -57,7 +57,8 @@ def _looks_like_onnx(path: Path) -> bool:
             head = f.read(3)
     except OSError:
         return False
-    return len(head) == 3 and head[0] == 0x08 and 1 <= head[1] < 0x80 and head[2] in (0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42)
+    next_fields = (0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42)  # tags of ModelProto fields 2..8
+    return len(head) == 3 and head[0] == 0x08 and 1 <= head[1] < 0x80 and head[2] in next_fields
 
 
 def is_exported_file(path: PathLike) -> bool:

@@ -50,8 +50,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         mode="evaluation", checkpoint=args.checkpoint, data=args.data, val_images=args.val_images,
         val_annotations=args.val_annotations, eval_batch_size=args.eval_batch_size, eval_backend=args.eval_backend,
-        num_workers=args.num_workers, strict_images=args.strict_images, device=args.device, backbone=args.backbone, amp=args.amp,
-        channels_last=layout, results=args.results, json_summary=args.json_summary)
+        num_workers=args.num_workers, strict_images=args.strict_images, device=args.device, backbone=args.backbone,
+        amp=args.amp, channels_last=layout, results=args.results, json_summary=args.json_summary)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,9 +12,11 @@ _DEFAULTS = SynthConfig()
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (becomes --data for train/evaluate)")
-    parser.add_argument("--train", type=int, default=2000, help="number of training images, >= 0 (default 2000; 0 writes an empty train split: "
+    parser.add_argument("--train", type=int, default=2000,
+                        help="number of training images, >= 0 (default 2000; 0 writes an empty train split: "
                              "the dataset is then for evaluate only)")
-    parser.add_argument("--val", type=int, default=200, help="number of validation images, >= 0 (default 200; 0 writes an empty val split: train "
+    parser.add_argument("--val", type=int, default=200,
+                        help="number of validation images, >= 0 (default 200; 0 writes an empty val split: train "
                              "it with --evaluation and no epochs)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes the same dataset")
     parser.add_argument("--classes", type=int, default=_DEFAULTS.num_classes,
