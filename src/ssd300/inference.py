@@ -6,7 +6,8 @@
 >>> result.boxes, result.scores, result.class_names   # ltrb pixels of the original image
 
 Inputs may be paths, PIL images, HWC uint8 numpy arrays (RGB) or CHW tensors (uint8, or float in
-[0, 1]). Preprocessing is :class:`ssd300.data.transforms.EvalTransform` (the one shared with
+[0, 1]); float pixels outside [0, 1], NaN/inf and empty images are refused in one line
+(:func:`check_pixels`). Preprocessing is :class:`ssd300.data.transforms.EvalTransform` (the one shared with
 evaluation): resize to 300x300 on uint8, then normalise batched. Post-processing is
 :class:`ssd300.postprocess.PostProcessor` (SPEC §5), run once per batch.
 
