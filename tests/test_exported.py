@@ -216,3 +216,15 @@ def test_an_onnx_file_with_another_suffix_is_recognised_by_content(files, photos
     capsys.readouterr()
     assert main(["detect", str(image), "--model", str(foreign), "--out", str(tmp_path / "out2")]) == 2
     assert f"{foreign}: has no ssd300 export metadata" in capsys.readouterr().err
+
+
+def test_an_exported_file_given_as_a_training_checkpoint_says_what_it_is(files, tmp_path):
+    from ssd300.checkpoint import load_checkpoint
+
+    renamed = tmp_path / "model.bin"
+    renamed.write_bytes(files["onnx"].read_bytes())
+    for path, fmt in ((renamed, "onnx"), (files["pt2"], "pt2"), (files["torchscript"], "torchscript")):
+        with pytest.raises(UserInputError, match=rf"^checkpoint {path}: is a file written by ssd300 export "
+                                                 rf"\({fmt}\), not a training checkpoint; detect runs it"):
+            load_checkpoint(path)
+    load_checkpoint(files["checkpoint"])  # ours still loads

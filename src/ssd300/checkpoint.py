@@ -74,8 +74,17 @@ def checkpoint_in_folder(folder: PathLike) -> Path | None:
 
 def _check_checkpoint_path(path: PathLike) -> None:
     """A checkpoint path that is a folder is refused naming what it is, with the checkpoint it
-    holds (:func:`checkpoint_in_folder`) as a suggestion."""
-    if not Path(path).expanduser().is_dir():
+    holds (:func:`checkpoint_in_folder`) as a suggestion; so is an exported file (recognised by
+    content: an ONNX file named ``.bin`` too)."""
+    target = Path(path).expanduser()
+    if target.is_file():
+        from .exported import format_of, is_exported_file
+
+        if is_exported_file(target):
+            raise UserInputError(f"checkpoint {path}: is a file written by ssd300 export ({format_of(target)}), not a "
+                                 "training checkpoint; detect runs it, training and evaluation need the checkpoint "
+                                 "it was exported from")
+    if not target.is_dir():
         return
     found = checkpoint_in_folder(path)
     hint = f"; did you mean {found}?" if found else " (it holds no best.pt or last.pt)"
