@@ -39,7 +39,7 @@ def _error(capsys, argv: list[str]) -> str:
 @pytest.mark.parametrize("flags,message", [
     (["--bs", "0"], "--batch-size must be >= 1"),
     (["--lr", "-1"], "--learning-rate must be > 0"),
-    (["--epochs", "-2"], "--epochs must be >= 0"),
+    (["--epochs", "-2"], "--epochs must be >= 1 to train, got -2"),
     (["--warmup", "-5"], "--warmup must be >= 0"),
     (["--momentum", "1.5"], "--momentum must be in [0, 1)"),
     (["--multistep", "-1"], "--multistep takes epoch numbers >= 0"),

@@ -189,3 +189,42 @@ def test_detect_command_runs_an_exported_file(files, tmp_path):
     assert {d["category_id"] for d in record["detections"]} <= {3, 7, 11}
     rc = main(["detect", str(image), "--model", str(files["onnx"]), "--out", str(out), "--amp"])
     assert rc == 2
+
+
+def test_an_onnx_file_with_another_suffix_is_recognised_by_content(files, photos, tmp_path, capsys):
+    renamed = tmp_path / "model.bin"
+    renamed.write_bytes(files["onnx"].read_bytes())
+    assert is_exported_file(renamed) and format_of(renamed) == "onnx"
+    want = Detector.from_exported(files["onnx"])(photos[0])
+    got = Detector.from_exported(renamed)(photos[0])
+    torch.testing.assert_close(got.scores, want.scores)
+    checkpoint = tmp_path / "weights.bin"
+    checkpoint.write_bytes(files["checkpoint"].read_bytes())
+    assert not is_exported_file(checkpoint)  # a checkpoint stays a checkpoint, whatever its name
+    image = tmp_path / "photo.png"
+    from PIL import Image
+
+    Image.fromarray(photos[0]).save(image)
+    assert main(["detect", str(image), "--model", str(renamed), "--out", str(tmp_path / "out"), "--no-images"]) == 0
+    # ONNX, but not ours: said what it is (not "not a PyTorch file")
+    import onnx
+
+    proto = onnx.load(str(files["onnx_raw"]))
+    del proto.metadata_props[:]
+    foreign = tmp_path / "foreign.bin"
+    onnx.save(proto, str(foreign))
+    capsys.readouterr()
+    assert main(["detect", str(image), "--model", str(foreign), "--out", str(tmp_path / "out2")]) == 2
+    assert f"{foreign}: has no ssd300 export metadata" in capsys.readouterr().err
+
+
+def test_an_exported_file_given_as_a_training_checkpoint_says_what_it_is(files, tmp_path):
+    from ssd300.checkpoint import load_checkpoint
+
+    renamed = tmp_path / "model.bin"
+    renamed.write_bytes(files["onnx"].read_bytes())
+    for path, fmt in ((renamed, "onnx"), (files["pt2"], "pt2"), (files["torchscript"], "torchscript")):
+        with pytest.raises(UserInputError, match=rf"^checkpoint {path}: is a file written by ssd300 export "
+                                                 rf"\({fmt}\), not a training checkpoint; detect runs it"):
+            load_checkpoint(path)
+    load_checkpoint(files["checkpoint"])  # ours still loads

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,11 +53,48 @@ def load_checkpoint(path: PathLike, map_location: MapLocation = "cpu") -> dict[s
     A bare state dict is returned as it is; use :func:`model_state_dict` to get the weights from
     either form. Every problem with the file is a one-line :class:`UserInputError`.
     """
+    _check_checkpoint_path(path)
     obj = read_torch_file(path, "checkpoint", map_location)
     if not isinstance(obj, dict):
         raise UserInputError(f"checkpoint {path}: expected a dict, found {type(obj).__name__}")
     model_state_dict(obj, source=f"checkpoint {path}")  # fail now, naming the file, if there are no weights
     return obj
+
+
+def checkpoint_in_folder(folder: PathLike) -> Path | None:
+    """The checkpoint a folder given in place of a checkpoint file most likely means: its
+    ``best.pt``, else ``last.pt``, else the newest ``checkpoints/*.pt`` (by name); None if none."""
+    folder = Path(folder).expanduser()
+    for candidate in (folder / "best.pt", folder / "last.pt"):
+        if candidate.is_file():
+            return candidate
+    found = sorted(p for p in (folder / "checkpoints").glob("*.pt") if p.is_file())
+    return found[-1] if found else None
+
+
+def _check_checkpoint_path(path: PathLike) -> None:
+    """A checkpoint path that is a folder is refused naming what it is, with the checkpoint it
+    holds (:func:`checkpoint_in_folder`) as a suggestion; so is an exported file (recognised by
+    content: an ONNX file named ``.bin`` too)."""
+    target = Path(path).expanduser()
+    if target.is_file():
+        from .exported import format_of, is_exported_file
+
+        if is_exported_file(target):
+            raise UserInputError(f"checkpoint {path}: is a file written by ssd300 export ({format_of(target)}), not a "
+                                 "training checkpoint; detect runs it, training and evaluation need the checkpoint "
+                                 "it was exported from")
+    if not target.is_dir():
+        return
+    found = checkpoint_in_folder(path)
+    hint = f"; did you mean {found}?" if found else " (it holds no best.pt or last.pt)"
+    raise UserInputError(f"checkpoint {path}: is a folder, not a checkpoint file{hint}")
+
+
+def _is_torchvision_resnet(state: Mapping[str, Any]) -> bool:
+    """A torchvision ResNet classifier's state dict (``conv1``, ``layer1``..``layer4``, ``fc``)."""
+    keys = {strip_module_prefix(k) for k in state}
+    return {"conv1.weight", "fc.weight"} <= keys and any(k.startswith("layer4.") for k in keys)
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -88,6 +126,10 @@ def infer_architecture(state_dict: Mapping[str, torch.Tensor], source: str = "ch
     bottleneck = (_LAYER3 + "0.conv3.weight") in state
     backbone = _ARCH_BY_LAYER3.get((bottleneck, len(blocks)))
     conf0 = state.get("conf.0.weight")
+    if _is_torchvision_resnet(state):
+        raise UserInputError(
+            f"{source}: not an SSD300 checkpoint but a ResNet classifier's weights (torchvision's layout); "
+            "to train SSD300 from them, give the file to training as backbone_path", fields=("backbone_path",))
     if backbone is None or conf0 is None:
         raise UserInputError(
             f"{source}: not an SSD300 state dict (layer3 has {len(blocks)} "

@@ -28,8 +28,9 @@ EPILOG = ("Run 'ssd300 COMMAND --help' for a command's flags. Reference-style co
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("ssd300.commands.train", "train (or benchmark) SSD300; accepts the reference's flags and --mode"),
     "evaluate": ("ssd300.commands.evaluate", "evaluate a checkpoint with the COCO metric"),
-    "detect": ("ssd300.commands.detect", "run a checkpoint on images, write JSON and annotated images"),
-    "export": ("ssd300.commands.export", "export a checkpoint to ONNX or TorchScript"),
+    "detect": ("ssd300.commands.detect", "run a checkpoint or an exported ONNX/pt2/TorchScript file on images, "
+                                         "write JSON and annotated images"),
+    "export": ("ssd300.commands.export", "export a checkpoint to ONNX, pt2 (torch.export) or TorchScript"),
     "check-data": ("ssd300.commands.check_data", "check a dataset (counts, box sizes, duplicates, bad boxes, "
                    "split overlap) before training; exit 1 when a problem is found"),
     "synth": ("ssd300.commands.synth", "write the built-in synthetic COCO-format dataset"),

@@ -49,12 +49,26 @@ def _zip_format(path: Path) -> Optional[str]:
     return None
 
 
+def _looks_like_onnx(path: Path) -> bool:
+    """An ONNX file's first bytes: protobuf field 1 (``ir_version``, a small varint), then field 2+
+    (a string: producer name, opset...). Checkpoints start with ``PK`` (zip) or ``\\x80`` (pickle)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(3)
+    except OSError:
+        return False
+    next_fields = (0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42)  # tags of ModelProto fields 2..8
+    return len(head) == 3 and head[0] == 0x08 and 1 <= head[1] < 0x80 and head[2] in next_fields
+
+
 def is_exported_file(path: PathLike) -> bool:
-    """Whether ``path`` is an exported model (ONNX, pt2, TorchScript) rather than a training checkpoint."""
+    """Whether ``path`` is an exported model (ONNX, pt2, TorchScript) rather than a training checkpoint:
+    by suffix (``.onnx``, ``.pt2``) or by content, whatever the file is named (an ONNX file saved as
+    ``model.bin``)."""
     path = Path(path).expanduser()
     if path.suffix.lower() in (".onnx", ".pt2"):
         return True
-    return path.is_file() and _zip_format(path) is not None
+    return path.is_file() and (_zip_format(path) is not None or _looks_like_onnx(path))
 
 
 def format_of(path: Path) -> str:
@@ -64,9 +78,7 @@ def format_of(path: Path) -> str:
     fmt = _zip_format(path)
     if fmt is not None:
         return fmt
-    with open(path, "rb") as f:
-        head = f.read(1)
-    if head == b"\x08":  # protobuf field 1 (ir_version): how every ONNX file starts
+    if _looks_like_onnx(path):
         return "onnx"
     raise UserInputError(f"{path}: not an ONNX, pt2 or TorchScript file written by ssd300 export")
 

@@ -6,7 +6,8 @@
 >>> result.boxes, result.scores, result.class_names   # ltrb pixels of the original image
 
 Inputs may be paths, PIL images, HWC uint8 numpy arrays (RGB) or CHW tensors (uint8, or float in
-[0, 1]). Preprocessing is :class:`ssd300.data.transforms.EvalTransform` (the one shared with
+[0, 1]); float pixels outside [0, 1], NaN/inf and empty images are refused in one line
+(:func:`check_pixels`). Preprocessing is :class:`ssd300.data.transforms.EvalTransform` (the one shared with
 evaluation): resize to 300x300 on uint8, then normalise batched. Post-processing is
 :class:`ssd300.postprocess.PostProcessor` (SPEC §5), run once per batch.
 
@@ -135,6 +136,35 @@ def _original_size(image: Any, pixels: torch.Tensor) -> tuple[int, int]:
         width, height = image.info["original_size"]
         return int(width), int(height)
     return int(pixels.shape[2]), int(pixels.shape[1])
+
+
+def check_pixels(image: Any) -> None:
+    """An array/tensor image that can be detected on, else a one-line :class:`UserInputError`
+    saying what was given (shape, dtype, value range): no empty images, float pixels finite and in
+    [0, 1] (``to_uint8_chw`` would clamp 200 to white and turn NaN into black, silently)."""
+    if not isinstance(image, (np.ndarray, torch.Tensor)):
+        return
+    kind = "array" if isinstance(image, np.ndarray) else "tensor"
+    shape = tuple(int(n) for n in image.shape)
+    dtype = str(image.dtype).replace("torch.", "")
+    if image.ndim >= 2 and 0 in shape:
+        raise UserInputError(f"images: an empty image {kind} (shape {shape}, {dtype}); "
+                             "an image needs at least 1x1 pixels", fields=("images",))
+    floating = image.is_floating_point() if isinstance(image, torch.Tensor) else np.issubdtype(image.dtype, np.floating)
+    if not floating or 0 in shape:
+        return
+    values = torch.as_tensor(image).detach()
+    finite = torch.isfinite(values)
+    low, high = (float(values[finite].min()), float(values[finite].max())) if bool(finite.any()) else (None, None)
+    found = "no finite values" if low is None else f"values in [{low:g}, {high:g}]"
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise UserInputError(f"images: a float image {kind} (shape {shape}, {dtype}) holds {bad} NaN/inf values "
+                             f"({found}); float pixels must be finite and in [0, 1]", fields=("images",))
+    if low is not None and high is not None and (low < 0.0 or high > 1.0):
+        hint = "; for 0..255 pixels pass uint8 (or divide by 255)" if high > 1.0 else ""
+        raise UserInputError(f"images: a float image {kind} (shape {shape}, {dtype}) has {found}; float pixels "
+                             f"must be finite and in [0, 1]{hint}", fields=("images",))
 
 
 @dataclass
@@ -278,7 +308,9 @@ class Detector:
             try:
                 return load_rgb(source, draft=self.draft), source
             except DECODE_ERRORS as exc:
-                raise UserInputError(f"{source}: not a readable image ({one_line(exc)})") from None
+                # the path is said once, first: the decoder's message often repeats it ('... file /x.jpg')
+                detail = one_line(exc).replace(f" {source!r}", "").replace(f" {source}", "")
+                raise UserInputError(f"{source}: not a readable image ({detail})") from None
         return item, None
 
     def _decode_batch(self, items: Sequence[Any],
@@ -294,6 +326,7 @@ class Detector:
         return decoded
 
     def _prepare(self, image: Any, source: Optional[str]) -> _Prepared:
+        check_pixels(image)
         pixels = to_uint8_chw(image)
         return _Prepared(self.transform.resize_uint8(pixels), _original_size(image, pixels), source)
 
@@ -351,4 +384,4 @@ class Detector:
         return results
 
 
-__all__ = ["BACKENDS", "Detector", "ImageDetections", "ImageInput", "load_rgb"]
+__all__ = ["BACKENDS", "Detector", "ImageDetections", "ImageInput", "check_pixels", "load_rgb"]

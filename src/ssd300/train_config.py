@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ssd300.backbone import BACKBONES
+from ssd300.checkpoint import checkpoint_in_folder
 from ssd300.coco_eval import EVAL_BACKENDS
 from ssd300.data.coco import resolve_split
 from ssd300.data.layouts import check_data_format
@@ -123,11 +124,12 @@ class TrainConfig:
         for name in ("batch_size", "eval_batch_size", "log_interval", "benchmark_iterations"):
             if getattr(self, name) < 1:
                 _refuse(name, f"must be >= 1, got {getattr(self, name)}")
+        # epochs: one rule per mode, the same message for 0 and -3 (what is allowed, what was given)
+        if self.mode == "training" and self.epochs < 1:
+            _refuse("epochs", f"must be >= 1 to train, got {self.epochs}")
         for name in ("epochs", "bn_recalibration", "benchmark_warmup", "warmup", "eval_every", "keep_last"):
             if getattr(self, name) < 0:
                 _refuse(name, f"must be >= 0, got {getattr(self, name)}")
-        if self.mode == "training" and self.epochs < 1:
-            _refuse("epochs", f"must be >= 1 to train, got {self.epochs}")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             _refuse("seed", f"must be in [0, {MAX_SEED}], got {self.seed}")
         if self.num_workers is not None and self.num_workers < 0:
@@ -174,6 +176,10 @@ class TrainConfig:
     def _check_paths(self) -> None:
         for name in ("checkpoint", "backbone_path"):
             path = getattr(self, name)
+            if path is not None and path.is_dir():
+                found = checkpoint_in_folder(path) if name == "checkpoint" else None
+                hint = f"; did you mean {found}?" if found else ""
+                _refuse(name, f"{path}: is a folder, not a file{hint}")
             if path is not None and not path.is_file():
                 _refuse(name, f"{path}: file not found")
         if self.save is not None and self.save.exists() and not self.save.is_dir():

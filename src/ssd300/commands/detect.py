@@ -1,7 +1,8 @@
 """``ssd300 detect``: run a checkpoint or an exported file on image files, folders or globs.
 
-``--checkpoint`` (alias ``--model``) takes a training checkpoint or a file written by
-``ssd300 export`` (``.onnx`` fp32 or INT8, ``.pt2``, TorchScript): an exported file brings its
+``--checkpoint`` (or ``--model``: one of the two) takes a training checkpoint or a file written by
+``ssd300 export`` (ONNX ``.onnx`` fp32 or INT8, ``.pt2``, TorchScript ``.ts``; recognised by content,
+whatever the suffix): an exported file brings its
 classes and its baked-in thresholds (defaults here; see :meth:`ssd300.inference.Detector.from_exported`),
 and ``--runtime`` picks onnxruntime or OpenVINO for ONNX files.
 
@@ -24,8 +25,9 @@ that name nothing (``--strict``: the first unreadable file).
 
 Image ids are 1, 2, 3, ... in input order: the INPUTS as given, a folder's images and a glob's
 matches sorted by path, duplicates dropped. A skipped file keeps its id (so ids do not shift when
-a file cannot be read). ``<name>`` is the file's stem, suffixed with ``_<id>`` when two inputs share
-a stem.
+a file cannot be read), and so does an input that names nothing (a missing file, a folder without
+images, a pattern without matches, a broken symbolic link in a folder). ``<name>`` is the file's
+stem, suffixed with ``_<id>`` when two inputs share a stem.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from ssd300.commands.options import add_postprocess_arguments, postprocess_config
 from ssd300.data.images import is_image_file
@@ -54,9 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="image files, folders (their images, not recursive) or glob patterns "
                              "(quote them; ** recurses)")
-    parser.add_argument("--checkpoint", "--model", required=True,
-                        help="an SSD300 checkpoint (ours or NVIDIA's reference) or a file from `ssd300 export` "
-                             "(.onnx, INT8 .onnx, .pt2, .ts)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="the model to run: an SSD300 checkpoint (ours or NVIDIA's reference) or a file from "
+                             "`ssd300 export`: ONNX (.onnx, fp32 or INT8), pt2 (.pt2) or TorchScript (.ts); "
+                             "required (or --model)")
+    parser.add_argument("--model", default=None, help="the same as --checkpoint (give one of them)")
     parser.add_argument("--runtime", choices=RUNTIMES, default="auto",
                         help="for an exported ONNX file: onnxruntime (auto) or openvino")
     parser.add_argument("--out", required=True, help="output folder")
@@ -80,40 +84,91 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="decode big JPEGs at full size (default: reduced DCT scale that still gives >= 300 px)")
 
 
-def expand_inputs(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
-    """INPUTS -> (image paths in run order, [(input, problem)] for inputs that name nothing)."""
-    paths: list[str] = []
-    missing: list[tuple[str, str]] = []
+def _broken_link(path: Path) -> Optional[str]:
+    """Why ``path`` (a symbolic link whose target does not exist) names nothing, else None."""
+    if path.is_symlink() and not path.exists():
+        return f"broken symbolic link (its target {os.readlink(path)} does not exist)"
+    return None
+
+
+def expand_entries(inputs: list[str]) -> list[tuple[str, Optional[str]]]:
+    """INPUTS -> ``[(path, None)]`` for each image to run and ``[(input, problem)]`` for each input
+    (or a folder's broken symbolic link) that names nothing, in run order: the order the ids follow."""
+    entries: list[tuple[str, Optional[str]]] = []
+    seen: set[str] = set()
+
+    def add(path: str, problem: Optional[str] = None) -> None:
+        key = os.path.normpath(path)
+        if key not in seen:
+            seen.add(key)
+            entries.append((key if problem is None else path, problem))
+
     for item in inputs:
         path = Path(item).expanduser()
         if path.is_dir():
-            found = sorted(str(p) for p in path.iterdir() if p.is_file() and is_image_file(p))
-            if not found:
-                missing.append((item, "folder holds no image files"))
-            paths.extend(found)
+            children = sorted(p for p in path.iterdir() if is_image_file(p) and (p.is_file() or _broken_link(p)))
+            if not children:
+                add(item, "folder holds no image files")
+            for child in children:
+                add(str(child), _broken_link(child))
         elif path.is_file():
-            paths.append(str(path))
+            add(str(path))
+        elif _broken_link(path):
+            add(item, _broken_link(path))
         elif _GLOB_CHARS & set(item):
             found = sorted(p for p in glob.glob(os.path.expanduser(item), recursive=True)
                            if Path(p).is_file() and is_image_file(p))
             if not found:
-                missing.append((item, "pattern matches no image files"))
-            paths.extend(found)
+                add(item, "pattern matches no image files")
+            for match in found:
+                add(match)
         else:
-            missing.append((item, "no such file or folder"))
-    unique: dict[str, None] = {}
-    for p in paths:
-        unique.setdefault(os.path.normpath(p), None)
-    return list(unique), missing
+            add(item, "no such file or folder")
+    return entries
 
 
-def output_names(paths: list[str]) -> list[str]:
-    """File stems, made unique with ``_<image id>`` where two inputs share one."""
+def expand_inputs(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """INPUTS -> (image paths in run order, [(input, problem)] for inputs that name nothing)."""
+    entries = expand_entries(inputs)
+    return ([path for path, problem in entries if problem is None],
+            [(path, problem) for path, problem in entries if problem is not None])
+
+
+def output_names(paths: list[str], ids: Optional[list[int]] = None) -> list[str]:
+    """File stems, made unique with ``_<image id>`` (``ids``, default 1, 2, ...) where two inputs share one."""
     stems = [Path(p).stem for p in paths]
     counts: dict[str, int] = {}
     for stem in stems:
         counts[stem] = counts.get(stem, 0) + 1
-    return [stem if counts[stem] == 1 else f"{stem}_{i + 1}" for i, stem in enumerate(stems)]
+    ids = ids if ids is not None else list(range(1, len(paths) + 1))
+    return [stem if counts[stem] == 1 else f"{stem}_{ids[i]}" for i, stem in enumerate(stems)]
+
+
+def model_flag(args: argparse.Namespace) -> str:
+    """``--checkpoint`` or ``--model``, whichever the user gave (one of them, not both), and sets
+    ``args.checkpoint`` to its path."""
+    if args.checkpoint is not None and args.model is not None:
+        raise UserInputError(f"--model {args.model} and --checkpoint {args.checkpoint} contradict each other: "
+                             "both name the model to run; give one of them")
+    if args.checkpoint is None and args.model is None:
+        raise UserInputError("no model: give --checkpoint (a checkpoint or an exported file; or --model)")
+    if args.checkpoint is None:
+        args.checkpoint = args.model
+        return "--model"
+    return "--checkpoint"
+
+
+def _check_model_path(path: str, flag: str) -> None:
+    """A model path that names a file; a folder holding checkpoints gets a suggestion."""
+    target = Path(path).expanduser()
+    if target.is_dir():
+        from ssd300.checkpoint import checkpoint_in_folder
+
+        found = checkpoint_in_folder(target)
+        hint = f"; did you mean {flag} {found}?" if found else " (give a checkpoint or an exported model file)"
+        raise UserInputError(f"{flag} {path}: is a folder, not a model file{hint}")
+    if not target.exists():
+        raise UserInputError(f"{flag} {path}: no such file")
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -130,7 +185,7 @@ def _build_detector(args: argparse.Namespace, postprocess: PostprocessConfig) ->
 
     if is_exported_file(args.checkpoint):
         if args.amp or args.backend != "torch":
-            raise UserInputError(f"--checkpoint {args.checkpoint}: an exported file runs as exported; "
+            raise UserInputError(f"{args.model_flag} {args.checkpoint}: an exported file runs as exported; "
                                  "drop --amp/--backend (pick --runtime for ONNX)")
         # The file's baked-in post-processing is the default: only flags the user changed are passed on.
         defaults = PostprocessConfig()
@@ -145,11 +200,21 @@ def _build_detector(args: argparse.Namespace, postprocess: PostprocessConfig) ->
         amp=args.amp, draft=not args.full_decode, backend=args.backend)
 
 
+def _without_path(message: str, path: str) -> str:
+    """A library message about ``path`` without the path it starts with (the caller names it once)."""
+    return message[len(path) + 2:] if message.startswith(f"{path}: ") else message
+
+
 def run(args: argparse.Namespace) -> int:
+    args.model_flag = model_flag(args)
     postprocess = postprocess_config(args)
     _check_args(args)
-    paths, missing = expand_inputs(args.inputs)
-    for item, problem in missing:
+    _check_model_path(args.checkpoint, args.model_flag)
+    entries = expand_entries(args.inputs)
+    paths = [path for path, problem in entries if problem is None]
+    for item, problem in entries:
+        if problem is None:
+            continue
         if args.strict:
             raise UserInputError(f"{item}: {problem}")
         print(f"ssd300 detect: skipping {item}: {problem}", file=sys.stderr)
@@ -166,21 +231,23 @@ def run(args: argparse.Namespace) -> int:
     print(f"ssd300 detect: {detector.runner.describe()}", file=sys.stderr)
     label_map = detector.label_map
     out = Path(args.out)
-    names = output_names(paths)
-    image_ids = {path: i + 1 for i, path in enumerate(paths)}
+    image_ids = {path: i + 1 for i, (path, _) in enumerate(entries)}
+    names = output_names(paths, [image_ids[path] for path in paths])
     name_of = dict(zip(paths, names))
 
     images: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
-    skipped: list[dict[str, Any]] = [{"file_name": item, "error": problem} for item, problem in missing]
+    skipped: list[dict[str, Any]] = [{"id": image_ids[item], "file_name": item, "error": problem}
+                                     for item, problem in entries if problem is not None]
     start = time.perf_counter()
     on_error = "raise" if args.strict else "skip"
     progress = Progress(len(paths), "ssd300 detect", enabled=args.progress)
     for path, result in detector.detect_files(paths, on_error=on_error):
         progress.update(1)
         if isinstance(result, Exception):
-            progress.write(f"ssd300 detect: skipping {result}")
-            skipped.append({"id": image_ids[path], "file_name": path, "error": str(result)})
+            problem = _without_path(str(result), path)
+            progress.write(f"ssd300 detect: skipping {path}: {problem}")
+            skipped.append({"id": image_ids[path], "file_name": path, "error": problem})
             continue
         image_id = image_ids[path]
         width, height = result.image_size
@@ -196,6 +263,7 @@ def run(args: argparse.Namespace) -> int:
             drawn = draw_detection_result(picture, result, score_threshold=args.draw_threshold)
             save_image(drawn, out / "annotated" / f"{name_of[path]}{suffix}")
     progress.close()
+    skipped.sort(key=lambda entry: entry["id"])  # in input order, as the images
     elapsed = time.perf_counter() - start
 
     categories = [{"id": cid, "name": name}

@@ -20,7 +20,9 @@ DEFAULTS = TrainConfig()  # the one source of every default below
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", type=Path, required=True, help="our or the reference's checkpoint")
+    parser.add_argument("--checkpoint", type=Path, required=True,
+                        help="our or the reference's checkpoint (a training checkpoint, not an exported ONNX, "
+                             "pt2 or TorchScript file)")
     parser.add_argument("--data", "-d", type=Path, default=DEFAULTS.data,
                         help="dataset folder (its val split is used)")
     parser.add_argument("--val-images", type=Path, default=DEFAULTS.val_images,
@@ -36,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="coco: AP@[.5:.95]; voc07 / voc12: VOC 11-point / all-point mAP at IoU 0.5, "
                              "difficult ignored")
     parser.add_argument("--num-workers", type=int, default=DEFAULTS.num_workers)
+    parser.add_argument("--strict-images", action="store_true", default=DEFAULTS.strict_images,
+                        help="stop at the first missing or undecodable image (default: log it, skip it, count it), "
+                             "as train's --strict-images")
     parser.add_argument("--device", default=DEFAULTS.device, help="cuda, cpu (default: cuda when available)")
     parser.add_argument("--backbone", choices=BACKBONES, default=DEFAULTS.backbone,
                         help="must match the checkpoint (default: read from it)")
@@ -53,9 +58,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         mode="evaluation", checkpoint=args.checkpoint, data=args.data, data_format=args.data_format,
         val_images=args.val_images,
         val_annotations=args.val_annotations, eval_batch_size=args.eval_batch_size, eval_backend=args.eval_backend,
-        metric=args.metric,
-        num_workers=args.num_workers, device=args.device, backbone=args.backbone, amp=args.amp,
-        channels_last=layout, results=args.results, json_summary=args.json_summary)
+        metric=args.metric, num_workers=args.num_workers, strict_images=args.strict_images, device=args.device,
+        backbone=args.backbone, amp=args.amp, channels_last=layout, results=args.results,
+        json_summary=args.json_summary)
 
 
 def run(args: argparse.Namespace) -> int:

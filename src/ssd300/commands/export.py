@@ -45,9 +45,10 @@ from ssd300.quantize import DEFAULT_CALIBRATION_IMAGES, QUANTIZER_CHOICES
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="an SSD300 checkpoint (ours or NVIDIA's reference)")
-    parser.add_argument("--out", required=True, help="output file, e.g. ssd300.onnx or ssd300.pt")
+    parser.add_argument("--out", required=True, help="output file, e.g. ssd300.onnx, ssd300.pt2 or ssd300.ts")
     parser.add_argument("--format", choices=FORMATS, default=None,
-                        help="onnx or torchscript (default: from the --out suffix: .onnx, or .pt/.ts)")
+                        help="onnx (ONNX), pt2 (torch.export) or torchscript (default: from the --out suffix: "
+                             ".onnx, .pt2, or .ts/.pt/.pth)")
     parser.add_argument("--raw", action="store_true", help="export the network alone (locs, logits), no NMS")
     add_postprocess_arguments(parser, baked=True)
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,

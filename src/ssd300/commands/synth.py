@@ -12,8 +12,12 @@ _DEFAULTS = SynthConfig()
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (becomes --data for train/evaluate)")
-    parser.add_argument("--train", type=int, default=2000, help="number of training images (default 2000)")
-    parser.add_argument("--val", type=int, default=200, help="number of validation images (default 200)")
+    parser.add_argument("--train", type=int, default=2000,
+                        help="number of training images, >= 0 (default 2000; 0 writes an empty train split: "
+                             "the dataset is then for evaluate only)")
+    parser.add_argument("--val", type=int, default=200,
+                        help="number of validation images, >= 0 (default 200; 0 writes an empty val split: train "
+                             "it with --evaluation and no epochs)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes the same dataset")
     parser.add_argument("--classes", type=int, default=_DEFAULTS.num_classes,
                         help=f"number of shape classes, 1..{MAX_CLASSES} (default {_DEFAULTS.num_classes})")
@@ -28,6 +32,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "and same-named images); a split identical to the requested one is kept either way")
 
 
+def usage_hint(out: object, args: argparse.Namespace) -> str:
+    """What the written dataset is good for: an empty split cannot be trained (train) or evaluated (val) on."""
+    if args.train == 0 and args.val == 0:
+        return "both splits are empty (no images to train or evaluate on)"
+    if args.train == 0:
+        return f"the train split is empty: evaluate with --data {out}"
+    if args.val == 0:
+        return f"the val split is empty: train with --data {out} --evaluation (no epochs: no evaluation)"
+    return f"train with --data {out}"
+
+
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     out = generate_synthetic_dataset(
@@ -35,6 +50,5 @@ def run(args: argparse.Namespace) -> int:
         num_classes=args.classes, min_objects=args.min_objects, max_objects=args.max_objects,
         min_size=args.min_size, max_size=args.max_size)
     elapsed = time.perf_counter() - start
-    print(f"wrote {args.train} train + {args.val} val images to {out} in {elapsed:.1f} s; "
-          f"train with --data {out}")
+    print(f"wrote {args.train} train + {args.val} val images to {out} in {elapsed:.1f} s; {usage_hint(out, args)}")
     return 0

@@ -108,6 +108,12 @@ def find_split(root: PathLike, split: str, data_format: str = "auto") -> SplitSo
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     check_data_format(data_format)
     root = Path(root).expanduser()
+    if root.is_file():
+        raise UserInputError(
+            f"data {root}: is a file; data takes a dataset folder (holding {split}/ or {split}2017/ and "
+            f"annotations/instances_{split}.json, or a VOC/YOLO layout); for a single COCO-format json give it as "
+            f"{split}_annotations with its image folder as {split}_images",
+            fields=("data", f"{split}_annotations", f"{split}_images"))
     if not root.is_dir():
         raise _data_error(root, "dataset folder does not exist")
     fmt = _detect(root) if data_format == "auto" else data_format
@@ -124,7 +130,7 @@ def find_split(root: PathLike, split: str, data_format: str = "auto") -> SplitSo
         found = _find_pair(root, split, _yolo_candidates(root, split), "labels folder")
     image_dir, annotations = found
     if not any(is_image_file(p) for p in image_dir.iterdir()):
-        raise _data_error(root, f"image folder {image_dir} has no images")
+        raise _data_error(root, f"the {split} split is empty: image folder {image_dir} has no images")
     return SplitSource(fmt, image_dir, annotations)
 
 

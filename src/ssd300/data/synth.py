@@ -233,6 +233,11 @@ def generate_synthetic_dataset(out_dir: PathLike, num_train: int = 2000, num_val
     Anything else in a non-empty ``out_dir`` (another dataset, other files) is never replaced
     without ``overwrite``: a one-line UserInputError names the folder. Returns ``out_dir``, the
     dataset folder to train on (``TrainConfig.data``).
+
+    A count of 0 is allowed and writes an empty split: its image folder with no images and an
+    annotation file with no images or annotations but the categories (a valid COCO file). Training
+    refuses an empty train split in one line; ``num_train=0`` suits evaluation only, ``num_val=0``
+    training without evaluation (``TrainConfig.evaluation=()``).
     """
     if config is None:
         unknown = set(knobs) - set(SynthConfig.__dataclass_fields__)
