@@ -5,6 +5,10 @@ The :class:`Trainer` owns model, optimizer, schedule, gradient scaler and positi
 ``(seed, epoch, index)`` and the schedule is a pure function of the position, restoring a
 checkpoint and skipping ``batch_in_epoch`` batches reproduces a straight run. Precision and memory
 format come from the :class:`~ssd300.runtime.Runtime`.
+
+Numbering (README, "Epoch numbering"): epochs and iterations from 0. Iteration ``n`` is the
+``n+1``-th optimizer step; ``loss_history`` holds ``(iteration, loss)`` of every step done, and a
+checkpoint keeps it (``loss_history``), so a resumed run's curves cover the whole run.
 """
 
 from __future__ import annotations
@@ -98,7 +102,12 @@ class StopFlag:
 class TrainPosition:
     epoch: int = 0            # the epoch being run (== number of completed epochs between epochs)
     batch_in_epoch: int = 0   # batches of ``epoch`` already done
-    iteration: int = 0        # global optimizer steps done
+    iteration: int = 0        # global optimizer steps done (== the 0-based number of the next one)
+
+    @property
+    def last_iteration(self) -> int:
+        """The 0-based number of the last step done (-1 before any): what records after a step name."""
+        return self.iteration - 1
 
 
 @dataclass
@@ -210,8 +219,8 @@ class Trainer:
             now = time.perf_counter()
             images_per_second = batch_size * self.ctx.world_size / max(now - tick, 1e-9)
             tick = now
-            self.loss_history.append((self.position.iteration, loss))
-            self.logger.step(epoch=epoch, iteration=self.position.iteration - 1,
+            self.loss_history.append((self.position.last_iteration, loss))
+            self.logger.step(epoch=epoch, iteration=self.position.last_iteration,
                              batch_in_epoch=self.position.batch_in_epoch - 1, iterations_in_epoch=iterations,
                              loss=loss, lr=self.optimizer.param_groups[0]["lr"],
                              images_per_second=images_per_second)
@@ -221,7 +230,7 @@ class Trainer:
                                           stop.signal_number if stop and stop.signal_number else signal.SIGINT)
         self.logger.end_epoch()
         if skipped:  # this rank's; each was also logged when it happened
-            self.logger.info(f"epoch {epoch + 1}: {skipped_summary(skipped)}")
+            self.logger.info(f"epoch {epoch}: {skipped_summary(skipped)}")
         self.position.epoch += 1
         self.position.batch_in_epoch = 0
 
@@ -239,6 +248,7 @@ class Trainer:
             scaler=self.scaler.state_dict() if self.scaler is not None else {},
             args=_plain_args(self.run_args),
             rng=capture_rng_state(),
+            loss_history=history_tensor(self.loss_history),
         )
 
     def save(self, path: PathLike, **extra: Any) -> Path:
@@ -266,7 +276,23 @@ class Trainer:
                                       iteration=int(checkpoint.get("iteration", 0)))
         if isinstance(checkpoint.get("rng"), dict):
             restore_rng_state(checkpoint["rng"])
+        # the steps before this position (a checkpoint written before the history was kept: none)
+        self.loss_history = [(i, loss) for i, loss in history_list(checkpoint.get("loss_history"))
+                             if i < self.position.iteration]
         return True
+
+
+def history_tensor(history: Sequence[tuple[int, float]]) -> torch.Tensor:
+    """``(iteration, loss)`` pairs as one float64 ``(N, 2)`` tensor: compact in a checkpoint
+    (8 bytes a number, not a pickled tuple) and exact for iterations below 2**53."""
+    return torch.tensor(history, dtype=torch.float64).reshape(-1, 2)
+
+
+def history_list(stored: Any) -> list[tuple[int, float]]:
+    """:func:`history_tensor`'s pairs back; anything else (missing, malformed) is no history."""
+    if not isinstance(stored, torch.Tensor) or stored.dim() != 2 or stored.shape[1] != 2:
+        return []
+    return [(int(i), float(loss)) for i, loss in stored.to(torch.float64).tolist()]
 
 
 def _plain_args(args: dict[str, Any]) -> dict[str, Any]:
