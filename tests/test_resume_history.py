@@ -19,8 +19,8 @@ from ssd300.errors import UserInputError
 from ssd300.logging_utils import RunLogger
 from ssd300.plots import plot_curves
 from ssd300.runtime import Runtime
-from ssd300.trainer import Trainer, TrainingInterrupted, TrainPosition, history_list, history_tensor
-from ssd300.training import TrainConfig, run, stored_history
+from ssd300.trainer import Trainer, TrainingInterrupted, TrainPosition, history_list, history_tensor, stored_history
+from ssd300.training import TrainConfig, run
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,20 @@ checkpoint and skipping ``batch_in_epoch`` batches reproduces a straight run. Pr
 format come from the :class:`~ssd300.runtime.Runtime`.
 
 Numbering (README, "Epoch numbering"): epochs and iterations from 0. Iteration ``n`` is the
-``n+1``-th optimizer step; ``loss_history`` holds ``(iteration, loss)`` of every step done, and a
-checkpoint keeps it (``loss_history``), so a resumed run's curves cover the whole run.
+``n+1``-th optimizer step; ``loss_history`` holds ``(iteration, loss)`` of every step done.
+
+History: a checkpoint keeps ``loss_history`` (and, from the run, its ``evaluations`` and ``best``:
+:func:`stored_history` reads them back), so a resumed run's curves and summary cover the whole run.
+The checkpoint rather than ``log.jsonl``, because it is written atomically together with the
+state it describes: a crash (even SIGKILL mid-epoch) leaves history and state consistent, with no
+records of steps the resume redoes, and nothing depends on ``log_interval``, on a ``log_file``
+elsewhere, or on the folder (a resume may save elsewhere). Cost: 16 bytes a step (3.8 MB for the
+65-epoch COCO recipe's 240k steps; small beside the weights and the optimizer's momentum).
 """
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from dataclasses import dataclass, field
@@ -32,7 +40,7 @@ from ssd300.data.coco import skipped_summary
 from ssd300.default_boxes import default_boxes_300
 from ssd300.distributed import DistributedContext, capture_rng_state, restore_rng_state
 from ssd300.errors import EXIT_DIVERGED, Interrupted, UserInputError
-from ssd300.files import PathLike
+from ssd300.files import PathLike, json_ready
 from ssd300.labels import LabelMap
 from ssd300.logging_utils import RunLogger
 from ssd300.loss import SSDLoss
@@ -306,3 +314,22 @@ def _plain_args(args: dict[str, Any]) -> dict[str, Any]:
         if value is None or isinstance(value, (bool, int, float, str, list)):
             out[key] = value
     return out
+
+
+def stored_history(checkpoint: dict[str, Any]) -> tuple[Optional[dict[str, Any]], list[dict[str, Any]]]:
+    """A training checkpoint's ``best`` and ``evaluations`` (of epochs before its position); what is
+    missing or malformed (a checkpoint from before the history was kept) is no history."""
+    completed = int(checkpoint.get("epoch", 0))
+    best = checkpoint.get("best")
+    if not (isinstance(best, dict) and isinstance(best.get("epoch"), int) and isinstance(best.get("AP"), float)):
+        best = None
+    stored = checkpoint.get("evaluations")
+    evaluations = [e for e in stored if isinstance(e, dict) and isinstance(e.get("epoch"), int)
+                   and e["epoch"] < completed] if isinstance(stored, list) else []
+    return best, evaluations
+
+
+def plain_data(value: Any) -> Any:
+    """``value`` as plain Python data (numpy scalars to numbers), so a checkpoint holding it stays
+    ``weights_only``-loadable."""
+    return json.loads(json.dumps(json_ready(value), default=lambda o: o.item() if hasattr(o, "item") else str(o)))

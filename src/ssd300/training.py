@@ -18,14 +18,10 @@ curves' axes. A checkpoint's ``epoch``/``iteration`` entries are the reference's
 completed, i.e. where a resume starts. The run folder (``save``), its file names and its
 checkpoints are :mod:`ssd300.run_folder`'s.
 
-History: a training checkpoint carries the run's history so far (the trainer's ``loss_history``,
-the ``evaluations`` records, the ``best`` evaluation), so that after a resume ``metrics.json`` and
-``curves.png`` cover the whole run. The checkpoint rather than ``log.jsonl``, because it is
-written atomically together with the state it describes: a crash (even SIGKILL) leaves history
-and state consistent, with no records of steps that the resume redoes and no dependence on
-``log_interval``, on a ``log_file`` elsewhere, or on the folder (a resume may save elsewhere).
-An evaluation a signal interrupted (the epoch's checkpoint written, no ``metrics`` entry) is
-redone first when the run resumes.
+History: a training checkpoint carries the run's history (loss history, ``evaluations``,
+``best``; why there and not in ``log.jsonl``: :mod:`ssd300.trainer`), so after a resume
+``metrics.json`` and ``curves.png`` cover the whole run. An evaluation a signal interrupted (the
+epoch's checkpoint written, no ``metrics`` entry) is redone first when the run resumes.
 
 A run (:class:`_Run`) is built in order: seed, runtime and run folder (``__init__``), data and
 model (:meth:`_Run.build_data_and_model`), trainer and loader; then one of the modes runs; the
@@ -37,7 +33,6 @@ saves each epoch's checkpoint; the results (curves, summary) are written last.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +57,7 @@ from ssd300.distributed import (
 )
 from ssd300.errors import UserInputError
 from ssd300.evaluation import EvaluationInterrupted, RunEvaluator
-from ssd300.files import json_ready, write_json
+from ssd300.files import write_json
 from ssd300.logging_utils import RunLogger
 from ssd300.model import SSD300
 from ssd300.optim import scaled_learning_rate
@@ -79,7 +74,7 @@ from ssd300.train_config import (
     resolve_data,
     resolve_resume,
 )
-from ssd300.trainer import StopFlag, Trainer, TrainingInterrupted
+from ssd300.trainer import StopFlag, Trainer, TrainingInterrupted, plain_data, stored_history
 
 __all__ = ["DEFAULT_EVALUATION", "MODES", "RunResult", "TrainConfig", "evaluate", "random_backbone_warning", "run",
            "train"]
@@ -91,7 +86,7 @@ class RunResult:
 
     mode: str
     evaluations: list[dict[str, Any]] = field(default_factory=list)   # one entry per evaluation
-    loss_history: list[tuple[int, float]] = field(default_factory=list)  # (iteration, loss)
+    loss_history: list[tuple[int, float]] = field(default_factory=list)  # (iteration from 0, loss), whole run
     benchmark: dict[str, float] = field(default_factory=dict)
     checkpoint: Optional[Path] = None       # the last checkpoint written
     metrics: Optional[CocoMetrics] = None   # the last evaluation's
@@ -481,25 +476,6 @@ class _Run:
             result.summary.update(AP=result.last_metrics["AP"], AP50=result.last_metrics["AP50"])
         if self.summary_path is not None and self.ctx.is_main:
             write_json(self.summary_path, result.summary)
-
-
-def stored_history(checkpoint: dict[str, Any]) -> tuple[Optional[dict[str, Any]], list[dict[str, Any]]]:
-    """A training checkpoint's ``best`` and ``evaluations`` (of epochs before its position); what is
-    missing or malformed (a checkpoint from before the history was kept) is no history."""
-    completed = int(checkpoint.get("epoch", 0))
-    best = checkpoint.get("best")
-    if not (isinstance(best, dict) and isinstance(best.get("epoch"), int) and isinstance(best.get("AP"), float)):
-        best = None
-    stored = checkpoint.get("evaluations")
-    evaluations = [e for e in stored if isinstance(e, dict) and isinstance(e.get("epoch"), int)
-                   and e["epoch"] < completed] if isinstance(stored, list) else []
-    return best, evaluations
-
-
-def plain_data(value: Any) -> Any:
-    """``value`` as plain Python data (numpy scalars to numbers), so a checkpoint holding it stays
-    ``weights_only``-loadable."""
-    return json.loads(json.dumps(json_ready(value), default=lambda o: o.item() if hasattr(o, "item") else str(o)))
 
 
 def random_backbone_warning(config: TrainConfig, backbone: str, *, has_checkpoint: bool) -> Optional[str]:
