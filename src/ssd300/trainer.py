@@ -234,7 +234,7 @@ class Trainer:
                              images_per_second=images_per_second)
             if stop_now:  # the position stays mid-epoch: the run writes it as its interrupted checkpoint
                 self.logger.end_epoch()
-                raise TrainingInterrupted(f"stopped by signal at iteration {self.position.iteration}",
+                raise TrainingInterrupted(f"stopped by signal after iteration {self.position.last_iteration}",
                                           stop.signal_number if stop and stop.signal_number else signal.SIGINT)
         self.logger.end_epoch()
         if skipped:  # this rank's; each was also logged when it happened

@@ -442,7 +442,8 @@ class _Run:
 
     def interrupted(self, trainer: Trainer, signal_number: int) -> TrainingInterrupted:
         """A signal stopped an epoch: its state as the run folder's interrupted checkpoint (rank 0)."""
-        message = f"stopped by signal at iteration {trainer.position.iteration}"
+        position = trainer.position
+        message = f"stopped by signal after iteration {position.last_iteration} (epoch {position.epoch})"
         fields: tuple[str, ...] = ()
         if self.checkpoints is not None and self.ctx.is_main:
             path = self.checkpoints.save_interrupted(self.state(trainer))
