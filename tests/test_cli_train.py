@@ -139,3 +139,42 @@ def test_strict_images_makes_an_undecodable_image_fatal(capsys, synthetic_datase
     assert main(argv) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]  # after the run's header lines
     assert error.startswith("ssd300 train: error: ") and str(broken) in error and "cannot be decoded" in error
+
+
+@pytest.mark.slow  # a training run
+def test_a_failed_start_leaves_no_run_behind_and_the_corrected_command_runs(capsys, data_dir, tmp_path, monkeypatch):
+    """Each start below fails before its first checkpoint, leaving a log.jsonl; the next command
+    must not be refused as "another run" (each assertion on the next failure's own message proves it)."""
+    import shutil
+
+    from ssd300.loss import SSDLoss
+
+    broken = tmp_path / "broken"
+    shutil.copytree(data_dir, broken)
+    (broken / "annotations" / "instances_train.json").write_text('{"images": [')  # truncated json
+    save = tmp_path / "run"
+    base = ["train", "--save", str(save), "--backbone", "resnet18", "--epochs", "1", "--bs", "2", "--seed", "0",
+            "--device", "cpu", "--no-amp", "--num-workers", "0", "--no-progress", "--evaluation"]
+
+    err = _error(capsys, [*base, "--data", str(broken)])  # bad json
+    assert "instances_train.json" in err and "another run" not in err
+    assert sorted(p.name for p in save.iterdir()) == ["log.jsonl"]  # what the failed start left
+
+    with monkeypatch.context() as patched:  # NaN at the first step
+        patched.setattr(SSDLoss, "forward", lambda self, locs, *rest: locs.sum() * float("nan"))
+        assert main([*base, "--data", str(data_dir)]) == 3
+    err = capsys.readouterr().err
+    assert "loss is nan at iteration 0 (epoch 0" in err and "another run" not in err
+    assert sorted(p.name for p in save.iterdir()) == ["log.jsonl"]
+
+    assert main([*base, "--data", str(data_dir), "--bs", "4"]) == 2  # a batch larger than the dataset
+    err = capsys.readouterr().err
+    assert "2 training images are fewer than --batch-size 4" in err.splitlines()[-1] and "another run" not in err
+
+    assert main([*base, "--data", str(data_dir)]) == 0  # the corrected command
+    err = capsys.readouterr().err
+    assert f"{save} held no checkpoint and no evaluation, only what a start that failed left (log.jsonl)" in err
+    assert sorted(p.name for p in save.iterdir()) == ["curves.png", "epoch_0.pt", "last.pt", "log.jsonl",
+                                                      "metrics.json"]
+    records = [json.loads(line) for line in (save / "log.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["iteration"]) for r in records] == [("train", 0)]  # the failed starts' lines gone

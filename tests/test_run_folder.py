@@ -41,7 +41,7 @@ def test_fresh_run_refuses_a_folder_holding_another_run_unless_overwrite(tmp_pat
     _write(tmp_path / "epoch_0.pt")
     _write(tmp_path / "log.jsonl", "{}\n")
     mine = _write(tmp_path / "notes.txt")  # not a run file: never touched
-    refused = r"^save .* holds another run \(epoch_0.pt, log.jsonl\).* overwrite"
+    refused = r"^save .* holds another run \(checkpoints epoch_0.pt; other files log.jsonl\).* overwrite"
     with pytest.raises(UserInputError, match=refused) as info:
         RunFolder(tmp_path).prepare(resuming_from=None, overwrite=False)
     assert "--" not in str(info.value) and info.value.fields == ("save", "resume", "overwrite")
@@ -88,6 +88,97 @@ def test_lock_keeps_a_live_run_out_and_takes_over_a_dead_ones(tmp_path):
     _write(tmp_path / LOCK_NAME, json.dumps({"pid": dead, "host": "some-other-host"}))
     with pytest.raises(UserInputError, match="some-other-host"):
         RunFolder(tmp_path).prepare(resuming_from=None, overwrite=False)
+
+
+def test_leftovers_of_a_failed_start_are_not_a_run_and_are_replaced(tmp_path):
+    """A start that failed before its first checkpoint left a log (and a summary without
+    evaluations): a fresh run takes the folder, replacing them; the user's files stay."""
+    _write(tmp_path / "log.jsonl", json.dumps({"kind": "warning", "message": "x"}) + "\n")
+    _write(tmp_path / "metrics.json", json.dumps({"mode": "benchmark-training", "evaluations": []}))
+    mine = _write(tmp_path / "notes.txt")
+    folder = RunFolder(tmp_path)
+    assert not folder.found().is_run
+    notes = folder.prepare(resuming_from=None, overwrite=False)
+    assert notes == [f"{tmp_path} held no checkpoint and no evaluation, only what a start that failed left "
+                     "(log.jsonl, metrics.json): removed, starting afresh"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_NAME, "notes.txt"] and mine.read_text() == "x"
+    folder.release_lock()
+
+    # a resumed run saving here (its checkpoint elsewhere) replaces them too
+    _write(tmp_path / "log.jsonl", "")
+    elsewhere = _write(tmp_path.parent / f"{tmp_path.name}_ckpt" / "epoch_0.pt")
+    folder = RunFolder(tmp_path)
+    assert folder.prepare(resuming_from=elsewhere, overwrite=False)[0].startswith(f"{tmp_path} held no checkpoint")
+    assert not (tmp_path / "log.jsonl").exists()
+    folder.release_lock()
+
+
+@pytest.mark.parametrize("files,found", [
+    ({"results.json": "[]"}, "evaluations results.json"),
+    ({"evaluation_epoch_3.png": "png", "log.jsonl": "{}\n"}, "evaluations evaluation_epoch_3.png; other files "
+                                                               "log.jsonl"),
+    ({"log.jsonl": '{"kind": "train"}\n{"kind": "eval", "epoch": 0}\n'}, "evaluations log.jsonl"),
+    ({"metrics.json": json.dumps({"evaluations": [{"epoch": 0}]})}, "evaluations metrics.json"),
+    ({"metrics.json": "{trunc"}, "evaluations metrics.json"),  # unreadable: never deleted on a guess
+    ({"last.pt": "x", "interrupted.pt": "x", "epoch_0.pt": "x", "epoch_1.pt": "x", "curves.png": "x"},
+     "checkpoints epoch_0.pt, epoch_1.pt, last.pt and 1 more; other files curves.png"),
+])
+def test_a_folder_with_a_checkpoint_or_an_evaluation_is_a_run_and_the_refusal_says_what_was_found(
+        tmp_path, files, found):
+    for name, text in files.items():
+        _write(tmp_path / name, text)
+    with pytest.raises(UserInputError) as info:
+        RunFolder(tmp_path).prepare(resuming_from=None, overwrite=False)
+    assert str(info.value) == (f"save {tmp_path} holds another run ({found}): continue it with resume, pick a new "
+                               "folder, or pass overwrite to replace it")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(files)  # nothing touched
+
+
+@pytest.mark.parametrize("content", [b"", b"   \n", b"garbage \x00\xff", b'{"pid": 12', b"[1, 2]", b'{"pid": "x"}',
+                                     b"{}"])
+def test_an_unreadable_lock_is_stale_and_taken_over_with_a_note(tmp_path, content):
+    lock = tmp_path / LOCK_NAME
+    lock.write_bytes(content)
+    old = lock.stat().st_mtime - 60  # written long ago: not a live run's lock being written now
+    os.utime(lock, (old, old))
+    folder = RunFolder(tmp_path)
+    notes = folder.prepare(resuming_from=None, overwrite=False)
+    assert len(notes) == 1 and notes[0].startswith("took over an unreadable lock file (")
+    assert notes[0].endswith("), left by a crash or not ours")
+    assert ("(empty)" in notes[0]) == (not content.strip())
+    assert json.loads(lock.read_text()) == {"pid": os.getpid(), "host": socket.gethostname()}
+    folder.release_lock()
+    assert not lock.exists()
+
+
+def test_a_live_runs_lock_is_never_taken_even_while_it_is_being_written(tmp_path):
+    """A lock that does not parse yet but is younger than LOCK_WRITE_GRACE may be a live run's,
+    created and not yet written: read again, it names a live process, and the run is refused."""
+    import threading
+
+    lock = tmp_path / LOCK_NAME
+    lock.write_bytes(b"")  # as O_EXCL leaves it, an instant before the owner writes
+
+    def owner_writes() -> None:
+        lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+
+    writer = threading.Timer(0.2, owner_writes)
+    writer.start()
+    try:
+        with pytest.raises(UserInputError, match=rf"another run is using this folder \(pid {os.getpid()} on "):
+            RunFolder(tmp_path).prepare(resuming_from=None, overwrite=False)
+    finally:
+        writer.join()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:  # another live process of this host, its lock old: still refused
+        lock.write_text(json.dumps({"pid": live.pid, "host": socket.gethostname()}))
+        os.utime(lock, (0, 0))
+        with pytest.raises(UserInputError, match=rf"another run is using this folder \(pid {live.pid} on "):
+            RunFolder(tmp_path).prepare(resuming_from=None, overwrite=False)
+    finally:
+        live.kill()
+        live.wait()
+    assert json.loads(lock.read_text())["pid"] == live.pid  # untouched
 
 
 def test_stale_checkpoint_temp_files_are_removed_and_never_loaded(tmp_path):
@@ -177,7 +268,7 @@ def test_run_writes_last_best_keeps_last_refuses_a_second_run_and_resumes(data_d
 
     log_before = (out / "log.jsonl").read_text()
     resumed = run(_config(data_dir, save=out, resume=True, seed=None, epochs=4, eval_every=2, keep_last=1))
-    assert [e["epoch"] for e in resumed.evaluations] == [3]
+    assert [e["epoch"] for e in resumed.evaluations] == [1, 2, 3]  # the whole run's (test_resume_history.py)
     log_after = (out / "log.jsonl").read_text()
     assert log_after.startswith(log_before) and len(log_after) > len(log_before)  # appended
     assert json.loads(log_after.splitlines()[-1])["epoch"] == 3
@@ -191,6 +282,7 @@ def test_run_writes_last_best_keeps_last_refuses_a_second_run_and_resumes(data_d
         "curves.png", "epoch_0.pt", "last.pt", "log.jsonl", "metrics.json"]
 
 
+@pytest.mark.slow  # a training run
 def test_sigterm_during_evaluation_stops_it_and_keeps_the_epoch_checkpoint(data_dir, tmp_path, monkeypatch):
     from ssd300 import evaluation
 

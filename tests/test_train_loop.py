@@ -143,6 +143,8 @@ def test_sigterm_writes_a_checkpoint_and_mid_epoch_resume_is_exact(data_dir, str
     assert 0 < checkpoint["iteration"] < 4
     assert checkpoint["iteration"] == 2 * checkpoint["epoch"] + checkpoint["batch_in_epoch"]
     assert "(to continue: --resume with --save " in output  # the CLI writes the fields as its flags
+    # one numbering: the last step done, 0-based, as log.jsonl's records name it
+    assert f"stopped by signal after iteration {checkpoint['iteration'] - 1} (epoch {checkpoint['epoch']})" in output
     last = torch.load(interrupted / "last.pt", weights_only=True)  # last.pt is the interruption's state
     assert last["iteration"] == checkpoint["iteration"]
 

@@ -161,7 +161,8 @@ class RunEvaluator:
 
     def evaluate(self, model: nn.Module, epoch: int, iteration: int, train_loader: Any = None,
                  should_stop: Optional[Callable[[], bool]] = None) -> CocoMetrics:
-        """Evaluate ``model`` after ``epoch`` (0-based); ``should_stop`` yes ends it at the next batch
+        """Evaluate ``model`` after ``epoch`` (0-based); ``iteration``: the 0-based number of the last
+        training step before it (as the step records'). ``should_stop`` yes ends it at the next batch
         (:class:`EvaluationInterrupted`)."""
         start = time.perf_counter()
         if train_loader is not None and self.bn_recalibration > 0:

@@ -137,7 +137,11 @@ class Progress:
 
 
 class RunLogger:
-    """Step and evaluation records to the console, a JSON-lines file and TensorBoard."""
+    """Step and evaluation records to the console, a JSON-lines file and TensorBoard.
+
+    Numbering (one for all records, console lines and TensorBoard steps): ``epoch`` and
+    ``iteration`` from 0; a ``train`` record's ``iteration`` is its step's, an ``eval`` record's
+    the last step before the evaluation. Console lines also count ``iter 5/10`` within the epoch."""
 
     def __init__(self, *, enabled: bool = True, jsonl_path: str | Path | None = None,
                  tensorboard_dir: str | Path | None = None, log_interval: int = 20,
@@ -257,7 +261,7 @@ class RunLogger:
             elapsed = time.perf_counter() - self._epoch_start
             done = batch_in_epoch + 1
             eta = elapsed / max(done, 1) * (iterations_in_epoch - done)
-            self.info(f"epoch {epoch} iter {done}/{iterations_in_epoch} (global {iteration + 1}) "
+            self.info(f"epoch {epoch} iter {done}/{iterations_in_epoch} (iteration {iteration}) "
                       f"loss {loss:.4f} lr {lr:.3e} {images_per_second:.1f} img/s eta {_duration(eta)}")
 
     def evaluation(self, *, epoch: int, iteration: int, metrics: dict[str, float], seconds: float,

@@ -30,7 +30,8 @@ def _save(fig: Any, path: Path) -> Path:
 
 def plot_curves(loss_history: Sequence[tuple[int, float]], evaluations: Sequence[Mapping[str, Any]],
                 path: str | os.PathLike[str]) -> Path:
-    """Training loss per iteration (with a running mean) and AP / AP50 per evaluated epoch."""
+    """Training loss per iteration (with a running mean) and AP / AP50 per evaluated epoch, both
+    axes numbered from 0 as everywhere else (``loss_history``'s iterations, the records' ``epoch``)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(11, 4))
@@ -46,7 +47,7 @@ def plot_curves(loss_history: Sequence[tuple[int, float]], evaluations: Sequence
         ax_loss.legend()
     ax_loss.set(title="training loss", xlabel="iteration", ylabel="loss")
     if evaluations:
-        epochs = [e["epoch"] + 1 for e in evaluations]
+        epochs = [e["epoch"] for e in evaluations]
         ax_map.plot(epochs, [e["AP50"] for e in evaluations], "o-", label="AP50")
         ax_map.plot(epochs, [e["AP"] for e in evaluations], "s-", label="AP@[.5:.95]")
         ax_map.set_ylim(0, 1)

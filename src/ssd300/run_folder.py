@@ -11,9 +11,13 @@ Policies, all here:
 
 * a fresh run refuses a folder holding another run's files unless ``overwrite`` (which removes
   those files first, so two runs never mix); a resumed run continues its own folder and appends to
-  ``log.jsonl``;
-* a lock file created with ``O_EXCL`` (pid and host inside) keeps a second live run out; a lock
-  left by a dead process on this host is taken over, with a note;
+  ``log.jsonl``. A folder holding no checkpoint and no evaluation is not a run: what a start that
+  failed before its first checkpoint left (a ``log.jsonl``, a benchmark's summary) is replaced, with
+  a note. A refusal says what was found (:meth:`RunFolder.describe`);
+* a lock file created with ``O_EXCL`` (pid and host inside, written in one ``write``) keeps a second
+  live run out; a lock left by a dead process on this host is taken over, with a note; so is an
+  unreadable one (empty, garbage, truncated: a crash while it was written, or not ours) once it is
+  older than :data:`LOCK_WRITE_GRACE` seconds, the longest a live run's lock can be half-written;
 * checkpoints are written by :meth:`RunFolder.save_epoch` / :meth:`RunFolder.save_interrupted`
   through :func:`ssd300.files.atomic_write`;
 * temp files of that writer (``.epoch_3.pt.k2j4x.tmp``, left by a SIGKILL mid-write)
@@ -32,8 +36,9 @@ import re
 import shutil
 import socket
 import tempfile
+import time
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, NamedTuple, Optional
 
 from ssd300.checkpoint import save_checkpoint
 from ssd300.errors import UserInputError
@@ -51,6 +56,25 @@ _EPOCH_FILE = re.compile(r"epoch_(\d+)\.pt")
 _CHECKPOINT_TEMP = re.compile(r"\.(epoch_\d+|last|best|interrupted)\.pt\.[A-Za-z0-9_]+\.tmp")
 _LOG_FILES = (LOG_NAME, RESULTS_NAME, METRICS_NAME, CURVES_NAME)
 _EVALUATION_PLOT = re.compile(r"evaluation_epoch_\d+\.png")
+_EVAL_RECORD = '"kind": "eval"'  # how logging_utils.RunLogger writes an evaluation record
+LOCK_WRITE_GRACE = 1.0  # seconds: a lock younger than this may still be being written by its owner
+
+
+class RunFiles(NamedTuple):
+    """What :meth:`RunFolder.found` saw, by kind: a folder holds a run when it has a checkpoint
+    or an evaluation; other run files alone are leftovers of a start that failed."""
+
+    checkpoints: list[Path]
+    evaluations: list[Path]   # results.json, evaluation_epoch_<n>.png, a log/summary with evaluations
+    other: list[Path]         # log.jsonl, metrics.json, curves.png without evaluations
+
+    @property
+    def all(self) -> list[Path]:
+        return sorted(self.checkpoints + self.evaluations + self.other)
+
+    @property
+    def is_run(self) -> bool:
+        return bool(self.checkpoints or self.evaluations)
 
 
 def evaluation_plot_name(epoch: int) -> str:
@@ -113,6 +137,30 @@ class RunFolder:
         plots = sorted(p for p in self.path.iterdir() if _EVALUATION_PLOT.fullmatch(p.name) and p.is_file())
         return [p for _, p in self.epoch_checkpoints()] + [p for p in named if p.is_file()] + plots
 
+    def found(self) -> RunFiles:
+        """The run files here, sorted into checkpoints, evaluations and other files."""
+        checkpoints = [p for _, p in self.epoch_checkpoints()] + [
+            self.path / n for n in (LAST, BEST, INTERRUPTED) if (self.path / n).is_file()]
+        evaluations: list[Path] = []
+        other: list[Path] = []
+        for path in self.run_files():
+            if path in checkpoints:
+                continue
+            if path.name == RESULTS_NAME or _EVALUATION_PLOT.fullmatch(path.name) or _holds_evaluation(path):
+                evaluations.append(path)
+            else:
+                other.append(path)
+        return RunFiles(checkpoints, evaluations, other)
+
+    def describe(self, files: Optional[RunFiles] = None) -> str:
+        """What was found, for messages: ``checkpoints epoch_0.pt, last.pt; evaluations results.json; other
+        files log.jsonl`` (the empty kinds left out)."""
+        files = files if files is not None else self.found()
+        parts = [f"{kind} {_some(paths)}" for kind, paths in
+                 (("checkpoints", files.checkpoints), ("evaluations", files.evaluations),
+                  ("other files", files.other)) if paths]
+        return "; ".join(parts) if parts else "no run files"
+
     def newest_checkpoint(self) -> Optional[Path]:
         """``last.pt`` when present (always the newest state), else the newest of
         ``interrupted.pt`` and the epoch files by modification time; None when there is none."""
@@ -139,24 +187,35 @@ class RunFolder:
         name the config fields (``save``, ``resume``, ``overwrite``, ``checkpoint``) in ``fields``.
         """
         notes: list[str] = []
-        existing = self.run_files()
+        found = self.found()
+        existing = found.all
+        resuming_here = resuming_from is not None and self.contains(resuming_from)
+        # Leftovers of a start that failed before its first checkpoint (no checkpoint, no evaluation):
+        # not a run; a fresh run, or a resumed one continuing elsewhere, replaces them.
+        leftovers = existing if existing and not found.is_run and not resuming_here else []
         if resuming_from is not None:
             if overwrite:
                 raise UserInputError(f"overwrite with a resumed run would delete the run being resumed; leave "
                                      f"it off to continue {self.path}, or give checkpoint alone to start afresh",
                                      fields=("overwrite", "checkpoint"))
-            if existing and not self.contains(resuming_from):
-                raise UserInputError(f"save {self.path} holds another run ({_some(existing)}); resume from its own "
-                                     f"checkpoint or save the resumed run in a new folder", fields=("save", "resume"))
-        elif existing and not overwrite:
-            raise UserInputError(f"save {self.path} holds another run ({_some(existing)}): continue it with "
+            if found.is_run and not resuming_here:
+                raise UserInputError(f"save {self.path} holds another run ({self.describe(found)}); resume from "
+                                     "its own checkpoint or save the resumed run in a new folder",
+                                     fields=("save", "resume"))
+        elif found.is_run and not overwrite:
+            raise UserInputError(f"save {self.path} holds another run ({self.describe(found)}): continue it with "
                                  "resume, pick a new folder, or pass overwrite to replace it",
                                  fields=("save", "resume", "overwrite"))
         self.path.mkdir(parents=True, exist_ok=True)
         note = self.acquire_lock()
         if note:
             notes.append(note)
-        if resuming_from is None and existing:
+        if leftovers:
+            for path in leftovers:
+                path.unlink()
+            notes.append(f"{self.path} held no checkpoint and no evaluation, only what a start that failed "
+                         f"left ({_some(leftovers)}): removed, starting afresh")
+        elif resuming_from is None and existing:
             for path in existing:
                 path.unlink()
             notes.append(f"overwrite: removed the previous run's {len(existing)} files from {self.path}")
@@ -167,28 +226,38 @@ class RunFolder:
         return notes
 
     def acquire_lock(self) -> Optional[str]:
-        """Create the lock file (``O_EXCL``); take over one left by a dead process on this host."""
+        """Create the lock file (``O_EXCL``); take over one left by a dead process on this host, or
+        an unreadable one older than :data:`LOCK_WRITE_GRACE` (never a live run's: a live run's
+        lock holds its pid and host from its first ``LOCK_WRITE_GRACE`` seconds on)."""
         lock = self.path / LOCK_NAME
         me = {"pid": os.getpid(), "host": socket.gethostname()}
+        content = json.dumps(me).encode()
         note: Optional[str] = None
-        for _ in range(2):
+        for _ in range(3):
             try:
                 fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
-                owner = _read_lock(lock)
-                if owner.get("host") == me["host"] and not _pid_alive(owner.get("pid")):
-                    with contextlib.suppress(FileNotFoundError):
-                        lock.unlink()
-                    note = f"took over the lock of a run that is no longer running (pid {owner.get('pid')})"
+                raw, owner = _read_lock(lock)
+                if raw is None:  # gone meanwhile: try again
                     continue
-                where = f"pid {owner.get('pid', '?')} on {owner.get('host', '?')}"
-                raise UserInputError(f"save {self.path}: another run is using this folder ({where}); wait for it, "
-                                     f"or delete {lock} if that run is gone", fields=("save",)) from None
+                if owner is None:
+                    stale = f"an unreadable lock file ({_show(raw)}), left by a crash or not ours"
+                elif owner.get("host") == me["host"] and not _pid_alive(owner.get("pid")):
+                    stale = f"the lock of a run that is no longer running (pid {owner.get('pid')})"
+                else:
+                    where = f"pid {owner.get('pid', '?')} on {owner.get('host', '?')}"
+                    raise UserInputError(f"save {self.path}: another run is using this folder ({where}); wait for "
+                                         f"it, or delete {lock} if that run is gone", fields=("save",)) from None
+                if _replace_if_unchanged(lock, raw):
+                    note = f"took over {stale}"
+                continue
             except OSError as exc:
                 raise UserInputError(f"save {self.path}: cannot create {LOCK_NAME} ({exc.strerror})",
                                      fields=("save",)) from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
+            try:
+                os.write(fd, content)  # one write: a reader sees all of it or (briefly) nothing
+            finally:
+                os.close(fd)
             self._locked = True
             return note
         raise UserInputError(f"save {self.path}: could not take {lock}", fields=("save",))
@@ -268,17 +337,68 @@ def _some(paths: list[Path], shown: int = 3) -> str:
     return ", ".join(names) + (f" and {len(paths) - shown} more" if len(paths) > shown else "")
 
 
-def _read_lock(lock: Path) -> dict[str, object]:
+def _holds_evaluation(path: Path) -> bool:
+    """Whether a log or summary file records an evaluation (a log's ``eval`` record, a summary's
+    ``evaluations``); unreadable counts as yes (never delete what cannot be judged)."""
     try:
-        owner = json.loads(lock.read_text())
-        return owner if isinstance(owner, dict) else {}
+        if path.name == LOG_NAME:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                return any(_EVAL_RECORD in line for line in f)
+        if path.name == METRICS_NAME:
+            summary = json.loads(path.read_text(encoding="utf-8"))
+            return not isinstance(summary, dict) or bool(summary.get("evaluations"))
     except (OSError, ValueError):
-        return {}
+        return True
+    return False
+
+
+def _read_lock(lock: Path) -> tuple[Optional[bytes], Optional[dict[str, Any]]]:
+    """(the lock's bytes or None when it is gone, its owner or None when unreadable). A lock
+    younger than LOCK_WRITE_GRACE that does not parse is read again once that age is reached."""
+    for attempt in range(2):
+        try:
+            raw = lock.read_bytes()
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return None, None
+        except OSError as exc:
+            raise UserInputError(f"save {lock.parent}: cannot read {lock.name} ({exc.strerror}); if no run is "
+                                 f"using this folder, delete {lock}", fields=("save",)) from None
+        try:
+            owner = json.loads(raw)
+        except ValueError:
+            owner = None
+        if isinstance(owner, dict) and isinstance(owner.get("pid"), int) and isinstance(owner.get("host"), str):
+            return raw, owner
+        if attempt == 0 and 0 <= age < LOCK_WRITE_GRACE:
+            time.sleep(LOCK_WRITE_GRACE - age)
+    return raw, None
+
+
+def _replace_if_unchanged(lock: Path, raw: bytes) -> bool:
+    """Remove the stale lock, unless it changed since it was judged (another run took it)."""
+    try:
+        if lock.read_bytes() != raw:
+            return False
+        lock.unlink()
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise UserInputError(f"save {lock.parent}: cannot replace the stale {lock.name} ({exc.strerror}); "
+                             f"delete {lock}", fields=("save",)) from None
+    return True
+
+
+def _show(raw: bytes, limit: int = 40) -> str:
+    if not raw.strip():
+        return "empty"
+    text = raw[:limit].decode("utf-8", errors="replace")
+    return repr(text) + ("..." if len(raw) > limit else "")
 
 
 def _pid_alive(pid: object) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return True  # unreadable lock: assume its owner lives (never steal on a guess)
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return True  # a pid we cannot check: assume its owner lives (never steal on a guess)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -5,10 +5,22 @@ The :class:`Trainer` owns model, optimizer, schedule, gradient scaler and positi
 ``(seed, epoch, index)`` and the schedule is a pure function of the position, restoring a
 checkpoint and skipping ``batch_in_epoch`` batches reproduces a straight run. Precision and memory
 format come from the :class:`~ssd300.runtime.Runtime`.
+
+Numbering (README, "Epoch numbering"): epochs and iterations from 0. Iteration ``n`` is the
+``n+1``-th optimizer step; ``loss_history`` holds ``(iteration, loss)`` of every step done.
+
+History: a checkpoint keeps ``loss_history`` (and, from the run, its ``evaluations`` and ``best``:
+:func:`stored_history` reads them back), so a resumed run's curves and summary cover the whole run.
+The checkpoint rather than ``log.jsonl``, because it is written atomically together with the
+state it describes: a crash (even SIGKILL mid-epoch) leaves history and state consistent, with no
+records of steps the resume redoes, and nothing depends on ``log_interval``, on a ``log_file``
+elsewhere, or on the folder (a resume may save elsewhere). Cost: 16 bytes a step (3.8 MB for the
+65-epoch COCO recipe's 240k steps; small beside the weights and the optimizer's momentum).
 """
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from dataclasses import dataclass, field
@@ -28,7 +40,7 @@ from ssd300.data.coco import skipped_summary
 from ssd300.default_boxes import default_boxes_300
 from ssd300.distributed import DistributedContext, capture_rng_state, restore_rng_state
 from ssd300.errors import EXIT_DIVERGED, Interrupted, UserInputError
-from ssd300.files import PathLike
+from ssd300.files import PathLike, json_ready
 from ssd300.labels import LabelMap
 from ssd300.logging_utils import RunLogger
 from ssd300.loss import SSDLoss
@@ -98,7 +110,12 @@ class StopFlag:
 class TrainPosition:
     epoch: int = 0            # the epoch being run (== number of completed epochs between epochs)
     batch_in_epoch: int = 0   # batches of ``epoch`` already done
-    iteration: int = 0        # global optimizer steps done
+    iteration: int = 0        # global optimizer steps done (== the 0-based number of the next one)
+
+    @property
+    def last_iteration(self) -> int:
+        """The 0-based number of the last step done (-1 before any): what records after a step name."""
+        return self.iteration - 1
 
 
 @dataclass
@@ -210,18 +227,18 @@ class Trainer:
             now = time.perf_counter()
             images_per_second = batch_size * self.ctx.world_size / max(now - tick, 1e-9)
             tick = now
-            self.loss_history.append((self.position.iteration, loss))
-            self.logger.step(epoch=epoch, iteration=self.position.iteration - 1,
+            self.loss_history.append((self.position.last_iteration, loss))
+            self.logger.step(epoch=epoch, iteration=self.position.last_iteration,
                              batch_in_epoch=self.position.batch_in_epoch - 1, iterations_in_epoch=iterations,
                              loss=loss, lr=self.optimizer.param_groups[0]["lr"],
                              images_per_second=images_per_second)
             if stop_now:  # the position stays mid-epoch: the run writes it as its interrupted checkpoint
                 self.logger.end_epoch()
-                raise TrainingInterrupted(f"stopped by signal at iteration {self.position.iteration}",
+                raise TrainingInterrupted(f"stopped by signal after iteration {self.position.last_iteration}",
                                           stop.signal_number if stop and stop.signal_number else signal.SIGINT)
         self.logger.end_epoch()
         if skipped:  # this rank's; each was also logged when it happened
-            self.logger.info(f"epoch {epoch + 1}: {skipped_summary(skipped)}")
+            self.logger.info(f"epoch {epoch}: {skipped_summary(skipped)}")
         self.position.epoch += 1
         self.position.batch_in_epoch = 0
 
@@ -239,6 +256,7 @@ class Trainer:
             scaler=self.scaler.state_dict() if self.scaler is not None else {},
             args=_plain_args(self.run_args),
             rng=capture_rng_state(),
+            loss_history=history_tensor(self.loss_history),
         )
 
     def save(self, path: PathLike, **extra: Any) -> Path:
@@ -266,7 +284,23 @@ class Trainer:
                                       iteration=int(checkpoint.get("iteration", 0)))
         if isinstance(checkpoint.get("rng"), dict):
             restore_rng_state(checkpoint["rng"])
+        # the steps before this position (a checkpoint written before the history was kept: none)
+        self.loss_history = [(i, loss) for i, loss in history_list(checkpoint.get("loss_history"))
+                             if i < self.position.iteration]
         return True
+
+
+def history_tensor(history: Sequence[tuple[int, float]]) -> torch.Tensor:
+    """``(iteration, loss)`` pairs as one float64 ``(N, 2)`` tensor: compact in a checkpoint
+    (8 bytes a number, not a pickled tuple) and exact for iterations below 2**53."""
+    return torch.tensor(history, dtype=torch.float64).reshape(-1, 2)
+
+
+def history_list(stored: Any) -> list[tuple[int, float]]:
+    """:func:`history_tensor`'s pairs back; anything else (missing, malformed) is no history."""
+    if not isinstance(stored, torch.Tensor) or stored.dim() != 2 or stored.shape[1] != 2:
+        return []
+    return [(int(i), float(loss)) for i, loss in stored.to(torch.float64).tolist()]
 
 
 def _plain_args(args: dict[str, Any]) -> dict[str, Any]:
@@ -280,3 +314,22 @@ def _plain_args(args: dict[str, Any]) -> dict[str, Any]:
         if value is None or isinstance(value, (bool, int, float, str, list)):
             out[key] = value
     return out
+
+
+def stored_history(checkpoint: dict[str, Any]) -> tuple[Optional[dict[str, Any]], list[dict[str, Any]]]:
+    """A training checkpoint's ``best`` and ``evaluations`` (of epochs before its position); what is
+    missing or malformed (a checkpoint from before the history was kept) is no history."""
+    completed = int(checkpoint.get("epoch", 0))
+    best = checkpoint.get("best")
+    if not (isinstance(best, dict) and isinstance(best.get("epoch"), int) and isinstance(best.get("AP"), float)):
+        best = None
+    stored = checkpoint.get("evaluations")
+    evaluations = [e for e in stored if isinstance(e, dict) and isinstance(e.get("epoch"), int)
+                   and e["epoch"] < completed] if isinstance(stored, list) else []
+    return best, evaluations
+
+
+def plain_data(value: Any) -> Any:
+    """``value`` as plain Python data (numpy scalars to numbers), so a checkpoint holding it stays
+    ``weights_only``-loadable."""
+    return json.loads(json.dumps(json_ready(value), default=lambda o: o.item() if hasattr(o, "item") else str(o)))

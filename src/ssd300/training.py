@@ -11,11 +11,17 @@ evaluating after the ``evaluation`` epochs, every ``eval_every`` epochs and the 
 ``benchmark-inference`` (images/s). Under ``torchrun`` every process calls the same function with
 the same config.
 
-Epochs are numbered from 0 everywhere, as in the reference: ``evaluation``/``multistep`` values,
-the epoch checkpoints (written after epoch ``n``), the ``epoch`` of log records and console lines.
-A checkpoint's ``epoch`` entry is the reference's: epochs completed, i.e. the epoch a resume
-starts. The run folder (``save``), its file names and its checkpoints are
-:mod:`ssd300.run_folder`'s.
+Epochs and iterations are numbered from 0 everywhere, as in the reference: ``evaluation``/
+``multistep`` values, the epoch checkpoints (written after epoch ``n``), the ``epoch`` and
+``iteration`` of log records (an evaluation's: the last step before it), console lines and the
+curves' axes. A checkpoint's ``epoch``/``iteration`` entries are the reference's: epochs and steps
+completed, i.e. where a resume starts. The run folder (``save``), its file names and its
+checkpoints are :mod:`ssd300.run_folder`'s.
+
+History: a training checkpoint carries the run's history (loss history, ``evaluations``,
+``best``; why there and not in ``log.jsonl``: :mod:`ssd300.trainer`), so after a resume
+``metrics.json`` and ``curves.png`` cover the whole run. An evaluation a signal interrupted (the
+epoch's checkpoint written, no ``metrics`` entry) is redone first when the run resumes.
 
 A run (:class:`_Run`) is built in order: seed, runtime and run folder (``__init__``), data and
 model (:meth:`_Run.build_data_and_model`), trainer and loader; then one of the modes runs; the
@@ -68,7 +74,7 @@ from ssd300.train_config import (
     resolve_data,
     resolve_resume,
 )
-from ssd300.trainer import StopFlag, Trainer, TrainingInterrupted
+from ssd300.trainer import StopFlag, Trainer, TrainingInterrupted, plain_data, stored_history
 
 __all__ = ["DEFAULT_EVALUATION", "MODES", "RunResult", "TrainConfig", "evaluate", "random_backbone_warning", "run",
            "train"]
@@ -80,7 +86,7 @@ class RunResult:
 
     mode: str
     evaluations: list[dict[str, Any]] = field(default_factory=list)   # one entry per evaluation
-    loss_history: list[tuple[int, float]] = field(default_factory=list)  # (iteration, loss)
+    loss_history: list[tuple[int, float]] = field(default_factory=list)  # (iteration from 0, loss), whole run
     benchmark: dict[str, float] = field(default_factory=dict)
     checkpoint: Optional[Path] = None       # the last checkpoint written
     metrics: Optional[CocoMetrics] = None   # the last evaluation's
@@ -141,8 +147,12 @@ class _Run:
         self.result = RunResult(mode=config.mode)
         for note in notes:
             self.logger.info(note)
-        # The run's best evaluation so far ({"epoch", "AP", "AP50"}); a resumed run continues it.
-        self.best: Optional[dict[str, Any]] = (self.checkpoint or {}).get("best") if self.resuming else None
+        # The run's best evaluation so far ({"epoch", "AP", "AP50"}) and its evaluations; a resumed
+        # run continues them.
+        self.best: Optional[dict[str, Any]] = None
+        if self.resuming:
+            assert self.checkpoint is not None
+            self.best, self.result.evaluations[:] = stored_history(self.checkpoint)
 
     # ------------------------------------------------------------------ setup
 
@@ -322,7 +332,8 @@ class _Run:
 
     def run_evaluation_mode(self) -> None:
         assert self.checkpoint is not None  # validated: mode evaluation needs one
-        self.evaluate(int(self.checkpoint.get("epoch", 0)) - 1, int(self.checkpoint.get("iteration", 0)))
+        # the checkpoint's entries count what was done: the last epoch and step are one less
+        self.evaluate(int(self.checkpoint.get("epoch", 0)) - 1, int(self.checkpoint.get("iteration", 0)) - 1)
 
     def eval_loader(self) -> Any:
         assert self.evaluator is not None  # benchmark-inference resolves validation data
@@ -356,14 +367,17 @@ class _Run:
         config = self.config
         if self.checkpoints is None:
             self.logger.info("no run folder (save): checkpoints will not be written")
-        if trainer.position.epoch >= config.epochs:
-            raise UserInputError(f"checkpoint {config.checkpoint}: epochs {config.epochs} leaves nothing to train, "
-                                 f"it already completed {trainer.position.epoch} epochs (raise epochs)",
-                                 fields=("checkpoint", "epochs"))
         scheduled = config.evaluation_epochs
-        shown = ", ".join(str(e) for e in scheduled) if scheduled else "none (evaluation is empty)"
-        self.logger.info(f"epochs 0..{config.epochs - 1}; evaluating after epochs: {shown}")
         with StopFlag() as stop:
+            redone = self.redo_interrupted_evaluation(trainer, loader, stop)
+            if trainer.position.epoch >= config.epochs:
+                if redone:
+                    return  # the run had ended but for that evaluation
+                raise UserInputError(f"checkpoint {config.checkpoint}: epochs {config.epochs} leaves nothing to "
+                                     f"train, it already completed {trainer.position.epoch} epochs (raise epochs)",
+                                     fields=("checkpoint", "epochs"))
+            shown = ", ".join(str(e) for e in scheduled) if scheduled else "none (evaluation is empty)"
+            self.logger.info(f"epochs 0..{config.epochs - 1}; evaluating after epochs: {shown}")
             while trainer.position.epoch < config.epochs:
                 epoch = trainer.position.epoch
                 try:
@@ -377,10 +391,26 @@ class _Run:
                     metrics = self.evaluate_after(trainer, epoch, loader, stop)
                 self.save_epoch(trainer, epoch, metrics)
 
+    def redo_interrupted_evaluation(self, trainer: Trainer, loader: Any, stop: StopFlag) -> bool:
+        """A resumed run whose checkpoint is the end of a scheduled epoch without that epoch's
+        evaluation (a signal stopped it): evaluate now, and write the epoch's checkpoint again with
+        its metrics (and best). Returns whether it did."""
+        if not self.resuming or self.checkpoint is None or self.evaluator is None:
+            return False
+        position, epoch = trainer.position, trainer.position.epoch - 1
+        stored = self.checkpoint.get("metrics")
+        evaluated = isinstance(stored, dict) and stored.get("epoch") == epoch
+        if position.batch_in_epoch != 0 or epoch not in self.config.evaluation_epochs or evaluated:
+            return False
+        self.logger.info(f"the evaluation after epoch {epoch} did not finish (interrupted): evaluating it now")
+        metrics = self.evaluate_after(trainer, epoch, loader, stop)
+        self.save_epoch(trainer, epoch, metrics)
+        return True
+
     def evaluate_after(self, trainer: Trainer, epoch: int, loader: Any, stop: StopFlag) -> CocoMetrics:
         """The scheduled evaluation after ``epoch``; a signal during it saves the epoch and stops."""
         try:
-            return self.evaluate(epoch, trainer.position.iteration, loader, stop)
+            return self.evaluate(epoch, trainer.position.last_iteration, loader, stop)
         except EvaluationInterrupted as stopped:
             path = self.save_epoch(trainer, epoch, None)
             where = f"; epoch {epoch}'s checkpoint written to {path} (to continue: resume)" if path else ""
@@ -398,10 +428,10 @@ class _Run:
             self.best = {"epoch": epoch, "AP": metrics.ap, "AP50": metrics.ap50}
         if self.checkpoints is None or not self.ctx.is_main:
             return None
-        extra: dict[str, Any] = {"best": self.best}
+        extra: dict[str, Any] = {}
         if metrics is not None:
             extra["metrics"] = {"epoch": epoch, **metrics.as_dict()}
-        path = self.checkpoints.save_epoch(epoch, {**trainer.state_dict(), **extra}, best=improved)
+        path = self.checkpoints.save_epoch(epoch, {**self.state(trainer), **extra}, best=improved)
         if improved and self.best is not None:
             self.logger.info(f"best so far (AP {self.best['AP']:.4f}, epoch {epoch}): "
                              f"{self.checkpoints.checkpoint(BEST)}")
@@ -413,15 +443,21 @@ class _Run:
 
     def interrupted(self, trainer: Trainer, signal_number: int) -> TrainingInterrupted:
         """A signal stopped an epoch: its state as the run folder's interrupted checkpoint (rank 0)."""
-        message = f"stopped by signal at iteration {trainer.position.iteration}"
+        position = trainer.position
+        message = f"stopped by signal after iteration {position.last_iteration} (epoch {position.epoch})"
         fields: tuple[str, ...] = ()
         if self.checkpoints is not None and self.ctx.is_main:
-            path = self.checkpoints.save_interrupted(trainer.state_dict())
+            path = self.checkpoints.save_interrupted(self.state(trainer))
             message += (f"; state written to {path} (to continue: resume with save {self.checkpoints.path}, "
                         f"or checkpoint {path})")
             fields = ("resume", "save", "checkpoint")
         self.logger.info(message)
         return TrainingInterrupted(message, signal_number, fields=fields)
+
+    def state(self, trainer: Trainer) -> dict[str, Any]:
+        """The checkpoint's content: the trainer's state (with its loss history) and the run's
+        evaluation history (``best``, ``evaluations``), so a resume continues both."""
+        return {**trainer.state_dict(), "best": self.best, "evaluations": plain_data(self.result.evaluations)}
 
     # ------------------------------------------------------------------ results
 
@@ -437,7 +473,7 @@ class _Run:
                           "runtime": self.runtime.describe(), "evaluations": result.evaluations, **result.benchmark}
         if result.loss_history:
             result.summary["final_loss"] = result.loss_history[-1][1]
-            result.summary["iterations"] = result.loss_history[-1][0]
+            result.summary["iterations"] = result.loss_history[-1][0] + 1  # a count; the history is 0-based
         if result.evaluations:
             result.summary.update(AP=result.last_metrics["AP"], AP50=result.last_metrics["AP50"])
         if self.summary_path is not None and self.ctx.is_main:
