@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ from .errors import UserInputError
 from .labels import LabelMap, category_mismatch
 from .model import SSD300
 from .files import MapLocation, PathLike, atomic_write, read_torch_file, strip_module_prefix
+from .weights import resolve_weights
 
 
 _TRUNK = "feature_extractor.feature_extractor."
@@ -57,6 +59,17 @@ def load_checkpoint(path: PathLike, map_location: MapLocation = "cpu") -> dict[s
         raise UserInputError(f"checkpoint {path}: expected a dict, found {type(obj).__name__}")
     model_state_dict(obj, source=f"checkpoint {path}")  # fail now, naming the file, if there are no weights
     return obj
+
+
+def resolve_checkpoint(value: PathLike) -> Path:
+    """The local file of a checkpoint given as a path, a published name (``nvidia-ssd300-coco``,
+    :mod:`ssd300.weights`) or an ``http(s)://``/``file://`` URL: downloaded once into the cache and
+    checked as an SSD300 checkpoint (readable with ``weights_only``, architecture inferred) before use."""
+    return resolve_weights(value, kind="checkpoint", what="checkpoint", check=_check_checkpoint_file)
+
+
+def _check_checkpoint_file(path: Path) -> None:
+    checkpoint_architecture(load_checkpoint(path), source=f"checkpoint {path}")
 
 
 def _is_state_dict(obj: Any) -> bool:

@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("ssd300.commands.export", "export a checkpoint to ONNX or TorchScript"),
     "synth": ("ssd300.commands.synth", "write the built-in synthetic COCO-format dataset"),
     "demo": ("ssd300.commands.demo", "generate the synthetic dataset, train, evaluate and draw results"),
+    "weights": ("ssd300.commands.weights", "list the published weights (ImageNet, NVIDIA's COCO SSD300), the cache"),
 }
 
 
