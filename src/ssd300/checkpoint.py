@@ -52,8 +52,10 @@ def load_checkpoint(path: PathLike, map_location: MapLocation = "cpu") -> dict[s
     """Read a checkpoint file safely (``weights_only=True``); returns the dict as stored.
 
     A bare state dict is returned as it is; use :func:`model_state_dict` to get the weights from
-    either form. Every problem with the file is a one-line :class:`UserInputError`.
+    either form. Every problem with the file is a one-line :class:`UserInputError`. ``path`` may
+    also name published weights or be a URL (:func:`resolve_checkpoint`).
     """
+    path = resolve_checkpoint(path)
     obj = read_torch_file(path, "checkpoint", map_location)
     if not isinstance(obj, dict):
         raise UserInputError(f"checkpoint {path}: expected a dict, found {type(obj).__name__}")
