@@ -66,8 +66,9 @@ def common_settings(batch_size: int, seed: int) -> dict[str, Any]:
 
 
 def run_transfer(root: Path, *, train: int, val: int, pretrain_epochs: int, epochs: int, batch_size: int = 4,
-                 seed: int = 0) -> dict[str, Any]:
-    """Pretrain on A, fine-tune on B from scratch and from A's model; the figures of both."""
+                 seed: int = 0, evaluate: bool = True) -> dict[str, Any]:
+    """Pretrain on A, fine-tune on B from scratch and from A's model; the figures of both (AP50 None
+    without ``evaluate``)."""
     from ssd300.train_config import TrainConfig
     from ssd300.training import train as train_run
 
@@ -79,10 +80,10 @@ def run_transfer(root: Path, *, train: int, val: int, pretrain_epochs: int, epoc
     figures: dict[str, Any] = {}
     for name, init in (("scratch", None), ("from A", pre.checkpoint)):
         start = time.perf_counter()
-        result = train_run(TrainConfig(**b, epochs=epochs, evaluation=(epochs - 1,), save=root / name.replace(" ", "_"),
-                                       multistep=(), init_from=init, **settings))
+        result = train_run(TrainConfig(**b, epochs=epochs, evaluation=(epochs - 1,) if evaluate else (),
+                                       save=root / name.replace(" ", "_"), multistep=(), init_from=init, **settings))
         per_epoch = len(result.loss_history) // epochs
-        figures[name] = {"AP50": result.last_metrics["AP50"],
+        figures[name] = {"AP50": result.last_metrics["AP50"] if evaluate else None,
                          "first_epoch_loss": statistics.fmean(v for _, v in result.loss_history[:per_epoch]),
                          "losses": [v for _, v in result.loss_history], "seconds": time.perf_counter() - start}
     return figures

@@ -208,7 +208,10 @@ class _Run:
         elif self.init_checkpoint is not None:
             source = f"init_from {self.config.init_from}"
             transfer = init_from_checkpoint(model, self.init_checkpoint, self.spec.label_map, source=source)
-            self.logger.info(transfer.describe(source))
+            line = transfer.describe(str(self.config.init_from))
+            self.logger.info(line)
+            self.logger.record("init_from", message=line, kept=transfer.kept, new=list(transfer.new),
+                               mapped={target: src for target, src in transfer.mapped})
         model.to(self.ctx.device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
