@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ssd300.checkpoint import model_checkpoint, save_checkpoint
+from ssd300.checkpoint import model_checkpoint
 from ssd300.errors import UserInputError
 from ssd300.labels import LabelMap
 from ssd300.train_config import TrainConfig, resolve_resume

@@ -211,7 +211,7 @@ class _Run:
             line = transfer.describe(str(self.config.init_from))
             self.logger.info(line)
             self.logger.record("init_from", message=line, kept=transfer.kept, new=list(transfer.new),
-                               mapped={target: src for target, src in transfer.mapped})
+                               mapped=dict(transfer.mapped))
         model.to(self.ctx.device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
