@@ -156,3 +156,22 @@ def test_mapped_fine_tune_starts_with_a_lower_loss_than_scratch(tmp_path):
     scratch, mapped = figures["scratch"]["first_epoch_loss"], figures["from A"]["first_epoch_loss"]
     # Same images, order and seed; the mean over the epoch's iterations, with a wide margin (measured ~0.65x).
     assert mapped < 0.85 * scratch, (mapped, scratch)
+
+
+def test_cli_flags_for_transfer_and_their_messages(tiny_checkpoint, capsys):
+    from ssd300.cli import main
+    from ssd300.commands.train import add_arguments, config_from_args
+
+    assert main(["train", "--init-from", str(tiny_checkpoint), "--checkpoint", str(tiny_checkpoint)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ssd300 train: error: --init-from contradicts --checkpoint") and "\n" not in err
+    assert main(["train", "--freeze-backbone", "-1"]) == 2
+    assert capsys.readouterr().err.strip() == "ssd300 train: error: --freeze-backbone must be >= 0, got -1"
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = config_from_args(parser.parse_args(["--init-from", str(tiny_checkpoint), "--freeze-backbone", "2",
+                                                 "--backbone-weights", "imagenet"]))
+    assert (config.init_from, config.freeze_backbone_epochs, config.backbone_weights) == (tiny_checkpoint, 2,
+                                                                                          "imagenet")
