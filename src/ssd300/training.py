@@ -406,6 +406,9 @@ class _Run:
         """The trunk frozen for epochs < freeze_backbone_epochs (a function of the epoch: resume is exact)."""
         if not self.config.freeze_backbone_epochs:
             return
+        if self.ctx.distributed:  # DDP's reducer expects the gradients of the parameters it was built with
+            raise UserInputError("freeze_backbone_epochs: not supported with several processes (torchrun) yet",
+                                 fields=("freeze_backbone_epochs",))
         frozen = epoch < self.config.freeze_backbone_epochs
         trunk: Any = unwrap_model(self.model).feature_extractor  # a ResNetTrunk
         if trunk.frozen != frozen:
