@@ -208,8 +208,7 @@ class _Run:
         elif self.init_checkpoint is not None:
             source = f"init_from {self.config.init_from}"
             transfer = init_from_checkpoint(model, self.init_checkpoint, self.spec.label_map, source=source)
-            line = transfer.describe(str(self.config.init_from))
-            self.logger.info(line)
+            self.logger.info(line := transfer.describe(str(self.config.init_from)))
             self.logger.record("init_from", message=line, kept=transfer.kept, new=list(transfer.new),
                                mapped=dict(transfer.mapped))
         model.to(self.ctx.device)
@@ -273,9 +272,8 @@ class _Run:
 
     def init_backbone(self) -> str:
         """The backbone of a fresh run: init_from's when given, else resnet50."""
-        if self.init_checkpoint is None:
-            return "resnet50"
-        return checkpoint_architecture(self.init_checkpoint, f"init_from {self.config.init_from}")[0]
+        init = self.init_checkpoint
+        return "resnet50" if init is None else checkpoint_architecture(init, f"init_from {self.config.init_from}")[0]
 
     def build_trainer(self) -> Trainer:
         config, ctx = self.config, self.ctx
