@@ -1,4 +1,8 @@
-"""torch.hub entry points, from a local checkout and local checkpoint files only (nothing is downloaded).
+"""torch.hub entry points, from a local checkout; weights from a local checkpoint file, or published ones.
+
+``pretrained=True`` without ``checkpoint`` loads NVIDIA's COCO-trained SSD300 (``nvidia-ssd300-coco``,
+:mod:`ssd300.weights`), downloaded once into the cache and verified, as the reference's hub entry
+does; ``checkpoint`` also takes a published name or an http(s) URL.
 
 Mirrors the reference's hub entry points::
 
@@ -39,13 +43,7 @@ if os.path.isdir(os.path.join(_SRC, "ssd300")) and _SRC not in sys.path:
     sys.path.insert(0, _SRC)
 
 
-def _no_download(entry: str) -> Exception:
-    from ssd300.errors import UserInputError
-
-    return UserInputError(
-        f"{entry}: this hub repository never downloads weights; pass checkpoint=<path to an SSD300 "
-        "checkpoint> (ours or NVIDIA's reference), or pretrained=False for a randomly initialised model"
-    )
+PRETRAINED = "nvidia-ssd300-coco"  # the reference's pretrained=True: NVIDIA's COCO checkpoint
 
 
 def nvidia_ssd(pretrained: bool = True, checkpoint: Optional[str] = None, model_math: str = "fp32",
@@ -53,7 +51,8 @@ def nvidia_ssd(pretrained: bool = True, checkpoint: Optional[str] = None, model_
     """SSD300 (ResNet-50) as in the reference's ``nvidia_ssd``: returns the model in eval mode on
     ``device`` (None: CUDA when available, else the CPU: the device ``prepare_tensor`` uses too).
 
-    ``checkpoint``: a local checkpoint file (required when ``pretrained``). ``model_math="fp16"``
+    ``checkpoint``: a checkpoint file, published name or URL (default with ``pretrained``: NVIDIA's
+    COCO checkpoint, downloaded once). ``model_math="fp16"``
     returns a half-precision model, as the reference does. ``model.label_map`` holds the class
     names and category ids (``utils.get_coco_object_dictionary(model)`` lists the names).
     """
@@ -61,8 +60,6 @@ def nvidia_ssd(pretrained: bool = True, checkpoint: Optional[str] = None, model_
 
     from ssd300.runtime import resolve_device
 
-    if checkpoint is None and pretrained:
-        raise _no_download("nvidia_ssd")
     target = resolve_device(device)
     model = ssd300(checkpoint=checkpoint, pretrained=pretrained, backbone=backbone,
                    num_classes=num_classes, **kwargs)
@@ -75,7 +72,8 @@ def nvidia_ssd(pretrained: bool = True, checkpoint: Optional[str] = None, model_
 
 def ssd300(checkpoint: Optional[str] = None, pretrained: bool = True, backbone: str = "resnet50",
            num_classes: int = 81, map_location: str = "cpu", **kwargs: Any):
-    """Our SSD300: from a local checkpoint, or randomly initialised with ``pretrained=False``.
+    """Our SSD300: from a checkpoint (file, published name, URL; default with ``pretrained``: NVIDIA's
+    COCO one), or randomly initialised with ``pretrained=False``.
 
     ``backbone_path`` (a local torchvision ResNet state dict) may be passed for a fresh model.
     """
@@ -83,24 +81,23 @@ def ssd300(checkpoint: Optional[str] = None, pretrained: bool = True, backbone: 
     from ssd300.labels import LabelMap
     from ssd300.model import SSD300
 
+    if checkpoint is None and pretrained:
+        checkpoint = PRETRAINED
     if checkpoint is not None:
         model, label_map, _ = load_model(checkpoint, map_location=map_location)
         model.label_map = label_map  # the checkpoint's class names and category ids
         return model
-    if pretrained:
-        raise _no_download("ssd300")
     model = SSD300(backbone=backbone, num_classes=num_classes, backbone_path=kwargs.get("backbone_path")).eval()
     model.label_map = LabelMap.coco2017() if num_classes == 81 else LabelMap.generic(num_classes)
     return model
 
 
 def detector(checkpoint: Optional[str] = None, device: Optional[str] = None, **options: Any):
-    """:class:`ssd300.inference.Detector` for a local checkpoint: images in, pixel boxes and names out."""
+    """:class:`ssd300.inference.Detector` for a checkpoint (default: NVIDIA's COCO one, downloaded
+    once): images in, pixel boxes and names out."""
     from ssd300.inference import Detector
 
-    if checkpoint is None:
-        raise _no_download("detector")
-    return Detector.from_checkpoint(checkpoint, device=device, **options)
+    return Detector.from_checkpoint(checkpoint or PRETRAINED, device=device, **options)
 
 
 class Processing:

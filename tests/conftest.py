@@ -4,6 +4,7 @@ tiny seeded SSD300 (ResNet-18, a few classes) with its checkpoint, built by hand
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -15,6 +16,10 @@ from ssd300.checkpoint import model_checkpoint, save_checkpoint
 from ssd300.data.synth import generate_synthetic_dataset
 from ssd300.labels import LabelMap
 from ssd300.model import SSD300
+
+# The suite runs without network: training runs start from scratch unless a test asks for ImageNet
+# weights (TrainConfig.backbone_weights' per-machine default; subprocesses inherit it).
+os.environ.setdefault("SSD300_BACKBONE_WEIGHTS", "none")
 
 # Small images with one large object each: few positives per image, fast steps (training tests).
 ONE_LARGE_OBJECT: dict[str, Any] = dict(num_classes=2, min_objects=1, max_objects=1, min_size=0.4, max_size=0.7,

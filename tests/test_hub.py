@@ -1,4 +1,4 @@
-"""torch.hub entry points from this checkout with local checkpoints (nothing downloaded)."""
+"""torch.hub entry points from this checkout with local checkpoints and the cached published one (no network)."""
 
 from __future__ import annotations
 
@@ -61,9 +61,27 @@ def test_nvidia_ssd_loads_the_local_checkpoint(model, checkpoint):
     assert _hub("ssd300", checkpoint=str(checkpoint)).num_classes == 81
 
 
-def test_no_checkpoint_means_no_download_but_a_clear_error():
-    with pytest.raises(UserInputError, match="checkpoint="):
-        _hub("nvidia_ssd")
+def test_pretrained_loads_nvidias_published_checkpoint_from_the_cache_or_says_where_to_put_it(
+        checkpoint, model, tmp_path, monkeypatch):
+    import socket
+
+    from ssd300 import weights
+
+    monkeypatch.setenv("SSD300_CACHE_DIR", str(tmp_path / "cache"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed: offline
+    url = f"http://127.0.0.1:{port}/nvidia_ssdpyt_amp_200703.pt"
+    monkeypatch.setattr(weights, "NVIDIA_SSD300_COCO_URL", url)
+    cached = tmp_path / "cache" / "weights" / "nvidia_ssdpyt_amp_200703.pt"
+    with pytest.raises(UserInputError) as err:
+        _hub("nvidia_ssd")  # pretrained=True, as the reference
+    assert str(err.value).startswith(f"could not download {url}") and f"in {cached.parent}" in str(err.value)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.write_bytes(checkpoint.read_bytes())  # what the download leaves in the cache
+    loaded = _hub("nvidia_ssd", device="cpu")
+    assert torch.equal(loaded.conf[0].weight, model.conf[0].weight)
+    assert _hub("detector", device="cpu").label_map.num_classes == 81
     fresh = _hub("ssd300", pretrained=False, backbone="resnet18", num_classes=5)
     assert fresh.num_classes == 5 and fresh.backbone_name == "resnet18"
 

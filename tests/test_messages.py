@@ -150,8 +150,8 @@ def test_data_given_a_json_file_says_it_is_a_file_and_what_data_expects(tmp_path
         resolve_split(annotations, "val")
     assert str(caught.value) == (
         f"data {annotations}: is a file; data takes a dataset folder (holding val/ or val2017/ and "
-        "annotations/instances_val.json, or a VOC/YOLO layout); for a single COCO-format json give it as val_annotations with its "
-        "image folder as val_images")
+        "annotations/instances_val.json, or a VOC/YOLO layout); for a single COCO-format json give it as "
+        "val_annotations with its image folder as val_images")
     assert caught.value.fields == ("data", "val_annotations", "val_images")
     rc, err = _err(capsys, ["evaluate", "--data", annotations, "--checkpoint", annotations])
     line = _one_error_line(err)

@@ -4,8 +4,9 @@ Keeping layer3 at stride 1 makes the trunk output 38 x 38 for a 300 x 300 input 
 first of the six feature maps. The trunk's children are kept by index in ``feature_extractor`` so
 that state-dict keys match the reference (``feature_extractor.<0..6>....``).
 
-ImageNet weights come only from a local file in torchvision's state-dict format; nothing is ever
-downloaded.
+ImageNet weights come from a local file in torchvision's state-dict format (``weights_path``);
+:func:`imagenet_weights_path` gives torchvision's published file for a backbone, downloaded once
+into torch's hub cache and hash-checked (:mod:`ssd300.weights`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torchvision import models
 
 from .errors import UserInputError
 from .files import read_torch_file, strip_module_prefix
+from .weights import fetch, imagenet_weights
 
 _RESNETS: dict[str, Callable[..., models.ResNet]] = {
     "resnet18": models.resnet18,
@@ -53,6 +55,18 @@ TORCHVISION_IMAGENET_FILES: dict[str, str] = {
 }
 
 
+def imagenet_weights_path(name: str) -> Path:
+    """torchvision's ``IMAGENET1K_V1`` file for backbone ``name``: from torch's hub cache, else
+    downloaded there (hash-checked); offline, one line naming the URL and where to place the file."""
+    return fetch(imagenet_weights(check_backbone_name(name)))
+
+
+def cached_imagenet_weights(name: str) -> Path | None:
+    """The ImageNet file of backbone ``name`` when it is already in torch's hub cache (no network)."""
+    path = imagenet_weights(check_backbone_name(name)).path
+    return path if path.is_file() else None
+
+
 def check_backbone_name(name: str) -> str:
     if name not in _RESNETS:
         raise UserInputError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}",
@@ -72,6 +86,21 @@ class ResNetTrunk(nn.Module):
         self.out_channels = BACKBONE_CHANNELS[name][0]
         self.feature_extractor = nn.Sequential(*list(resnet.children())[:_TRUNK_CHILDREN])
         _set_first_block_stride_one(self.feature_extractor[-1])
+
+    frozen: bool = False
+
+    def freeze(self, frozen: bool = True) -> None:
+        """Freeze (or thaw) the trunk: no gradients, BatchNorm in eval mode even under ``model.train()``."""
+        self.frozen = frozen
+        for param in self.parameters():
+            param.requires_grad_(not frozen)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "ResNetTrunk":
+        super().train(mode)
+        if self.frozen:
+            self.feature_extractor.eval()  # running statistics stay those of the loaded weights
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.feature_extractor(x)

@@ -26,6 +26,7 @@ from .errors import UserInputError
 from .labels import LabelMap, category_mismatch
 from .model import SSD300
 from .files import MapLocation, PathLike, atomic_write, read_torch_file, strip_module_prefix
+from .weights import resolve_weights
 
 
 _TRUNK = "feature_extractor.feature_extractor."
@@ -51,9 +52,11 @@ def load_checkpoint(path: PathLike, map_location: MapLocation = "cpu") -> dict[s
     """Read a checkpoint file safely (``weights_only=True``); returns the dict as stored.
 
     A bare state dict is returned as it is; use :func:`model_state_dict` to get the weights from
-    either form. Every problem with the file is a one-line :class:`UserInputError`.
+    either form. Every problem with the file is a one-line :class:`UserInputError`. ``path`` may
+    also name published weights or be a URL (:func:`resolve_checkpoint`).
     """
-    _check_checkpoint_path(path)
+    _check_checkpoint_path(path)  # a local folder or exported file: say what it is
+    path = resolve_checkpoint(path)
     obj = read_torch_file(path, "checkpoint", map_location)
     if not isinstance(obj, dict):
         raise UserInputError(f"checkpoint {path}: expected a dict, found {type(obj).__name__}")
@@ -95,6 +98,17 @@ def _is_torchvision_resnet(state: Mapping[str, Any]) -> bool:
     """A torchvision ResNet classifier's state dict (``conv1``, ``layer1``..``layer4``, ``fc``)."""
     keys = {strip_module_prefix(k) for k in state}
     return {"conv1.weight", "fc.weight"} <= keys and any(k.startswith("layer4.") for k in keys)
+
+
+def resolve_checkpoint(value: PathLike) -> Path:
+    """The local file of a checkpoint given as a path, a published name (``nvidia-ssd300-coco``,
+    :mod:`ssd300.weights`) or an ``http(s)://``/``file://`` URL: downloaded once into the cache and
+    checked as an SSD300 checkpoint (readable with ``weights_only``, architecture inferred) before use."""
+    return resolve_weights(value, kind="checkpoint", what="checkpoint", check=_check_checkpoint_file)
+
+
+def _check_checkpoint_file(path: Path) -> None:
+    checkpoint_architecture(load_checkpoint(path), source=f"checkpoint {path}")
 
 
 def _is_state_dict(obj: Any) -> bool:

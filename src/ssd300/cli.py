@@ -36,6 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("ssd300.commands.synth", "write the built-in synthetic COCO-format dataset"),
     "convert": ("ssd300.commands.convert", "convert annotations: VOC/YOLO/LabelMe to COCO json, COCO to YOLO/VOC"),
     "demo": ("ssd300.commands.demo", "generate the synthetic dataset, train, evaluate and draw results"),
+    "weights": ("ssd300.commands.weights", "list the published weights (ImageNet, NVIDIA's COCO SSD300), the cache"),
 }
 
 

@@ -244,6 +244,15 @@ class Detector:
         return cls(model, label_map, device=device, **options)
 
     @classmethod
+    def from_pretrained(cls, name: str = "nvidia-ssd300-coco", device: Union[str, torch.device, None] = None,
+                        **options: Any) -> "Detector":
+        """Published weights by name (``ssd300 weights`` lists them) or an http(s) URL: downloaded
+        once into the cache, verified, then as :meth:`from_checkpoint`."""
+        from ssd300.checkpoint import resolve_checkpoint
+
+        return cls.from_checkpoint(resolve_checkpoint(name), device=device, **options)
+
+    @classmethod
     def from_exported(cls, path: PathLike, runtime: str = "auto", **options: Any) -> "Detector":
         """Run a file written by ``ssd300 export`` (``.onnx`` fp32/INT8, ``.pt2``, ``.ts``).
 

@@ -12,7 +12,8 @@ check that every output path can be written (:func:`check_outputs`) and the chec
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -33,6 +34,7 @@ from ssd300.optim import (
 from ssd300.optional import install_hint
 from ssd300.run_folder import EPOCH_NAME_PATTERN, INTERRUPTED, LAST, RunFolder
 from ssd300.voc_eval import METRICS
+from ssd300.weights import is_weights_reference
 
 MODES = ("training", "evaluation", "benchmark-training", "benchmark-inference")
 TRAINING_MODES = ("training", "benchmark-training")
@@ -86,7 +88,14 @@ class TrainConfig:
     freeze_bn: bool = False
     # model and precision (see ssd300.runtime)
     backbone: Optional[str] = None           # None: the checkpoint's, else resnet50
-    backbone_path: Optional[Path] = None     # ImageNet weights (torchvision state-dict file)
+    backbone_path: Optional[Path] = None     # ImageNet weights (torchvision state-dict file); wins over the next
+    # "imagenet": torchvision's published ImageNet weights (downloaded once, ssd300.weights), "none": from
+    # scratch; the default may be set per machine with $SSD300_BACKBONE_WEIGHTS (e.g. none without network)
+    backbone_weights: str = field(default_factory=lambda: os.environ.get("SSD300_BACKBONE_WEIGHTS", "imagenet"))
+    # transfer learning (ssd300.transfer): a fresh run starts from this checkpoint (path, published name
+    # or URL) trained on other classes; classifier rows of classes with the same name are kept
+    init_from: Optional[Path] = None
+    freeze_backbone_epochs: int = 0          # the trunk is frozen (no gradients, BatchNorm eval) for the first N epochs
     amp: bool = True
     allow_tf32: bool = True
     channels_last: Optional[bool] = None     # None: the runtime policy
@@ -105,13 +114,29 @@ class TrainConfig:
         # Frozen, so normalising str paths and lists goes through object.__setattr__.
         for name in PATH_FIELDS:
             value = getattr(self, name)
+            if name in WEIGHTS_FIELDS and is_weights_reference(value):
+                continue  # a published name or URL: resolved after the other checks
             if value is not None and not isinstance(value, Path):
                 object.__setattr__(self, name, Path(value))
         for name in ("evaluation", "multistep"):
             object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
         self._check_ranges()
         self._check_combinations()
+        self._resolve_weights()
         self._check_paths()
+
+    def _resolve_weights(self) -> None:
+        """checkpoint / init_from given as a published name or URL: the cached (else downloaded and
+        verified) file, before any data is read; offline, one line naming the URL and the file."""
+        for name in WEIGHTS_FIELDS:
+            value = getattr(self, name)
+            if is_weights_reference(value):
+                from ssd300.checkpoint import resolve_checkpoint
+
+                try:
+                    object.__setattr__(self, name, resolve_checkpoint(value))
+                except UserInputError as err:
+                    raise UserInputError(f"{name} {err}", fields=(name,)) from None
 
     def _check_ranges(self) -> None:
         if self.mode not in MODES:
@@ -143,6 +168,10 @@ class TrainConfig:
         for name in ("multistep", "evaluation"):
             if any(e < 0 for e in getattr(self, name)):
                 _refuse(name, f"takes epoch numbers >= 0, got {list(getattr(self, name))}")
+        if self.backbone_weights not in BACKBONE_WEIGHTS:
+            _refuse("backbone_weights", f"must be one of {', '.join(BACKBONE_WEIGHTS)}, got {self.backbone_weights!r}")
+        if self.freeze_backbone_epochs < 0:
+            _refuse("freeze_backbone_epochs", f"must be >= 0, got {self.freeze_backbone_epochs}")
         if self.backbone is not None and self.backbone not in BACKBONES:
             _refuse("backbone", f"must be one of {', '.join(BACKBONES)}, got {self.backbone!r}")
 
@@ -168,13 +197,17 @@ class TrainConfig:
             if not dali_available():
                 raise UserInputError(f"dali: NVIDIA DALI is not installed ({install_hint('nvidia.dali')})",
                                      fields=("dali",))
+        if self.init_from is not None and self.checkpoint is not None:
+            raise UserInputError("init_from contradicts checkpoint: init_from starts a fresh run on other classes "
+                                 "from a model's weights, checkpoint resumes (or fine-tunes with the same classes)",
+                                 fields=("init_from", "checkpoint"))
         if self.resume and self.save is None:
             raise UserInputError("resume needs save: the run folder to continue", fields=("resume", "save"))
         if self.resume and self.overwrite:
             raise UserInputError("resume contradicts overwrite", fields=("resume", "overwrite"))
 
     def _check_paths(self) -> None:
-        for name in ("checkpoint", "backbone_path"):
+        for name in ("checkpoint", "backbone_path", "init_from"):
             path = getattr(self, name)
             if path is not None and path.is_dir():
                 found = checkpoint_in_folder(path) if name == "checkpoint" else None
@@ -209,7 +242,9 @@ class TrainConfig:
 
 
 PATH_FIELDS = ("data", "train_images", "train_annotations", "val_images", "val_annotations", "checkpoint", "save",
-               "backbone_path", "json_summary", "log_file", "results", "tensorboard")
+               "backbone_path", "init_from", "json_summary", "log_file", "results", "tensorboard")
+WEIGHTS_FIELDS = ("checkpoint", "init_from")  # may name published weights or a URL (ssd300.weights)
+BACKBONE_WEIGHTS = ("imagenet", "none")
 # Output paths checked before the work: (field, is a folder).
 OUTPUT_FIELDS = (("save", True), ("log_file", False), ("results", False), ("json_summary", False),
                  ("tensorboard", True))
@@ -282,4 +317,21 @@ def resolve_resume(config: TrainConfig) -> TrainConfig:
     if newest is None:
         raise UserInputError(f"resume: no checkpoint in {config.save} ({LAST}, {INTERRUPTED} or "
                              f"{EPOCH_NAME_PATTERN})", fields=("resume",))
-    return config.replace(checkpoint=newest)
+    return config.replace(checkpoint=newest, init_from=None)  # init_from applied to the run's start only
+
+
+def resolve_backbone_weights(config: TrainConfig) -> TrainConfig:
+    """A fresh training run with ``backbone_weights`` "imagenet" and no ``backbone_path``: torchvision's
+    ImageNet file for the backbone as ``backbone_path`` (cached, else downloaded once; offline, one
+    line naming the URL and where to place the file), before any data is read."""
+    if (config.mode != "training" or config.backbone_weights != "imagenet" or config.backbone_path is not None
+            or config.checkpoint is not None or config.init_from is not None):
+        return config
+    from ssd300.backbone import imagenet_weights_path
+
+    try:
+        path = imagenet_weights_path(config.backbone or "resnet50")
+    except UserInputError as err:
+        raise UserInputError(f"backbone_weights imagenet: {err} (or train from scratch: backbone_weights none)",
+                             fields=("backbone_weights",)) from None
+    return config.replace(backbone_path=path)

@@ -43,7 +43,14 @@ from torch import nn
 
 from ssd300.backbone import TORCHVISION_IMAGENET_FILES
 from ssd300.benchmarking import benchmark_inference, benchmark_training
-from ssd300.checkpoint import ModelSpec, load_checkpoint, load_model_weights, resolve_model_spec
+from ssd300.checkpoint import (
+    ModelSpec,
+    checkpoint_architecture,
+    load_checkpoint,
+    load_model_weights,
+    resolve_model_spec,
+    unwrap_model,
+)
 from ssd300.coco_eval import CocoMetrics
 from ssd300.data.coco import CocoDetection
 from ssd300.data.loaders import build_train_loader
@@ -64,6 +71,7 @@ from ssd300.optim import scaled_learning_rate
 from ssd300.plots import plot_curves
 from ssd300.run_folder import BEST, RunFolder
 from ssd300.runtime import Runtime, default_workers
+from ssd300.transfer import init_from_checkpoint
 from ssd300.train_config import (
     DEFAULT_EVALUATION,
     MODES,
@@ -72,6 +80,7 @@ from ssd300.train_config import (
     TrainConfig,
     check_outputs,
     resolve_data,
+    resolve_backbone_weights,
     resolve_resume,
 )
 from ssd300.trainer import StopFlag, Trainer, TrainingInterrupted, plain_data, stored_history
@@ -103,7 +112,7 @@ class RunResult:
 def run(config: TrainConfig) -> RunResult:
     """Run ``config.mode``; returns what was produced. All ranks call this under torchrun."""
     check_outputs(config)
-    config = resolve_resume(config)
+    config = resolve_backbone_weights(resolve_resume(config))
     paths = resolve_data(config)
     ctx = init_distributed(config.device)
     try:
@@ -131,6 +140,7 @@ class _Run:
     def __init__(self, config: TrainConfig, paths: DataPaths, ctx: DistributedContext) -> None:
         self.config, self.paths, self.ctx = config, paths, ctx
         self.checkpoint = load_checkpoint(config.checkpoint) if config.checkpoint is not None else None
+        self.init_checkpoint = load_checkpoint(config.init_from) if config.init_from is not None else None
         self.seed = self.agree_on_seed()
         seed_everything(self.seed, ctx.rank)
         self.runtime = Runtime.resolve(ctx.device, config.amp, channels_last=config.channels_last,
@@ -205,6 +215,12 @@ class _Run:
                        backbone_path=self.config.backbone_path if self.checkpoint is None else None)
         if self.checkpoint is not None:
             load_model_weights(model, self.checkpoint)  # one-line error when it does not fit
+        elif self.init_checkpoint is not None:
+            source = f"init_from {self.config.init_from}"
+            transfer = init_from_checkpoint(model, self.init_checkpoint, self.spec.label_map, source=source)
+            self.logger.info(line := transfer.describe(str(self.config.init_from)))
+            self.logger.record("init_from", message=line, kept=transfer.kept, new=list(transfer.new),
+                               mapped=dict(transfer.mapped))
         model.to(self.ctx.device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -259,10 +275,16 @@ class _Run:
             data_label_map, data_source = self.val_set.label_map, f"annotation file {paths.val[1]}"
         self.spec: ModelSpec = resolve_model_spec(
             self.checkpoint, source=f"checkpoint {config.checkpoint}", data_label_map=data_label_map,
-            data_source=data_source, data_subset_ok=self.train_set is None, backbone=config.backbone)
+            data_source=data_source, data_subset_ok=self.train_set is None, backbone=config.backbone,
+            default_backbone=self.init_backbone())
         if paths.val is not None and (self.val_set is None or self.val_set.label_map != self.spec.label_map):
             self.val_set = CocoDetection(*paths.val, train=False, label_map=self.spec.label_map,
                                          strict=config.strict_images)
+
+    def init_backbone(self) -> str:
+        """The backbone of a fresh run: init_from's when given, else resnet50."""
+        init = self.init_checkpoint
+        return "resnet50" if init is None else checkpoint_architecture(init, f"init_from {self.config.init_from}")[0]
 
     def build_trainer(self) -> Trainer:
         config, ctx = self.config, self.ctx
@@ -325,7 +347,8 @@ class _Run:
         self.logger.info(f"ssd300 {self.config.mode}: {self.spec.backbone}, {self.spec.num_classes - 1} classes, "
                          f"{self.ctx.world_size} process(es), seed {self.seed}")
         self.logger.info(self.runtime.describe())
-        warning = random_backbone_warning(self.config, self.spec.backbone, has_checkpoint=self.checkpoint is not None)
+        started = self.checkpoint is not None or self.init_checkpoint is not None
+        warning = random_backbone_warning(self.config, self.spec.backbone, has_checkpoint=started)
         if warning is not None:
             self.logger.info(warning)
             self.logger.record("warning", message=warning)
@@ -380,6 +403,7 @@ class _Run:
             self.logger.info(f"epochs 0..{config.epochs - 1}; evaluating after epochs: {shown}")
             while trainer.position.epoch < config.epochs:
                 epoch = trainer.position.epoch
+                self.freeze_backbone(epoch)
                 try:
                     trainer.train_epoch(loader, config.epochs, stop)
                 except TrainingInterrupted as stopped:
@@ -406,6 +430,20 @@ class _Run:
         metrics = self.evaluate_after(trainer, epoch, loader, stop)
         self.save_epoch(trainer, epoch, metrics)
         return True
+
+    def freeze_backbone(self, epoch: int) -> None:
+        """The trunk frozen for epochs < freeze_backbone_epochs (a function of the epoch: resume is exact)."""
+        if not self.config.freeze_backbone_epochs:
+            return
+        if self.ctx.distributed:  # DDP's reducer expects the gradients of the parameters it was built with
+            raise UserInputError("freeze_backbone_epochs: not supported with several processes (torchrun) yet",
+                                 fields=("freeze_backbone_epochs",))
+        frozen = epoch < self.config.freeze_backbone_epochs
+        trunk: Any = unwrap_model(self.model).feature_extractor  # a ResNetTrunk
+        if trunk.frozen != frozen:
+            trunk.freeze(frozen)
+            self.logger.info(f"epoch {epoch}: backbone {'frozen' if frozen else 'trained'} "
+                             f"(freeze_backbone_epochs {self.config.freeze_backbone_epochs})")
 
     def evaluate_after(self, trainer: Trainer, epoch: int, loader: Any, stop: StopFlag) -> CocoMetrics:
         """The scheduled evaluation after ``epoch``; a signal during it saves the epoch and stops."""
@@ -483,11 +521,13 @@ class _Run:
 def random_backbone_warning(config: TrainConfig, backbone: str, *, has_checkpoint: bool) -> Optional[str]:
     """The loud line for training ResNet-50 from random weights: the published mAP (SPEC §8, 0.27
     on COCO) assumes an ImageNet-trained trunk. None when there is nothing to warn about."""
-    if config.mode != "training" or has_checkpoint or config.backbone_path is not None or backbone != "resnet50":
+    if (config.mode != "training" or has_checkpoint or config.backbone_path is not None or backbone != "resnet50"
+            or config.backbone_weights != "none"):
         return None
-    return ("WARNING: training ResNet-50 from random weights (no backbone_path): the published mAP (0.27 on "
-            "COCO) assumes ImageNet weights; give torchvision's ResNet50_Weights.IMAGENET1K_V1 file "
-            f"({TORCHVISION_IMAGENET_FILES['resnet50']}) as backbone_path (see README, 'Backbone weights')")
+    return ("WARNING: training ResNet-50 from random weights (backbone_weights none): the published mAP (0.27 "
+            "on COCO) assumes ImageNet weights; use backbone_weights imagenet (torchvision's "
+            f"{TORCHVISION_IMAGENET_FILES['resnet50']}, downloaded once) or give that file as backbone_path "
+            "(see README, 'Start from published weights')")
 
 
 def _format_benchmark(kind: str, figures: dict[str, float]) -> str:

@@ -1,10 +1,12 @@
 """``ssd300 demo``: synthetic dataset -> train -> COCO evaluation -> curves and drawn predictions.
 
 Sized to finish on 2 quiet CPU cores in about 9 minutes while visibly learning: a ResNet-18
-SSD300 (no pretrained weights exist offline) on a few hundred synthetic images of large shapes,
+SSD300 on a few hundred synthetic images of large shapes,
 bf16 where the CPU has it natively, else fp32. Everything lands in ``--out``: the dataset, the run
 folder's files (checkpoints, summary, log, curves; :mod:`ssd300.run_folder`) and ``predictions/*.jpg``.
 Settings the demo does not choose are :class:`~ssd300.train_config.TrainConfig`'s defaults.
+The demo never downloads: it starts from torchvision's ImageNet weights when they are already in
+torch's cache (``ssd300 weights``), else from scratch, and says which.
 """
 
 from __future__ import annotations
@@ -88,8 +90,14 @@ def run(args: argparse.Namespace) -> int:
     epochs = max(1, args.epochs)
     # Three evaluations for the mAP curve (each costs about as much as 1/4 epoch); the last one always.
     evaluation = sorted({min(1, epochs - 1), epochs // 2, epochs - 1})
+    from ssd300.backbone import cached_imagenet_weights
+
+    imagenet = cached_imagenet_weights(args.backbone)
+    used = f"ImageNet ({imagenet})" if imagenet else "none, from scratch (ImageNet weights not cached: ssd300 weights)"
+    print(f"backbone weights: {used}", flush=True)
     config = TrainConfig(
-        data=data_dir, backbone=args.backbone, epochs=epochs, batch_size=args.batch_size,
+        data=data_dir, backbone=args.backbone, backbone_path=imagenet, backbone_weights="none",
+        epochs=epochs, batch_size=args.batch_size,
         learning_rate=args.learning_rate, warmup=args.warmup,
         multistep=(int(epochs * 0.75),), evaluation=tuple(evaluation), save=out, seed=args.seed,
         device=args.device, num_workers=args.num_workers, amp=args.amp, log_interval=10,

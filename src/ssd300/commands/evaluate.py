@@ -20,9 +20,9 @@ DEFAULTS = TrainConfig()  # the one source of every default below
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", type=Path, required=True,
-                        help="our or the reference's checkpoint (a training checkpoint, not an exported ONNX, "
-                             "pt2 or TorchScript file)")
+    parser.add_argument("--checkpoint", required=True,
+                        help="our or the reference's training checkpoint (not an exported ONNX, pt2 or TorchScript "
+                             "file); or a published name / http(s) URL (ssd300 weights)")
     parser.add_argument("--data", "-d", type=Path, default=DEFAULTS.data,
                         help="dataset folder (its val split is used)")
     parser.add_argument("--val-images", type=Path, default=DEFAULTS.val_images,

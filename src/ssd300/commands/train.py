@@ -27,11 +27,12 @@ from ssd300.run_folder import (
     RESULTS_NAME,
 )
 from ssd300.trainer import TrainingInterrupted
-from ssd300.train_config import MODES, TrainConfig
+from ssd300.train_config import BACKBONE_WEIGHTS, MODES, TrainConfig
 from ssd300.training import run as run_config
 from ssd300.voc_eval import METRICS
 
 DEFAULTS = TrainConfig()  # the one source of every default below
+FIELD_FLAGS = {"freeze_backbone_epochs": "--freeze-backbone"}  # (ssd300.cli: cli_message)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,9 +70,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="coco: AP@[.5:.95]; voc07 / voc12: VOC 11-point / all-point mAP at IoU 0.5, "
                           "difficult ignored")
     run.add_argument("--seed", "-s", type=int, default=None, help="base seed (rank r uses seed + r); random if unset")
-    run.add_argument("--checkpoint", type=Path, default=None,
+    run.add_argument("--checkpoint", default=None,
                      help="resume from (our checkpoints) or start from (reference/weights-only) this file; "
-                          "the model to evaluate/benchmark")
+                          "the model to evaluate/benchmark; also a published name (nvidia-ssd300-coco, see "
+                          "`ssd300 weights`) or an http(s) URL, downloaded once")
     run.add_argument("--save", type=Path, nargs="?", const=Path("./models"), default=None,
                      help=f"the run folder: {EPOCH_NAME_PATTERN}, {LAST}, {BEST}, {LOG_NAME} (bare --save: ./models); "
                           "one run per folder")
@@ -109,7 +111,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--backbone", choices=BACKBONES, default=None,
                        help="default: the checkpoint's, else resnet50")
     model.add_argument("--backbone-path", type=Path, default=None,
-                       help="ImageNet weights for the backbone (torchvision state-dict file)")
+                       help="ImageNet weights for the backbone (torchvision state-dict file); wins over "
+                            "--backbone-weights")
+    model.add_argument("--backbone-weights", choices=BACKBONE_WEIGHTS, default=None,
+                       help="imagenet: torchvision's ImageNet weights, downloaded once into torch's cache; none: "
+                            "from scratch (default: imagenet, or $SSD300_BACKBONE_WEIGHTS)")
+    model.add_argument("--init-from", default=None, metavar="CHECKPOINT_OR_NAME",
+                       help="transfer learning: start a fresh run from this checkpoint (file, published name or URL) "
+                            "trained on other classes; classes with the same name keep their classifier rows")
+    model.add_argument("--freeze-backbone", type=int, default=DEFAULTS.freeze_backbone_epochs, metavar="N",
+                       help="freeze the backbone (no gradients, BatchNorm statistics kept) for the first N epochs")
     model.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                        help="mixed precision: fp16 + gradient scaling on CUDA, bf16 on a CPU with native bf16, "
                             "else fp32 (default on; see ssd300.runtime)")
@@ -152,7 +163,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         learning_rate=args.learning_rate, momentum=args.momentum, weight_decay=args.weight_decay,
         warmup=args.warmup if args.warmup is not None else 0, multistep=tuple(args.multistep),
         bn_recalibration=args.bn_recalibration, freeze_bn=args.freeze_bn,
-        backbone=args.backbone, backbone_path=args.backbone_path, amp=args.amp, allow_tf32=args.allow_tf32,
+        backbone=args.backbone, backbone_path=args.backbone_path, init_from=args.init_from,
+        freeze_backbone_epochs=args.freeze_backbone,
+        **({"backbone_weights": args.backbone_weights} if args.backbone_weights else {}),
+        amp=args.amp, allow_tf32=args.allow_tf32,
         channels_last=layout, benchmark_iterations=args.benchmark_iterations,
         benchmark_warmup=args.benchmark_warmup, log_interval=args.log_interval, json_summary=args.json_summary,
         log_file=args.log_file, results=args.results, tensorboard=args.tensorboard, progress=args.progress,
