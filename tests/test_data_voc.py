@@ -169,3 +169,11 @@ def test_listing_errors_name_the_list_and_line(tmp_path):
         read_split(root2, "train")
     with pytest.raises(UserInputError, match=r"no image-set list for split 'val' \(expected ImageSets/Main/val.txt\)"):
         find_split(root2, "val")
+
+
+def test_int8_calibration_uses_the_training_list(tmp_path):
+    from ssd300.quantize import calibration_files
+
+    root = make_voc(tmp_path / "voc", IMAGES)
+    make_voc(root, {"val_only": ((30, 30), [("cat", (1, 1, 9, 9), 0)])}, split="val")
+    assert [p.name for p in calibration_files(root)] == ["img_a.jpg", "img_b.jpg", "img_c.jpg"]

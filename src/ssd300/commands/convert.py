@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="to YOLO/VOC: how images get into the new layout (link: hard links, copies where "
                              "impossible)")
     parser.add_argument("--prefix", default="",
-                        help="to VOC: prefix of the image ids (VOC keeps every split's images in one folder)")
+                        help="to VOC: prefix of the image ids, '{split}' replaced by the split's name (VOC keeps "
+                             "every split's images in one folder)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
 

@@ -4,8 +4,8 @@ a split into the one flat index every layout shares (:class:`~ssd300.data.annota
 Everything downstream (the dataset, loaders, label-map checks, evaluation) sees only that index and
 the split's *annotation source*, a path whose kind names the reader:
 
-* a ``.json`` file: COCO instances (``annotations/instances_<split>[2017].json``);
-* a ``.txt`` file: a VOC image-set list (``ImageSets/Main/<split>.txt``; XMLs in ``Annotations/``);
+* a file in ``ImageSets/Main/``: a VOC image-set list (``ImageSets/Main/<split>.txt``; XMLs in ``Annotations/``);
+* any other file: COCO instances json (``annotations/instances_<split>[2017].json``);
 * a folder: YOLO labels (``labels/<split>/`` or ``<split>/labels/``; images in the twin ``images`` folder).
 
 :func:`detect_format` tells a dataset root's layout, :func:`find_split` finds a split's files
@@ -187,11 +187,13 @@ def dataset_image_files(root: PathLike) -> Optional[list[Path]]:
 
 
 def format_of_source(annotations: PathLike) -> str:
-    """The reader an annotation source needs: a .json file COCO, another file VOC, a folder YOLO."""
+    """The reader an annotation source needs: a folder YOLO, a file in ``ImageSets/Main/`` (not .json)
+    VOC, any other file COCO json."""
     path = Path(annotations)
     if path.is_dir():
         return "yolo"
-    return "coco" if path.suffix.lower() == ".json" else "voc"
+    in_image_sets = path.parent.name == "Main" and path.parent.parent.name == "ImageSets"
+    return "voc" if in_image_sets and path.suffix.lower() != ".json" else "coco"
 
 
 def read_columns(annotations: PathLike) -> SplitColumns:
