@@ -91,3 +91,9 @@ def benchmark_inference(model: nn.Module, loader: Any, *, ctx: DistributedContex
         results[f"{name}_latency_ms"] = 1000.0 * elapsed / max(iterations, 1)
     results["batch_size"] = len(host_batches[0])
     return results
+
+
+def format_benchmark(kind: str, figures: dict[str, float]) -> str:
+    """One log line of a benchmark mode's figures: ``benchmark-<kind>: name value, ...``."""
+    parts = [f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items()]
+    return f"benchmark-{kind}: " + ", ".join(parts)

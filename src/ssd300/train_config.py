@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from ssd300.backbone import BACKBONES
+from ssd300.backbone import BACKBONES, TORCHVISION_IMAGENET_FILES
 from ssd300.checkpoint import checkpoint_in_folder
 from ssd300.coco_eval import EVAL_BACKENDS
 from ssd300.data.coco import resolve_split
@@ -335,3 +335,15 @@ def resolve_backbone_weights(config: TrainConfig) -> TrainConfig:
         raise UserInputError(f"backbone_weights imagenet: {err} (or train from scratch: backbone_weights none)",
                              fields=("backbone_weights",)) from None
     return config.replace(backbone_path=path)
+
+
+def random_backbone_warning(config: TrainConfig, backbone: str, *, has_checkpoint: bool) -> Optional[str]:
+    """The loud line for training ResNet-50 from random weights: the published mAP (SPEC §8, 0.27
+    on COCO) assumes an ImageNet-trained trunk. None when there is nothing to warn about."""
+    if (config.mode != "training" or has_checkpoint or config.backbone_path is not None or backbone != "resnet50"
+            or config.backbone_weights != "none"):
+        return None
+    return ("WARNING: training ResNet-50 from random weights (backbone_weights none): the published mAP (0.27 "
+            "on COCO) assumes ImageNet weights; use backbone_weights imagenet (torchvision's "
+            f"{TORCHVISION_IMAGENET_FILES['resnet50']}, downloaded once) or give that file as backbone_path "
+            "(see README, 'Start from published weights')")

@@ -18,16 +18,11 @@ curves' axes. A checkpoint's ``epoch``/``iteration`` entries are the reference's
 completed, i.e. where a resume starts. The run folder (``save``), its file names and its
 checkpoints are :mod:`ssd300.run_folder`'s.
 
-History: a training checkpoint carries the run's history (loss history, ``evaluations``,
-``best``; why there and not in ``log.jsonl``: :mod:`ssd300.trainer`), so after a resume
-``metrics.json`` and ``curves.png`` cover the whole run. An evaluation a signal interrupted (the
-epoch's checkpoint written, no ``metrics`` entry) is redone first when the run resumes.
-
-A run (:class:`_Run`) is built in order: seed, runtime and run folder (``__init__``), data and
-model (:meth:`_Run.build_data_and_model`), trainer and loader; then one of the modes runs; the
-epoch loop (:meth:`_Run.train_epochs`) asks the :class:`~ssd300.evaluation.RunEvaluator` for each
-scheduled evaluation and
-saves each epoch's checkpoint; the results (curves, summary) are written last.
+Checkpoints carry the run's history (:mod:`ssd300.trainer` says why), so a resumed run's
+``metrics.json``/``curves.png`` cover the whole run; an evaluation a signal interrupted is redone first.
+A run (:class:`_Run`): seed, runtime, run folder; data and model; trainer and loader; one mode; the
+epoch loop asks the :class:`~ssd300.evaluation.RunEvaluator` for each scheduled evaluation and saves
+each epoch's checkpoint; curves and summary last.
 """
 
 from __future__ import annotations
@@ -41,16 +36,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from ssd300.backbone import TORCHVISION_IMAGENET_FILES
-from ssd300.benchmarking import benchmark_inference, benchmark_training
-from ssd300.checkpoint import (
-    ModelSpec,
-    checkpoint_architecture,
-    load_checkpoint,
-    load_model_weights,
-    resolve_model_spec,
-    unwrap_model,
-)
+from ssd300.benchmarking import benchmark_inference, benchmark_training, format_benchmark
+from ssd300.checkpoint import ModelSpec, checkpoint_architecture, load_checkpoint, load_model_weights, resolve_model_spec
 from ssd300.coco_eval import CocoMetrics
 from ssd300.data.coco import CocoDetection
 from ssd300.data.loaders import build_train_loader
@@ -71,7 +58,7 @@ from ssd300.optim import scaled_learning_rate
 from ssd300.plots import plot_curves
 from ssd300.run_folder import BEST, RunFolder
 from ssd300.runtime import Runtime, default_workers
-from ssd300.transfer import init_from_checkpoint
+from ssd300.transfer import init_from_checkpoint, set_backbone_frozen
 from ssd300.train_config import (
     DEFAULT_EVALUATION,
     MODES,
@@ -79,6 +66,7 @@ from ssd300.train_config import (
     DataPaths,
     TrainConfig,
     check_outputs,
+    random_backbone_warning,
     resolve_data,
     resolve_backbone_weights,
     resolve_resume,
@@ -105,8 +93,6 @@ class RunResult:
     @property
     def last_metrics(self) -> dict[str, Any]:
         return self.evaluations[-1] if self.evaluations else {}
-
-
 
 
 def run(config: TrainConfig) -> RunResult:
@@ -367,13 +353,13 @@ class _Run:
         self.result.benchmark = benchmark_inference(
             self.model, self.eval_loader(), ctx=self.ctx, runtime=self.runtime,
             warmup=config.benchmark_warmup, iterations=config.benchmark_iterations, channels_last=self.channels_last)
-        self.logger.info(_format_benchmark("inference", self.result.benchmark))
+        self.logger.info(format_benchmark("inference", self.result.benchmark))
 
     def run_benchmark_training(self) -> None:
         trainer, loader = self.build_trainer(), self.build_train_loader()
         self.result.benchmark = benchmark_training(trainer, loader, warmup=self.config.benchmark_warmup,
                                                    iterations=self.config.benchmark_iterations)
-        self.logger.info(_format_benchmark("training", self.result.benchmark))
+        self.logger.info(format_benchmark("training", self.result.benchmark))
         self.result.loss_history = trainer.loss_history
 
     def run_training(self) -> None:
@@ -433,17 +419,9 @@ class _Run:
 
     def freeze_backbone(self, epoch: int) -> None:
         """The trunk frozen for epochs < freeze_backbone_epochs (a function of the epoch: resume is exact)."""
-        if not self.config.freeze_backbone_epochs:
-            return
-        if self.ctx.distributed:  # DDP's reducer expects the gradients of the parameters it was built with
-            raise UserInputError("freeze_backbone_epochs: not supported with several processes (torchrun) yet",
-                                 fields=("freeze_backbone_epochs",))
-        frozen = epoch < self.config.freeze_backbone_epochs
-        trunk: Any = unwrap_model(self.model).feature_extractor  # a ResNetTrunk
-        if trunk.frozen != frozen:
-            trunk.freeze(frozen)
-            self.logger.info(f"epoch {epoch}: backbone {'frozen' if frozen else 'trained'} "
-                             f"(freeze_backbone_epochs {self.config.freeze_backbone_epochs})")
+        change = set_backbone_frozen(self.model, epoch, self.config.freeze_backbone_epochs, self.ctx.distributed)
+        if change:
+            self.logger.info(change)
 
     def evaluate_after(self, trainer: Trainer, epoch: int, loader: Any, stop: StopFlag) -> CocoMetrics:
         """The scheduled evaluation after ``epoch``; a signal during it saves the epoch and stops."""
@@ -516,20 +494,3 @@ class _Run:
             result.summary.update(AP=result.last_metrics["AP"], AP50=result.last_metrics["AP50"])
         if self.summary_path is not None and self.ctx.is_main:
             write_json(self.summary_path, result.summary)
-
-
-def random_backbone_warning(config: TrainConfig, backbone: str, *, has_checkpoint: bool) -> Optional[str]:
-    """The loud line for training ResNet-50 from random weights: the published mAP (SPEC §8, 0.27
-    on COCO) assumes an ImageNet-trained trunk. None when there is nothing to warn about."""
-    if (config.mode != "training" or has_checkpoint or config.backbone_path is not None or backbone != "resnet50"
-            or config.backbone_weights != "none"):
-        return None
-    return ("WARNING: training ResNet-50 from random weights (backbone_weights none): the published mAP (0.27 "
-            "on COCO) assumes ImageNet weights; use backbone_weights imagenet (torchvision's "
-            f"{TORCHVISION_IMAGENET_FILES['resnet50']}, downloaded once) or give that file as backbone_path "
-            "(see README, 'Start from published weights')")
-
-
-def _format_benchmark(kind: str, figures: dict[str, float]) -> str:
-    parts = [f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items()]
-    return f"benchmark-{kind}: " + ", ".join(parts)

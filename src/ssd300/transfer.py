@@ -108,3 +108,20 @@ def _map_rows(own: torch.Tensor, src: torch.Tensor, mapping: dict[int, int], nd:
     for t, s in mapping.items():
         out[t * nd:(t + 1) * nd] = src[s * nd:(s + 1) * nd]
     return out
+
+
+def set_backbone_frozen(model: nn.Module, epoch: int, frozen_epochs: int, distributed: bool) -> str | None:
+    """Freeze the trunk (no gradients, BatchNorm in eval) for epochs < ``frozen_epochs``, train it
+    after: a function of the epoch alone, so a resumed run freezes exactly as the straight run.
+    Returns the log line when the state changed, else None."""
+    if not frozen_epochs:
+        return None
+    if distributed:  # DDP's reducer expects the gradients of the parameters it was built with
+        raise UserInputError("freeze_backbone_epochs: not supported with several processes (torchrun) yet",
+                             fields=("freeze_backbone_epochs",))
+    frozen = epoch < frozen_epochs
+    trunk: Any = unwrap_model(model).feature_extractor  # a ResNetTrunk
+    if trunk.frozen == frozen:
+        return None
+    trunk.freeze(frozen)
+    return f"epoch {epoch}: backbone {'frozen' if frozen else 'trained'} (freeze_backbone_epochs {frozen_epochs})"
