@@ -37,7 +37,8 @@ import torch
 from torch import nn
 
 from ssd300.benchmarking import benchmark_inference, benchmark_training, format_benchmark
-from ssd300.checkpoint import ModelSpec, checkpoint_architecture, load_checkpoint, load_model_weights, resolve_model_spec
+from ssd300.checkpoint import (ModelSpec, checkpoint_architecture, load_checkpoint, load_model_weights,
+                               resolve_model_spec)
 from ssd300.coco_eval import CocoMetrics
 from ssd300.data.coco import CocoDetection
 from ssd300.data.loaders import build_train_loader
