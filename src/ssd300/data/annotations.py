@@ -5,6 +5,10 @@ An annotation file is validated completely before anything else happens, and the
 is reported in one line naming the file. :func:`load_annotations` is the entry point: bytes ->
 validated :class:`ParsedAnnotations` (flat arrays), cached by content hash for big files.
 The dataset (:mod:`ssd300.data.coco`) applies a label map and the skips on top of that.
+:func:`read_json` is the one reader of json inputs; :func:`read_ground_truth` is the evaluator's
+copy of a file (annotation ids renumbered). Over 500 lines on purpose: reading, validation, the two
+parsers (typed and json) and the index share the private column type and checks, which must stay
+one definition so that both parsers accept and refuse the same files.
 """
 
 from __future__ import annotations
