@@ -6,8 +6,10 @@ crowd boxes and ~1 % images without boxes (~245 MB). Every image is a hard link 
 640x480 JPEGs, so the folder costs almost no disk. Then it prints:
 
 * ``CocoDetection(...)`` load time and peak RSS, each in a fresh process (nothing else loaded
-  there that could hide or inflate the figure): parsing without the index cache, the first load
-  with a cache (parse + write) and a later one (read the cached index);
+  there that could hide or inflate the figure): parsing without the index cache (with msgspec's
+  typed decoding, and with the standard json path it falls back to), the first load with a cache
+  (parse + write) and a later one (read the cached index); and pycocotools' ``COCO()`` on the
+  same file in the same run, with the ratio of our uncached load to it (issue 21's goal: <= 0.5);
 * a training loader with ``--workers`` workers: each worker's private memory (USS from
   ``/proc/PID/smaps``, less the shared-memory batches in flight) after its first batch and after
   ``--samples`` samples, and img/s.
@@ -128,13 +130,32 @@ def uss_mb(pid: int) -> tuple[float, float]:
     return total / 1024, in_flight / 1024
 
 
-def measure_load(root: Path, cache_dir: str) -> dict[str, float]:
-    """In this (fresh) process: import, then time CocoDetection on the big json."""
-    from ssd300.data import coco  # imports torch etc. before the baseline RSS is read
+PYCOCOTOOLS = "pycocotools"       # --cache-dir values of the measuring process that are not folders
+STANDARD_JSON = "off-json"
 
+
+def measure_load(root: Path, cache_dir: str) -> dict[str, float]:
+    """In this (fresh) process: import, then time CocoDetection (or pycocotools' COCO) on the big json."""
+    import contextlib
+    import io
+
+    from ssd300.data import annotations, coco  # imports torch etc. before the baseline RSS is read
+
+    if cache_dir == PYCOCOTOOLS:
+        from pycocotools.coco import COCO
+
+        before = _rss_mb()
+        with contextlib.redirect_stdout(io.StringIO()):
+            gt, seconds = timed(lambda: COCO(str(root / "annotations" / "instances_train2017.json")))
+        return {"seconds": seconds, "rss_before_mb": before, "rss_after_mb": _rss_mb(),
+                "peak_rss_mb": _peak_rss_mb(), "images": len(gt.imgs)}
+    if cache_dir == STANDARD_JSON:
+        annotations._typed_decoder = lambda: None  # type: ignore[assignment]  # the fallback path alone
+    elif annotations._typed_decoder() is None:
+        print("note: msgspec is not installed; the uncached load uses json", file=sys.stderr)
     before = _rss_mb()
     dataset, seconds = timed(lambda: coco.CocoDetection.from_root(
-        root, "train", cache_dir=None if cache_dir == "off" else Path(cache_dir)))
+        root, "train", cache_dir=None if cache_dir in ("off", STANDARD_JSON) else Path(cache_dir)))
     return {"seconds": seconds, "rss_before_mb": before, "rss_after_mb": _rss_mb(), "peak_rss_mb": _peak_rss_mb(),
             "images": len(dataset)}
 
@@ -194,9 +215,11 @@ def main() -> None:
     print(f"\n| CocoDetection(train) load, fresh process | seconds (median of {args.repeats}) | RSS before "
           "(torch imported) | RSS after | peak RSS |")
     print("|---|---:|---:|---:|---:|")
+    medians: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as cache:
-        variants = {"no index cache (parse)": "off", "cache, first load (parse + write)": cache,
-                    "cache, later loads": cache}
+        variants = {"no index cache (parse)": "off", "no index cache, json parser (msgspec's fallback)": STANDARD_JSON,
+                    "cache, first load (parse + write)": cache, "cache, later loads": cache,
+                    "pycocotools COCO() on the same file": PYCOCOTOOLS}
         for name, cache_dir in variants.items():
             runs = []
             for _ in range(1 if "first" in name else args.repeats):
@@ -204,8 +227,11 @@ def main() -> None:
                     shutil.rmtree(cache, ignore_errors=True)
                 runs.append(load_in_subprocess(root, cache_dir))
             mid = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
+            medians[cache_dir if cache_dir != cache else name] = mid["seconds"]
             print(f"| {name} | {mid['seconds']:.2f} | {mid['rss_before_mb']:.0f} MB | {mid['rss_after_mb']:.0f} MB | "
                   f"{max(r['peak_rss_mb'] for r in runs):.0f} MB |")
+    print(f"\nuncached load / pycocotools COCO(): {medians['off'] / medians[PYCOCOTOOLS]:.2f} "
+          f"(json parser: {medians[STANDARD_JSON] / medians[PYCOCOTOOLS]:.2f}; issue 21's goal: <= 0.5)")
 
     result = measure_workers(root, args.samples, args.workers, args.batch_size)
     print(f"\nTraining loader, {args.workers} workers, batch {args.batch_size}: {result['img_s']:.0f} img/s over "

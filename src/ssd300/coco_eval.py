@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
+from ssd300.data.annotations import read_ground_truth, read_json
 from ssd300.errors import UserInputError
 from ssd300.files import PathLike, write_json
 from ssd300.optional import available, install_hint
@@ -134,17 +135,23 @@ def merge_rank_rows(per_rank: Iterable[tuple[Sequence[int] | np.ndarray, np.ndar
     return ids_out, merged
 
 
+RESULT_KEYS: tuple[str, ...] = ("image_id", "category_id", "bbox", "score")  # as `ssd300 detect` writes them
+
+
 def rows_to_results(rows: np.ndarray) -> list[dict[str, Any]]:
-    """COCO results format: ``{"image_id", "bbox": [x, y, w, h], "score", "category_id"}``."""
+    """COCO results format: ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}``."""
     return [
-        {"image_id": int(r[0]), "bbox": [round(float(v), 3) for v in r[1:5]],
-         "score": round(float(r[5]), 5), "category_id": int(r[6])}
+        {"image_id": int(r[0]), "category_id": int(r[6]), "bbox": [round(float(v), 3) for v in r[1:5]],
+         "score": round(float(r[5]), 5)}
         for r in rows
     ]
 
 
 def write_results_json(results: list[dict[str, Any]], path: PathLike) -> Path:
-    """Atomically write the results list, one result per line (:func:`ssd300.files.write_json`)."""
+    """Atomically write the results list, one result per line (:func:`ssd300.files.write_json`).
+
+    The dicts are written as they are: :func:`evaluate_results` leaves them so (the evaluators add
+    ``segmentation``, ``area``, ``id``, ``iscrowd`` to what they are given: they get copies)."""
     return write_json(path, results)
 
 
@@ -165,16 +172,27 @@ def resolve_eval_backend(backend: Optional[str] = None) -> str:
     return backend
 
 
-def load_coco_ground_truth(annotation_file: PathLike, backend: Optional[str] = None) -> Any:
-    """The backend's ``COCO`` ground-truth object (see :func:`resolve_eval_backend`), quietly."""
-    if resolve_eval_backend(backend) == "faster-coco-eval":
+def load_coco_ground_truth(annotation_file: Union[PathLike, Mapping[str, Any]], backend: Optional[str] = None) -> Any:
+    """The backend's ``COCO`` ground-truth object (see :func:`resolve_eval_backend`), quietly.
+
+    ``annotation_file`` (or a COCO instances dict) is read and validated as everywhere else
+    (:func:`ssd300.data.annotations.read_ground_truth`: the same reader, BOM and all); the evaluator
+    gets its own copy with annotation ids renumbered 1..n, so ids from 0, repeated or missing ids
+    score as they should. The file and the caller's dict are left as they are.
+    """
+    backend = resolve_eval_backend(backend)
+    dataset = read_ground_truth(annotation_file)
+    if backend == "faster-coco-eval":
         from faster_coco_eval import COCO as FasterCOCO
 
-        return FasterCOCO(str(annotation_file), print_function=lambda *_: None)
+        return FasterCOCO(dataset, print_function=lambda *_: None)
     from pycocotools.coco import COCO
 
     with contextlib.redirect_stdout(io.StringIO()):
-        return COCO(str(annotation_file))
+        coco = COCO()
+        coco.dataset = dataset
+        coco.createIndex()
+    return coco
 
 
 def backend_of(coco_gt: Any) -> str:
@@ -186,7 +204,10 @@ def evaluate_results(coco_gt: Any, results: list[dict[str, Any]] | PathLike,
                      image_ids: Sequence[int] | None = None,
                      category_ids: Sequence[int] | None = None) -> CocoMetrics:
     """COCO bbox evaluation with ``coco_gt``'s backend; ``results`` is a list of result dicts or a
-    json path.
+    json path (read by :func:`ssd300.data.annotations.read_json`). A list is left as it is: the
+    evaluator, which adds ``segmentation``, ``area``, ``id`` and ``iscrowd`` to each result it is
+    given, gets shallow copies (cheaper than a second list from the rows, and the results file can
+    still be written after the figures are out).
 
     ``image_ids`` restricts the evaluation to the images that were actually run (default: all
     images of the ground truth, as pycocotools does); ``category_ids`` to the model's object
@@ -194,9 +215,14 @@ def evaluate_results(coco_gt: Any, results: list[dict[str, Any]] | PathLike,
     file (labelme's ``_background_``) is not scored as a class the model missed.
     """
     backend = backend_of(coco_gt)
-    if not isinstance(results, list):
-        with open(results) as f:
-            results = list(json.load(f))
+    if isinstance(results, list):
+        results = [dict(r) for r in results]
+    else:
+        path = results
+        results = read_json(path)
+        if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
+            raise UserInputError(f"{path}: a COCO results file is a list of objects "
+                                 "{\"image_id\", \"category_id\", \"bbox\", \"score\"}")
     evaluated = sorted(int(i) for i in (image_ids if image_ids is not None else coco_gt.getImgIds()))
     gt_categories = [int(c) for c in coco_gt.getCatIds()]
     categories = gt_categories if category_ids is None else [c for c in gt_categories if c in set(category_ids)]

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape
 
-from ssd300.data.annotations import SplitColumns, read_annotation_file
+from ssd300.data.annotations import read_annotation_file
+from ssd300.data.split_columns import SplitColumns
 from ssd300.data.layouts import columns_to_coco, find_split, read_columns
 from ssd300.errors import UserInputError, one_line
 from ssd300.files import PathLike, atomic_write, check_output_path, write_json
@@ -217,7 +218,7 @@ def coco_to_voc(annotation_file: PathLike, image_dir: PathLike, output: PathLike
     data, folder = _read_coco(annotation_file, image_dir)
     names = [str(c["name"]) for c in data["categories"]]
     if labels_file.is_file() and not overwrite:
-        from ssd300.data.annotations import read_class_list
+        from ssd300.data.split_columns import read_class_list
 
         if read_class_list(labels_file) != names:
             raise UserInputError(f"output {labels_file}: lists other classes than {annotation_file}",

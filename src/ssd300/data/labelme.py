@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ssd300.data.annotations import SplitColumns, image_ids_of
+from ssd300.data.split_columns import SplitColumns, image_ids_of
 from ssd300.errors import UserInputError, one_line
 
 

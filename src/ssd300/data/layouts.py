@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Optional, Union
 
-from ssd300.data.annotations import ParsedAnnotations, SplitColumns, load_annotations
+from ssd300.data.annotations import ParsedAnnotations, load_annotations
+from ssd300.data.split_columns import SplitColumns
 from ssd300.data.images import is_image_file
 from ssd300.errors import UserInputError
 from ssd300.files import PathLike

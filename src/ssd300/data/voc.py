@@ -19,7 +19,7 @@ import numpy as np
 from defusedxml import DefusedXmlException
 from defusedxml.ElementTree import ParseError, fromstring
 
-from ssd300.data.annotations import SplitColumns, image_ids_of, read_class_list
+from ssd300.data.split_columns import SplitColumns, image_ids_of, read_class_list
 from ssd300.errors import UserInputError, one_line
 
 CLASS_FILES = ("labels.txt", "classes.txt", "labelmap.txt")

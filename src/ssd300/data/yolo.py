@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ssd300.data.annotations import SplitColumns, image_ids_of, read_class_list
+from ssd300.data.split_columns import SplitColumns, image_ids_of, read_class_list
 from ssd300.data.images import is_image_file
 from ssd300.errors import UserInputError, one_line
 
