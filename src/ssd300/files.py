@@ -219,6 +219,14 @@ class _RecordingFile:
         return getattr(self._handle, name)
 
 
+def _raise_if_disk_error(path: Path, exc: BaseException, recorded: Optional[OSError] = None) -> None:
+    """The one-line :func:`disk_error` for a failed write of ``path`` when a disk refusal is behind
+    ``exc`` (or was ``recorded`` by the file object: torch's C++ writer drops the original error)."""
+    found = find_disk_error(exc) or recorded
+    if found is not None and found.errno in DISK_ERRORS:
+        raise disk_error(path, found) from None
+
+
 @contextlib.contextmanager
 def atomic_write(path: PathLike, mode: Literal["wb", "w"] = "wb") -> Iterator[IO[Any]]:
     """Open a temp file beside ``path`` for writing; on success it replaces ``path`` atomically.
@@ -245,9 +253,7 @@ def atomic_write(path: PathLike, mode: Literal["wb", "w"] = "wb") -> Iterator[IO
     except UserInputError:
         raise
     except Exception as exc:
-        found = find_disk_error(exc) or (recorder.error if recorder is not None else None)
-        if found is not None and found.errno in DISK_ERRORS:
-            raise disk_error(path, found) from None
+        _raise_if_disk_error(path, exc, recorder.error if recorder is not None else None)
         raise
     finally:
         if tmp is not None:
@@ -286,9 +292,7 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     except UserInputError:
         raise
     except Exception as exc:
-        found = find_disk_error(exc)
-        if found is not None:
-            raise disk_error(path, found) from None
+        _raise_if_disk_error(path, exc)
         raise
     finally:
         if tmp is not None:
