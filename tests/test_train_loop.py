@@ -6,6 +6,8 @@ Convergence (fp32 and bf16) is tested in test_convergence.py.
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
 import signal
 import subprocess
@@ -151,3 +153,17 @@ def test_sigterm_writes_a_checkpoint_and_mid_epoch_resume_is_exact(data_dir, str
     run(_args(data_dir, seed=None, checkpoint=interrupted / "interrupted.pt", save=resumed))
     a, b = _weights(straight_run / "epoch_1.pt"), _weights(resumed / "epoch_1.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_adamw_cosine_run_decays_over_all_of_its_iterations(data_dir, tmp_path):
+    """The cosine spans epochs x batches per epoch, known only once the loader is built."""
+    out = tmp_path / "cosine"
+    run(_args(data_dir, save=out, optimizer="adamw", schedule="cosine", warmup=0))
+    checkpoint = torch.load(out / "epoch_1.pt", map_location="cpu", weights_only=True)
+    scheduler = checkpoint["scheduler"]
+    assert (scheduler["kind"], scheduler["total_iterations"], scheduler["last_iteration"]) == ("cosine", 4, 3)
+    assert "exp_avg_sq" in checkpoint["optimizer"]["state"][0]  # AdamW's state, not SGD's momentum
+    rates = [json.loads(line)["lr"] for line in (out / "log.jsonl").read_text().splitlines()]
+    scaled = 0.05 * 2 / 32
+    expected = [scaled * 0.5 * (1 + math.cos(math.pi * i / 4)) for i in range(4)]
+    assert rates == pytest.approx(expected, rel=1e-6)

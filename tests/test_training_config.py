@@ -56,6 +56,8 @@ def test_frozen_and_coerced(tmp_path):
     ({"mode": "evaluation"}, "mode 'evaluation' needs checkpoint"),
     ({"batch_size": 1}, "batch_size 1: BatchNorm needs at least 2 images"),
     ({"checkpoint": "/no/such.pt"}, "checkpoint /no/such.pt: file not found"),
+    ({"optimizer": "lamb"}, "optimizer must be one of sgd, adamw, got 'lamb'"),
+    ({"schedule": "linear"}, "schedule must be one of multistep, cosine, got 'linear'"),
 ])
 def test_validation_names_the_field(changes, message):
     with pytest.raises(UserInputError) as info:
@@ -85,3 +87,13 @@ def test_top_level_names_are_lazy_and_acyclic():
     out = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": str(REPO / "src")}, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_cli_recipe_choices_reach_the_config():
+    parser = argparse.ArgumentParser()
+    train_command.add_arguments(parser)
+    config = train_command.config_from_args(parser.parse_args(["--optimizer", "adamw", "--schedule", "cosine"]))
+    assert (config.optimizer, config.schedule) == ("adamw", "cosine")
+    assert (TrainConfig().optimizer, TrainConfig().schedule) == ("sgd", "multistep")  # the reference's
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--optimizer", "lamb"])

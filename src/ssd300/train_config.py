@@ -30,6 +30,8 @@ from ssd300.optim import (
     DEFAULT_MULTISTEP,
     DEFAULT_WARMUP,
     DEFAULT_WEIGHT_DECAY,
+    OPTIMIZERS,
+    SCHEDULES,
 )
 from ssd300.optional import install_hint
 from ssd300.run_folder import EPOCH_NAME_PATTERN, INTERRUPTED, LAST, RunFolder
@@ -84,6 +86,8 @@ class TrainConfig:
     weight_decay: float = DEFAULT_WEIGHT_DECAY
     warmup: int = DEFAULT_WARMUP             # linear warmup iterations (published runs: 300)
     multistep: tuple[int, ...] = DEFAULT_MULTISTEP
+    optimizer: str = "sgd"                   # sgd (the reference) or adamw (short runs on small data)
+    schedule: str = "multistep"              # multistep (the reference) or cosine (decays over the whole run)
     bn_recalibration: int = 0                # batches to recompute BatchNorm statistics over before evaluating
     freeze_bn: bool = False
     # model and precision (see ssd300.runtime)
@@ -168,6 +172,9 @@ class TrainConfig:
         for name in ("multistep", "evaluation"):
             if any(e < 0 for e in getattr(self, name)):
                 _refuse(name, f"takes epoch numbers >= 0, got {list(getattr(self, name))}")
+        for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
+            if getattr(self, name) not in allowed:
+                _refuse(name, f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.backbone_weights not in BACKBONE_WEIGHTS:
             _refuse("backbone_weights", f"must be one of {', '.join(BACKBONE_WEIGHTS)}, got {self.backbone_weights!r}")
         if self.freeze_backbone_epochs < 0:

@@ -146,18 +146,21 @@ class Trainer:
     def build(cls, model: nn.Module, *, runtime: Runtime, label_map: LabelMap, learning_rate: float,
               momentum: float = DEFAULT_MOMENTUM, weight_decay: float = DEFAULT_WEIGHT_DECAY,
               warmup: int = DEFAULT_WARMUP, multistep: Sequence[int] = DEFAULT_MULTISTEP,
+              optimizer: str = "sgd", schedule: str = "multistep", total_iterations: int = 0,
               ctx: Optional[DistributedContext] = None, logger: Optional[RunLogger] = None,
               frozen_batchnorm: bool = False, run_args: Optional[dict[str, Any]] = None) -> "Trainer":
         """The one way to wire a Trainer: the reference's SGD (decay on weights only), its warmup +
         multistep schedule and the 300x300 default boxes on the run's device.
 
         ``learning_rate`` is the rate actually used (already scaled for the global batch:
-        :func:`ssd300.optim.scaled_learning_rate`). ``ctx`` defaults to one process on
-        ``runtime.device``; ``logger`` to a silent one.
+        :func:`ssd300.optim.scaled_learning_rate`). ``optimizer="adamw"`` and ``schedule="cosine"``
+        (over ``total_iterations``) are the short-run alternatives of :mod:`ssd300.optim`.
+        ``ctx`` defaults to one process on ``runtime.device``; ``logger`` to a silent one.
         """
         ctx = ctx if ctx is not None else DistributedContext(device=runtime.device)
-        return cls(model=model, optimizer=build_optimizer(model, learning_rate, momentum, weight_decay),
-                   schedule=WarmupMultiStepSchedule(learning_rate, warmup, tuple(multistep)),
+        return cls(model=model, optimizer=build_optimizer(model, learning_rate, momentum, weight_decay, optimizer),
+                   schedule=WarmupMultiStepSchedule(learning_rate, warmup, tuple(multistep), kind=schedule,
+                                                    total_iterations=total_iterations),
                    box_coder=BoxCoder(default_boxes_300().to(ctx.device)), runtime=runtime, ctx=ctx,
                    label_map=label_map, logger=logger if logger is not None else RunLogger(enabled=False),
                    frozen_batchnorm=frozen_batchnorm, run_args=dict(run_args or {}))

@@ -273,16 +273,21 @@ class _Run:
         init = self.init_checkpoint
         return "resnet50" if init is None else checkpoint_architecture(init, f"init_from {self.config.init_from}")[0]
 
-    def build_trainer(self) -> Trainer:
+    @property
+    def lr(self) -> float:
+        return scaled_learning_rate(self.config.learning_rate, self.ctx.world_size, self.config.batch_size)
+
+    def build_trainer(self, iterations_per_epoch: int) -> Trainer:
         config, ctx = self.config, self.ctx
         if ctx.distributed:
             self.model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-        self.lr = scaled_learning_rate(config.learning_rate, ctx.world_size, config.batch_size)
         trainer = Trainer.build(
             self.model, runtime=self.runtime, label_map=self.spec.label_map, learning_rate=self.lr,
             momentum=config.momentum, weight_decay=config.weight_decay, warmup=config.warmup,
-            multistep=config.multistep, ctx=ctx, logger=self.logger, frozen_batchnorm=config.freeze_bn,
+            multistep=config.multistep, optimizer=config.optimizer, schedule=config.schedule,
+            total_iterations=config.epochs * iterations_per_epoch, ctx=ctx, logger=self.logger,
+            frozen_batchnorm=config.freeze_bn,
             run_args={**dataclasses.asdict(config), "seed": self.seed, "backbone": self.spec.backbone})
         if self.checkpoint is not None and config.mode == "training":
             if trainer.load_training_state(self.checkpoint):
@@ -312,7 +317,7 @@ class _Run:
                                  fields=("batch_size",))
         self.logger.info(f"{len(train_set)} training images, {len(loader)} iterations per epoch, "
                          f"learning rate {self.lr:.4g} (= {config.learning_rate:g} x {ctx.world_size} x "
-                         f"{config.batch_size}/32)")
+                         f"{config.batch_size}/32), {config.optimizer}, {config.schedule} schedule")
         return loader
 
     # ------------------------------------------------------------------ modes
@@ -357,14 +362,16 @@ class _Run:
         self.logger.info(format_benchmark("inference", self.result.benchmark))
 
     def run_benchmark_training(self) -> None:
-        trainer, loader = self.build_trainer(), self.build_train_loader()
+        loader = self.build_train_loader()
+        trainer = self.build_trainer(len(loader))
         self.result.benchmark = benchmark_training(trainer, loader, warmup=self.config.benchmark_warmup,
                                                    iterations=self.config.benchmark_iterations)
         self.logger.info(format_benchmark("training", self.result.benchmark))
         self.result.loss_history = trainer.loss_history
 
     def run_training(self) -> None:
-        trainer, loader = self.build_trainer(), self.build_train_loader()
+        loader = self.build_train_loader()
+        trainer = self.build_trainer(len(loader))
         try:
             self.train_epochs(trainer, loader)
         finally:  # an interrupted run's curves too
