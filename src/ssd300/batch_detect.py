@@ -157,7 +157,7 @@ def detect_to_folder(detector: Any, jobs: list[ImageJob], out: PathLike, *, key:
     results: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
     for record in done.values():
-        images.append({key_: record[key_] for key_ in ("image_id", "file_name", "width", "height")})
+        images.append({name: record[name] for name in ("image_id", "file_name", "width", "height")})
         results.extend(record["results"])
     job_of = {job.path: job for job in todo}
     # One bar (rank 0's); the other ranks' progress as plain lines naming the rank.
