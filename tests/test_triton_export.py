@@ -153,3 +153,21 @@ def test_export_command_writes_the_repository(make_tiny_checkpoint, tmp_path, ca
     pt2 = str(tmp_path / "m.pt2")
     assert main(["export", "--checkpoint", str(checkpoint), "--triton", str(repo), "--out", pt2]) == 2
     assert "--triton serves ONNX" in capsys.readouterr().err
+
+
+def test_a_full_disk_keeps_the_previous_model_and_leaves_no_scratch(exported, tmp_path, monkeypatch):
+    import errno
+    import shutil
+
+    repo = tmp_path / "repo"
+    write_triton_repository(exported["raw"], repo, "ssd", max_batch_size=4)
+    before = (repo / "ssd" / "config.pbtxt").read_text()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfile", full_disk)
+    with pytest.raises(UserInputError, match=r"ssd: could not be written \(No space left on device\)"):
+        write_triton_repository(exported["full"], repo, "ssd", max_batch_size=4, overwrite=True)
+    assert (repo / "ssd" / "config.pbtxt").read_text() == before
+    assert [p.name for p in repo.iterdir()] == ["ssd"]

@@ -230,19 +230,26 @@ def write_triton_repository(onnx_path: PathLike, repository: PathLike, model_nam
 def _write_model_folder(source: Path, folder: Path, model_name: str, names: list[str], text: str) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{model_name}.", dir=folder.parent))
+    replaced: Optional[Path] = None
     try:
         (scratch / "1").mkdir()
         shutil.copyfile(source, scratch / "1" / MODEL_FILE)
         (scratch / LABELS_FILE).write_text("".join(f"{name}\n" for name in names), encoding="utf-8")
         (scratch / CONFIG_FILE).write_text(text, encoding="utf-8")
         os.chmod(scratch, 0o777 & ~_umask())  # mkdtemp's 0700 -> the usual folder permissions
+        # Moved aside, not deleted first: never half-written, missing only between two renames.
         if folder.exists():
-            shutil.rmtree(folder)
+            replaced = scratch.with_name(scratch.name + ".old")
+            os.replace(folder, replaced)
         os.replace(scratch, folder)
         fsync_dir(folder.parent)
     except BaseException:
+        if replaced is not None and replaced.exists() and not folder.exists():
+            os.replace(replaced, folder)  # the previous model back in place
         shutil.rmtree(scratch, ignore_errors=True)
         raise
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
 
 
 def _umask() -> int:
