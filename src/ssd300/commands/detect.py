@@ -17,7 +17,16 @@ Writes into ``--out``:
   (``image_id``, ``category_id`` from the checkpoint's label map, ``bbox`` = [x, y, w, h], ``score``);
 * ``images.json``: the run's COCO-style ``images`` (``id``, ``file_name``, ``width``,
   ``height``), ``categories`` and ``skipped`` files (``id`` where the file had one, ``file_name``,
-  ``error``).
+  ``error``);
+* ``progress/<name>.json``: written last for each image: the proof it is done, with its results
+  (see :mod:`ssd300.batch_detect`).
+
+Many images, many processes: ``torchrun --nproc_per_node=N -m ssd300 detect DIR --out OUT``
+(add ``--nnodes``/``--node-rank``/``--master-addr`` across machines, ``OUT`` on a shared
+filesystem) gives each rank every N-th image of the run order; rank 0 writes the one merged
+``coco_results.json``/``images.json``, equal to a single process's. Under torchrun a rerun into
+the same ``--out`` skips the images already done with the same model and settings (``--resume``
+asks for that in a single process too; ``--no-resume`` redoes everything).
 
 Exit status 0 when at least one image was processed (skipped files are reported and listed), 4
 (:data:`ssd300.errors.EXIT_NO_RESULTS`) when no input could be read, 2 for bad flags or inputs
@@ -37,7 +46,6 @@ import dataclasses
 import glob
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -45,7 +53,7 @@ from ssd300.commands.options import add_postprocess_arguments, postprocess_confi
 from ssd300.data.images import is_image_file
 from ssd300.errors import NoResultsError, UserInputError
 from ssd300.exported import RUNTIMES
-from ssd300.files import check_output_path, write_json
+from ssd300.files import check_output_path
 from ssd300.postprocess import PostprocessConfig
 from ssd300.runners import BACKENDS
 
@@ -80,6 +88,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-images", action="store_true", help="do not write annotated images")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bar (default: when stderr is a terminal; else a line every 10 s)")
+    parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
+                        help="skip images a previous run into --out already did with the same model and settings "
+                             "(their progress/ records); default: on under torchrun, off otherwise")
     parser.add_argument("--full-decode", action="store_true",
                         help="decode big JPEGs at full size (default: reduced DCT scale that still gives >= 300 px)")
 
@@ -200,11 +211,6 @@ def _build_detector(args: argparse.Namespace, postprocess: PostprocessConfig) ->
         amp=args.amp, draft=not args.full_decode, backend=args.backend)
 
 
-def _without_path(message: str, path: str) -> str:
-    """A library message about ``path`` without the path it starts with (the caller names it once)."""
-    return message[len(path) + 2:] if message.startswith(f"{path}: ") else message
-
-
 def run(args: argparse.Namespace) -> int:
     args.model_flag = model_flag(args)
     postprocess = postprocess_config(args)
@@ -221,60 +227,57 @@ def run(args: argparse.Namespace) -> int:
     if not paths:
         raise UserInputError("no images to process in " + " ".join(args.inputs))
 
-    from ssd300.logging_utils import Progress
-    from ssd300.visualize import draw_detection_result, save_image
+    from ssd300.distributed import init_distributed, shutdown_distributed
 
+    context = init_distributed(args.device)  # torchrun: this rank's process group and device
+    try:
+        return _detect(args, postprocess, entries, paths, context)
+    finally:
+        shutdown_distributed()
+
+
+def _detect(args: argparse.Namespace, postprocess: PostprocessConfig, entries: list[tuple[str, Optional[str]]],
+            paths: list[str], context: Any) -> int:
+    from ssd300.batch_detect import ImageJob, detect_to_folder, model_file_identity, run_key, write_run_files
+
+    if context.distributed:
+        args.device = str(context.device)  # each rank on its own GPU (LOCAL_RANK), or the CPU
     detector = _build_detector(args, postprocess)
+    where = f"rank {context.rank}/{context.world_size}: " if context.distributed else ""
     if detector.exported is None:
         detector.runtime.configure()  # process-wide settings (TF32, cuDNN autotuning), as train does
-        print(f"ssd300 detect: {detector.runtime.describe()}", file=sys.stderr)
-    print(f"ssd300 detect: {detector.runner.describe()}", file=sys.stderr)
+        print(f"ssd300 detect: {where}{detector.runtime.describe()}", file=sys.stderr)
+    print(f"ssd300 detect: {where}{detector.runner.describe()}", file=sys.stderr)
     label_map = detector.label_map
     out = Path(args.out)
     image_ids = {path: i + 1 for i, (path, _) in enumerate(entries)}
     names = output_names(paths, [image_ids[path] for path in paths])
-    name_of = dict(zip(paths, names))
+    jobs = [ImageJob(path, image_ids[path], name) for path, name in zip(paths, names)]
+    key = run_key(model=model_file_identity(args.checkpoint), postprocess=dataclasses.asdict(postprocess),
+                  backend=args.backend, runtime=args.runtime, amp=args.amp, full_decode=args.full_decode)
+    resume = context.distributed if args.resume is None else args.resume
 
-    images: list[dict[str, Any]] = []
-    results: list[dict[str, Any]] = []
-    skipped: list[dict[str, Any]] = [{"id": image_ids[item], "file_name": item, "error": problem}
-                                     for item, problem in entries if problem is not None]
-    start = time.perf_counter()
-    on_error = "raise" if args.strict else "skip"
-    progress = Progress(len(paths), "ssd300 detect", enabled=args.progress)
-    for path, result in detector.detect_files(paths, on_error=on_error):
-        progress.update(1)
-        if isinstance(result, Exception):
-            problem = _without_path(str(result), path)
-            progress.write(f"ssd300 detect: skipping {path}: {problem}")
-            skipped.append({"id": image_ids[path], "file_name": path, "error": problem})
-            continue
-        image_id = image_ids[path]
-        width, height = result.image_size
-        images.append({"id": image_id, "file_name": path, "width": width, "height": height})
-        results.extend(result.to_coco(image_id))
-        record = {"image_id": image_id, **result.to_dict()}
-        write_json(out / "detections" / f"{name_of[path]}.json", record)
-        if not args.no_images:
-            from ssd300.inference import load_rgb
+    def report(line: str) -> None:
+        print(f"ssd300 detect: {line}", file=sys.stderr)
 
-            suffix = ".png" if Path(path).suffix.lower() == ".png" else ".jpg"
-            picture = load_rgb(path, draft=False)
-            drawn = draw_detection_result(picture, result, score_threshold=args.draw_threshold)
-            save_image(drawn, out / "annotated" / f"{name_of[path]}{suffix}")
-    progress.close()
-    skipped.sort(key=lambda entry: entry["id"])  # in input order, as the images
-    elapsed = time.perf_counter() - start
-
-    categories = [{"id": cid, "name": name}
-                  for cid, name in zip(label_map.category_ids[1:], label_map.names[1:])]
-    write_json(out / "coco_results.json", results)
-    write_json(out / "images.json", {"images": images, "categories": categories, "skipped": skipped})
-    shown = sum(1 for r in results if r["score"] >= args.draw_threshold)
-    print(f"ssd300 detect: {len(images)} images in {elapsed:.1f} s ({len(images) / max(elapsed, 1e-9):.1f} images/s), "
-          f"{len(results)} detections ({shown} scoring >= {args.draw_threshold}), {len(skipped)} skipped; "
-          f"results in {out}")
-    if not images:
+    run_ = detect_to_folder(detector, jobs, out, key=key, context=context, resume=resume,
+                            write_images=not args.no_images, draw_threshold=args.draw_threshold,
+                            strict=args.strict, progress=args.progress, report=report)
+    problems = [{"id": image_ids[item], "file_name": item, "error": problem}
+                for item, problem in entries if problem is not None]
+    if context.is_main:
+        categories = [{"id": cid, "name": name}
+                      for cid, name in zip(label_map.category_ids[1:], label_map.names[1:])]
+        write_run_files(out, run_, categories, problems)
+        shown = sum(1 for r in run_.results if r["score"] >= args.draw_threshold)
+        done = f", {run_.reused} done before (skipped)" if resume else ""
+        ranks = f" on {context.world_size} ranks" if context.distributed else ""
+        rate = run_.detected / max(run_.elapsed, 1e-9)
+        print(f"ssd300 detect: {len(run_.images)} images{ranks} ({run_.detected} detected in {run_.elapsed:.1f} s, "
+              f"{rate:.1f} images/s{done}), {len(run_.results)} detections ({shown} scoring >= {args.draw_threshold}), "
+              f"{len(run_.skipped) + len(problems)} skipped; results in {out}")
+    if not run_.images:
+        skipped = sorted([*problems, *run_.skipped], key=lambda entry: entry["id"])
         raise NoResultsError(f"none of the {len(skipped)} inputs could be read (first: {skipped[0]['file_name']}: "
                              f"{skipped[0]['error']}); see {out / 'images.json'}")
     return 0

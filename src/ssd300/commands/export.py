@@ -12,11 +12,17 @@ network quantised after calibration on DIR's images (a folder, or a COCO-format 
 training images), decoding and NMS in float; same inputs, outputs and metadata. Its check
 reports how many of fp32's confident detections (score >= 0.5) on calibration images INT8
 reproduces (same label, IoU >= 0.9).
+
+``--triton DIR`` also writes a Triton Inference Server model repository for the ONNX file
+(:mod:`ssd300.triton`): ``DIR/<--triton-model-name>/config.pbtxt`` (inputs and outputs read from
+the file, dynamic batching up to ``--max-batch-size``), ``labels.txt`` and ``1/model.onnx``; with
+``--triton``, ``--out`` is optional (the ONNX file then lives only in the repository).
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,11 +47,25 @@ from ssd300.labels import LabelMap
 from ssd300.optional import available, install_hint, require
 from ssd300.postprocess import PostprocessConfig
 from ssd300.quantize import DEFAULT_CALIBRATION_IMAGES, QUANTIZER_CHOICES
+from ssd300.triton import (
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MODEL_NAME,
+    DEFAULT_QUEUE_DELAY_US,
+    INSTANCE_KINDS,
+    check_triton_arguments,
+    check_triton_output,
+    write_triton_repository,
+)
+
+# Triton settings' flags (the library names them by field).
+FIELD_FLAGS = {"model_name": "--triton-model-name", "queue_delay_us": "--triton-queue-delay-us",
+               "instance_count": "--triton-instances", "instance_kind": "--triton-instance-kind"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="an SSD300 checkpoint (ours or NVIDIA's reference)")
-    parser.add_argument("--out", required=True, help="output file, e.g. ssd300.onnx, ssd300.pt2 or ssd300.ts")
+    parser.add_argument("--out", default=None,
+                        help="output file, e.g. ssd300.onnx, ssd300.pt2 or ssd300.ts (required unless --triton)")
     parser.add_argument("--format", choices=FORMATS, default=None,
                         help="onnx (ONNX), pt2 (torch.export) or torchscript (default: from the --out suffix: "
                              ".onnx, .pt2, or .ts/.pt/.pth)")
@@ -67,6 +87,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantizer", choices=QUANTIZER_CHOICES, default="auto",
                         help="--int8 quantiser: nncf (auto's choice when installed: the faster file on OpenVINO) "
                              "or onnxruntime (heads stay float); both write QDQ ONNX")
+    triton = parser.add_argument_group("Triton Inference Server")
+    triton.add_argument("--triton", default=None, metavar="DIR",
+                        help="also write a Triton model repository in DIR: DIR/<name>/config.pbtxt, labels.txt, "
+                             "1/model.onnx (ONNX only)")
+    triton.add_argument("--triton-model-name", default=DEFAULT_MODEL_NAME, metavar="NAME",
+                        help=f"the model's name (folder) in the repository (default {DEFAULT_MODEL_NAME})")
+    triton.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE, metavar="N",
+                        help=f"Triton's max_batch_size: requests batched together up to N images (default "
+                             f"{DEFAULT_MAX_BATCH_SIZE}; 0: no batching by Triton)")
+    triton.add_argument("--triton-queue-delay-us", type=int, default=DEFAULT_QUEUE_DELAY_US, metavar="US",
+                        help=f"dynamic batching: longest wait for more requests, in microseconds "
+                             f"(default {DEFAULT_QUEUE_DELAY_US})")
+    triton.add_argument("--triton-instances", type=int, default=1, metavar="N",
+                        help="model instances (instance_group count, default 1)")
+    triton.add_argument("--triton-instance-kind", choices=tuple(INSTANCE_KINDS), default="auto",
+                        help="where instances run: auto (GPU when Triton has one), gpu or cpu")
+    triton.add_argument("--overwrite", action="store_true",
+                        help="replace the model's folder in the --triton repository if it exists")
 
 
 def check_export(module: torch.nn.Module, path: Path, fmt: str, batch: int = 2) -> tuple[float, bool]:
@@ -116,6 +154,34 @@ def _onnx_exporter(path: Path) -> str:
 
 def run(args: argparse.Namespace) -> int:
     config = postprocess_config(args)  # validated before the checkpoint is read
+    if args.triton is None:
+        if args.out is None:
+            raise UserInputError("--out is required (or --triton DIR for a Triton model repository)")
+        if args.overwrite:
+            raise UserInputError("--overwrite applies to --triton's model folder")
+        return _export(args, config, args.out)
+    fmt = args.format or (format_from_suffix(args.out) if args.out is not None else "onnx")
+    if fmt != "onnx":
+        raise UserInputError(f"--triton serves ONNX files; --format/--out ask for {fmt}")
+    args.format = "onnx"
+    check_triton_arguments(args.triton_model_name, args.max_batch_size, args.triton_queue_delay_us,
+                           args.triton_instances, args.triton_instance_kind)
+    check_triton_output(args.triton, args.triton_model_name, args.overwrite)  # before the slow export
+    with tempfile.TemporaryDirectory(prefix="ssd300-triton-") as scratch:
+        path = Path(args.out) if args.out is not None else Path(scratch) / "model.onnx"
+        code = _export(args, config, str(path))
+        model = write_triton_repository(path, args.triton, args.triton_model_name, args.max_batch_size,
+                                        overwrite=args.overwrite, queue_delay_us=args.triton_queue_delay_us,
+                                        instance_count=args.triton_instances,
+                                        instance_kind=args.triton_instance_kind)
+    shapes = ", ".join(f"{t.name} {list(t.dims)}" for t in (*model.inputs, *model.outputs))
+    print(f"ssd300 export: wrote the Triton model {model.folder} (config.pbtxt, labels.txt, 1/model.onnx; "
+          f"max_batch_size {model.max_batch_size}; per-image dims: {shapes})")
+    return code
+
+
+def _export(args: argparse.Namespace, config: PostprocessConfig, out: str) -> int:
+    args.out = out
     fmt = args.format or format_from_suffix(args.out)
     if fmt is None:
         raise UserInputError(f"--out {args.out}: cannot tell the format from the suffix; "
