@@ -342,6 +342,13 @@ class ImageErrors:
     def errors(self) -> int:
         return len(self.false_positives) + len(self.misses)
 
+    def scaled(self, factor: float) -> "ImageErrors":
+        """The same boxes in an image resized by ``factor``."""
+        def scale(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            return [{**item, "bbox": [v * factor for v in item["bbox"]]} for item in items]
+
+        return ImageErrors(self.image_id, scale(self.true_positives), scale(self.false_positives), scale(self.misses))
+
 
 def worst_images(matches: Matches, score_threshold: float, count: int = WORST_IMAGES) -> list[ImageErrors]:
     """The ``count`` images with the most false positives + misses at ``score_threshold`` (ties:
@@ -415,3 +422,22 @@ def diagnose(coco_gt: Any, rows: np.ndarray, image_ids: Iterable[int], category_
     threshold = pooled_best_threshold(matches) if score_threshold is None else float(score_threshold)
     return Diagnostics(threshold_curves(matches), confusion_matrix(matches, threshold),
                        worst_images(matches, threshold, worst_count), threshold)
+
+
+def best_thresholds_of(checkpoint: Mapping[str, Any]) -> Optional[dict[int, float]]:
+    """``{category id: F1-best score threshold}`` of the evaluation a training checkpoint belongs to
+    (its ``metrics`` entry names the epoch; the run's ``evaluations`` hold each evaluation's
+    ``diagnostics`` record); None when the checkpoint holds none."""
+    metrics = checkpoint.get("metrics")
+    evaluations = checkpoint.get("evaluations")
+    if not isinstance(metrics, Mapping) or not isinstance(evaluations, (list, tuple)):
+        return None
+    for entry in reversed(evaluations):
+        if isinstance(entry, Mapping) and entry.get("epoch") == metrics.get("epoch"):
+            record = entry.get("diagnostics")
+            if not isinstance(record, Mapping):
+                return None
+            found = {int(b["category_id"]): float(b["threshold"]) for b in record.get("best_thresholds", ())
+                     if isinstance(b, Mapping) and b.get("threshold") is not None}
+            return found or None
+    return None

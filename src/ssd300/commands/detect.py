@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from ssd300.commands.options import add_postprocess_arguments, postprocess_config
+from ssd300.commands.options import BEST, add_postprocess_arguments, postprocess_config
 from ssd300.data.images import is_image_file
 from ssd300.errors import NoResultsError, UserInputError
 from ssd300.exported import RUNTIMES
@@ -64,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runtime", choices=RUNTIMES, default="auto",
                         help="for an exported ONNX file: onnxruntime (auto) or openvino")
     parser.add_argument("--out", required=True, help="output folder")
-    add_postprocess_arguments(parser)
+    add_postprocess_arguments(parser, best=True)
     parser.add_argument("--draw-threshold", type=float, default=0.3,
                         help="draw only detections scoring at least this on the annotated images (default 0.3)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
@@ -184,6 +184,9 @@ def _build_detector(args: argparse.Namespace, postprocess: PostprocessConfig) ->
     from ssd300.inference import Detector
 
     if is_exported_file(args.checkpoint):
+        if args.score_threshold == BEST:
+            raise UserInputError(f"--score-threshold {BEST}: takes the thresholds stored in a training checkpoint; "
+                                 f"{args.model_flag} {args.checkpoint} is an exported file: give a number")
         if args.amp or args.backend != "torch":
             raise UserInputError(f"{args.model_flag} {args.checkpoint}: an exported file runs as exported; "
                                  "drop --amp/--backend (pick --runtime for ONNX)")
@@ -197,7 +200,8 @@ def _build_detector(args: argparse.Namespace, postprocess: PostprocessConfig) ->
         raise UserInputError("--runtime applies to exported files (.onnx); use --backend for a checkpoint")
     return Detector.from_checkpoint(
         args.checkpoint, device=args.device, postprocess=postprocess, batch_size=args.batch_size,
-        amp=args.amp, draft=not args.full_decode, backend=args.backend)
+        amp=args.amp, draft=not args.full_decode, backend=args.backend,
+        class_score_thresholds=BEST if args.score_threshold == BEST else None)
 
 
 def _without_path(message: str, path: str) -> str:
