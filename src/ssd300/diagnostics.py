@@ -78,7 +78,7 @@ def iou_xywh(dets: np.ndarray, gts: np.ndarray, crowd: np.ndarray) -> np.ndarray
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
-def ground_truth_arrays(coco_gt: Any, image_ids: Sequence[int], category_ids: Sequence[int]
+def ground_truth_arrays(coco_gt: Any, image_ids: Iterable[int], category_ids: Iterable[int]
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(image id, category id, xywh box, crowd) of the boxes of ``image_ids`` in ``category_ids``,
     from either backend's ground-truth object."""
@@ -112,7 +112,8 @@ def match_detections(coco_gt: Any, rows: np.ndarray, image_ids: Sequence[int], c
 
     # Detections: per (image, category), best score first (stable, as COCO's mergesort), the first max_dets.
     order = np.lexsort((np.arange(len(det_score)), -det_score, det_category, det_image))
-    det_image, det_category, det_score, det_box = det_image[order], det_category[order], det_score[order], det_box[order]
+    det_image, det_category = det_image[order], det_category[order]
+    det_score, det_box = det_score[order], det_box[order]
     group_start = np.r_[True, (det_image[1:] != det_image[:-1]) | (det_category[1:] != det_category[:-1])] \
         if len(order) else np.zeros(0, bool)
     starts = np.flatnonzero(group_start)
@@ -122,7 +123,8 @@ def match_detections(coco_gt: Any, rows: np.ndarray, image_ids: Sequence[int], c
 
     # Ground truth: per (image, category), non-crowd first (stable), as COCO's gtind.
     g_order = np.lexsort((np.arange(len(gt_image)), gt_crowd, gt_category, gt_image))
-    gt_image, gt_category, gt_box, gt_crowd = gt_image[g_order], gt_category[g_order], gt_box[g_order], gt_crowd[g_order]
+    gt_image, gt_category = gt_image[g_order], gt_category[g_order]
+    gt_box, gt_crowd = gt_box[g_order], gt_crowd[g_order]
 
     det_gt = np.full(len(det_image), -1, dtype=np.int64)
     det_ignored = np.zeros(len(det_image), dtype=bool)
@@ -357,7 +359,6 @@ def worst_images(matches: Matches, score_threshold: float, count: int = WORST_IM
     fp = shown & (matches.det_gt < 0)
     missed = (matches.gt_match_score < score_threshold) & ~matches.gt_ignored
     images = matches.image_ids
-    pos = {int(i): n for n, i in enumerate(images)}
     errors = np.zeros(len(images), dtype=np.int64)
     np.add.at(errors, np.searchsorted(images, matches.det_image[fp]), 1)
     np.add.at(errors, np.searchsorted(images, matches.gt_image[missed]), 1)
@@ -381,7 +382,6 @@ def worst_images(matches: Matches, score_threshold: float, count: int = WORST_IM
             item.misses.append({"category_id": int(matches.gt_category[g]),
                                 "bbox": [float(v) for v in matches.gt_box[g]]})
         out.append(item)
-    assert all(pos.get(i.image_id) is not None for i in out)
     return out
 
 

@@ -258,9 +258,9 @@ class Detector:
 
             found = best_thresholds_of(checkpoint)
             if found is None:
-                raise UserInputError(f"checkpoint {path}: holds no per-class F1-best score thresholds (they come "
-                                     "with a training run's evaluation of that epoch); give a number instead",
-                                     fields=("score_threshold",))
+                raise UserInputError(f"score_threshold best: checkpoint {path} holds no per-class F1-best score "
+                                     "thresholds (a training run stores them with each evaluated epoch's "
+                                     "checkpoint); give a number instead", fields=("score_threshold",))
             options["class_score_thresholds"] = found
         return cls(model, label_map, device=device, **options)
 

@@ -91,7 +91,8 @@ def _worst_image_html(item: ImageErrors, names: Mapping[int, str], path: Optiona
     drawn = Image.fromarray(draw_errors(picture, item.scaled(scale), names).permute(1, 2, 0).numpy())
     buffer = io.BytesIO()
     drawn.save(buffer, format="JPEG", quality=85)
-    return (f'<figure class="worst"><img alt="image {item.image_id}" src="{_data_uri(buffer.getvalue(), "image/jpeg")}">'
+    source = _data_uri(buffer.getvalue(), "image/jpeg")
+    return (f'<figure class="worst"><img alt="image {item.image_id}" src="{source}">'
             f"<figcaption>{caption}</figcaption></figure>")
 
 
