@@ -251,3 +251,61 @@ def test_per_class_thresholds_filter_detections() -> None:
     assert kept.labels.tolist() == [1, 2, 2]
     # a label without a threshold keeps everything
     assert filter_by_class_thresholds([det], {1: 0.95})[0].labels.tolist() == [2, 2]
+
+
+def _random_case(seed: int) -> tuple[dict[str, Any], np.ndarray]:
+    """Crowded random images: several boxes per class, crowd boxes, jittered and stray detections."""
+    rng = np.random.default_rng(seed)
+    annotations, rows = [], []
+    for image in range(1, 31):
+        for _ in range(int(rng.integers(0, 7))):
+            w, h = rng.uniform(10, 40, 2)
+            x, y = rng.uniform(0, 60, 2)
+            cat = int(rng.integers(1, 4))
+            annotations.append(_ann(len(annotations) + 1, image, cat, [float(x), float(y), float(w), float(h)],
+                                    crowd=int(rng.random() < 0.15)))
+            for _ in range(int(rng.integers(0, 3))):  # near-duplicates, sometimes of another class
+                rows.append([image, x + rng.normal(0, 4), y + rng.normal(0, 4), w * rng.uniform(0.8, 1.2),
+                             h * rng.uniform(0.8, 1.2), rng.uniform(0.05, 1), cat if rng.random() < 0.8 else
+                             int(rng.integers(1, 4))])
+        for _ in range(int(rng.integers(0, 5))):
+            rows.append([image, *rng.uniform(0, 60, 2), *rng.uniform(5, 40, 2), rng.uniform(0.05, 1),
+                         int(rng.integers(1, 4))])
+    gt = {"images": [{"id": i, "file_name": f"{i}.png", "width": 100, "height": 100} for i in range(1, 31)],
+          "categories": GROUND_TRUTH["categories"], "annotations": annotations}
+    rows_array = np.asarray(rows, dtype=np.float64)
+    rows_array[:, 1:5] = np.round(rows_array[:, 1:5], 3)  # as the results file has them
+    rows_array[:, 5] = np.round(rows_array[:, 5], 5)
+    return gt, rows_array
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_matching_agrees_with_pycocotools_per_detection_on_crowded_random_images(seed: int) -> None:
+    import contextlib
+    import io
+
+    from pycocotools.cocoeval import COCOeval
+
+    gt, rows = _random_case(seed)
+    coco_gt = load_coco_ground_truth(gt, backend="pycocotools")
+    matches = match_detections(coco_gt, rows, range(1, 31), CATEGORIES)
+    # pycocotools' own per-detection matching (evalImgs: area "all", IoU 0.5)
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator = COCOeval(coco_gt, coco_gt.loadRes(rows_to_results(rows)), iouType="bbox")
+        evaluator.evaluate()
+    theirs = {}
+    for entry in evaluator.evalImgs:
+        if entry is None or entry["aRng"] != [0, 1e10]:
+            continue
+        for det_id, matched, ignored in zip(entry["dtIds"], entry["dtMatches"][0], entry["dtIgnore"][0]):
+            row = rows[det_id - 1]  # loadRes numbers the results 1, 2, ... in order
+            theirs[(int(row[0]), int(row[6]), float(row[5]))] = (bool(matched) and not ignored, bool(ignored))
+    ours = {(int(i), int(c), float(s)): (bool(tp), bool(ig)) for i, c, s, tp, ig in
+            zip(matches.det_image, matches.det_category, matches.det_score, matches.det_tp, matches.det_ignored)}
+    assert len(ours) == len(theirs) == len(rows) and ours == theirs
+    assert matches.det_tp.sum() >= 20 and matches.det_ignored.sum() >= 2 and matches.det_fp.sum() >= 20
+    # and the plain greedy matcher written above gives the same confusion counts at any threshold
+    dets, gts = plain_coco_matching(gt, rows)
+    for threshold in (0.0, 0.3, 0.6):
+        np.testing.assert_array_equal(confusion_matrix(matches, threshold).counts,
+                                      plain_confusion(dets, gts, threshold))

@@ -129,42 +129,69 @@ def match_detections(coco_gt: Any, rows: np.ndarray, image_ids: Sequence[int], c
     det_gt = np.full(len(det_image), -1, dtype=np.int64)
     det_ignored = np.zeros(len(det_image), dtype=bool)
     gt_match_score = np.full(len(gt_image), -np.inf)
-    det_keys = det_image * (int(categories.max(initial=0)) + 1) + det_category
-    gt_keys = gt_image * (int(categories.max(initial=0)) + 1) + gt_category
-    d_bounds = _group_bounds(det_keys)
-    g_bounds = _group_bounds(gt_keys)
-    for key, (d0, d1) in d_bounds.items():
-        if key not in g_bounds:
-            continue
-        g0, g1 = g_bounds[key]
-        crowd = gt_crowd[g0:g1]
-        ious = iou_xywh(det_box[d0:d1], gt_box[g0:g1], crowd)
-        taken = np.zeros(g1 - g0, dtype=bool)
-        for d in range(d1 - d0):
-            # Best IoU >= 0.5 among boxes not yet taken (crowd boxes may be taken again); a
-            # non-crowd box wins over any crowd box (COCO stops at the first crowd box once it has
-            # one); of equal IoUs the last box wins (COCO replaces its match unless IoU is lower).
-            candidates = (ious[d] >= min(IOU_THRESHOLD, 1 - 1e-10)) & (~taken | crowd)
-            if not candidates.any():
-                continue
-            regular = candidates & ~crowd
-            pool = np.where(regular if regular.any() else candidates, ious[d], -1.0)
-            m = len(pool) - 1 - int(np.argmax(pool[::-1]))
-            det_gt[d0 + d] = g0 + m
-            det_ignored[d0 + d] = bool(crowd[m])
-            if not crowd[m]:
-                taken[m] = True
-                gt_match_score[g0 + m] = det_score[d0 + d]
+    stride = int(categories.max(initial=0)) + 1
+    det_keys = det_image * stride + det_category
+    gt_keys = gt_image * stride + gt_category
+    # Every (detection, box of its image and class) pair's IoU at once; a detection's pairs are contiguous.
+    first_gt = np.searchsorted(gt_keys, det_keys, side="left")
+    pairs_per_det = np.searchsorted(gt_keys, det_keys, side="right") - first_gt
+    pair_start = np.r_[0, np.cumsum(pairs_per_det)]
+    pair_det = np.repeat(np.arange(len(det_keys)), pairs_per_det)
+    pair_gt = np.repeat(first_gt, pairs_per_det) + np.arange(pair_start[-1]) - np.repeat(pair_start[:-1], pairs_per_det)
+    pair_iou = _paired_iou(det_box[pair_det], gt_box[pair_gt], gt_crowd[pair_gt])
+    hit = pair_iou >= min(IOU_THRESHOLD, 1 - 1e-10)
+
+    # Groups with one box (most of them): the first detection (best score) that overlaps it takes
+    # it, or, for a crowd box, every detection that overlaps it is ignored.
+    single = pairs_per_det == 1
+    single_pair = pair_start[:-1][single]
+    single_hit = np.flatnonzero(single)[hit[single_pair]]
+    crowd_hit = single_hit[gt_crowd[first_gt[single_hit]]]
+    det_gt[crowd_hit] = first_gt[crowd_hit]
+    det_ignored[crowd_hit] = True
+    regular_hit = single_hit[~gt_crowd[first_gt[single_hit]]]
+    _, first_of_group = np.unique(det_keys[regular_hit], return_index=True)
+    winners = regular_hit[first_of_group]
+    det_gt[winners] = first_gt[winners]
+    gt_match_score[first_gt[winners]] = det_score[winners]
+
+    # Groups with several boxes: COCO's greedy loop.
+    several = np.flatnonzero(pairs_per_det > 1)
+    if len(several):
+        starts = several[np.r_[True, det_keys[several][1:] != det_keys[several][:-1]]]
+        for d0 in starts.tolist():
+            key, g0, n = det_keys[d0], int(first_gt[d0]), int(pairs_per_det[d0])
+            d1 = int(np.searchsorted(det_keys, key, side="right"))
+            ious = pair_iou[pair_start[d0]:pair_start[d1]].reshape(d1 - d0, n)
+            crowd = gt_crowd[g0:g0 + n]
+            taken = np.zeros(n, dtype=bool)
+            for d in range(d1 - d0):
+                # Best IoU >= 0.5 among boxes not yet taken (crowd boxes may be taken again); a
+                # non-crowd box wins over any crowd box (COCO stops at the first crowd box once it
+                # has one); of equal IoUs the last box wins (COCO replaces its match unless lower).
+                candidates = (ious[d] >= min(IOU_THRESHOLD, 1 - 1e-10)) & (~taken | crowd)
+                if not candidates.any():
+                    continue
+                regular = candidates & ~crowd
+                pool = np.where(regular if regular.any() else candidates, ious[d], -1.0)
+                m = n - 1 - int(np.argmax(pool[::-1]))
+                det_gt[d0 + d] = g0 + m
+                det_ignored[d0 + d] = bool(crowd[m])
+                if not crowd[m]:
+                    taken[m] = True
+                    gt_match_score[g0 + m] = det_score[d0 + d]
     return Matches(images, categories, det_image, det_category, det_score, det_box, det_gt, det_ignored,
                    gt_image, gt_category, gt_box, gt_crowd, gt_match_score)
 
 
-def _group_bounds(sorted_keys: np.ndarray) -> dict[int, tuple[int, int]]:
-    if len(sorted_keys) == 0:
-        return {}
-    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
-    ends = np.r_[starts[1:], len(sorted_keys)]
-    return {int(sorted_keys[s]): (int(s), int(e)) for s, e in zip(starts, ends)}
+def _paired_iou(dets: np.ndarray, gts: np.ndarray, crowd: np.ndarray) -> np.ndarray:
+    """:func:`iou_xywh` of row i of ``dets`` with row i of ``gts`` (``[P]``)."""
+    w = np.clip(np.minimum(dets[:, 0] + dets[:, 2], gts[:, 0] + gts[:, 2]) - np.maximum(dets[:, 0], gts[:, 0]), 0, None)
+    h = np.clip(np.minimum(dets[:, 1] + dets[:, 3], gts[:, 1] + gts[:, 3]) - np.maximum(dets[:, 1], gts[:, 1]), 0, None)
+    inter = w * h
+    det_area = dets[:, 2] * dets[:, 3]
+    union = np.where(crowd, det_area, det_area + gts[:, 2] * gts[:, 3] - inter)
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
 # ---------------------------------------------------------------- precision / recall / F1 vs score
