@@ -148,18 +148,19 @@ def draw_errors(image: ImageLike, errors: Any, names: Mapping[int, str]) -> torc
     positives, false positives ("FP c 0.70 on b" where it sits on a missed box of class b) and
     missed boxes, each kind in its :data:`ERROR_COLORS` colour. Returns a 3xHxW uint8 tensor."""
     canvas = to_uint8_chw(image)
+    # false positives first, misses last: the few boxes that matter most are drawn on top
     entries: list[tuple[list[float], str, tuple[int, int, int]]] = []
-    for item in errors.misses:
-        entries.append((item["bbox"], f"miss {names.get(item['category_id'], item['category_id'])}",
-                        ERROR_COLORS["miss"]))
-    for item in errors.true_positives:
-        entries.append((item["bbox"], f"TP {names.get(item['category_id'], item['category_id'])} {item['score']:.2f}",
-                        ERROR_COLORS["true positive"]))
     for item in errors.false_positives:
         text = f"FP {names.get(item['category_id'], item['category_id'])} {item['score']:.2f}"
         if "true_category_id" in item:
             text += f" on {names.get(item['true_category_id'], item['true_category_id'])}"
         entries.append((item["bbox"], text, ERROR_COLORS["false positive"]))
+    for item in errors.true_positives:
+        entries.append((item["bbox"], f"TP {names.get(item['category_id'], item['category_id'])} {item['score']:.2f}",
+                        ERROR_COLORS["true positive"]))
+    for item in errors.misses:
+        entries.append((item["bbox"], f"miss {names.get(item['category_id'], item['category_id'])}",
+                        ERROR_COLORS["miss"]))
     if not entries:
         return canvas.clone()
     height, width = canvas.shape[1:]

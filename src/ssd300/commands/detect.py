@@ -19,6 +19,10 @@ Writes into ``--out``:
   ``height``), ``categories`` and ``skipped`` files (``id`` where the file had one, ``file_name``,
   ``error``).
 
+``--score-threshold best`` (a training checkpoint): each class's F1-best score threshold stored with the
+checkpoint's evaluation (:mod:`ssd300.diagnostics`), applied after post-processing; a checkpoint
+without them is a one-line error (exit 2).
+
 Exit status 0 when at least one image was processed (skipped files are reported and listed), 4
 (:data:`ssd300.errors.EXIT_NO_RESULTS`) when no input could be read, 2 for bad flags or inputs
 that name nothing (``--strict``: the first unreadable file).
