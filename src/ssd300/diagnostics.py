@@ -2,12 +2,13 @@
 follows from it: a confusion matrix (classes + background), precision / recall / F1 against the
 score threshold per class with each class's F1-best threshold, and the worst images.
 
-Why our own matching: neither library exposes COCO's per-detection matching as the metric uses it.
-faster-coco-eval keeps its per-image results in C++ (``evalImgs`` is empty in Python) and its
-extras (``PreviewResults.compute_confusion_matrix``, ``Curves``) match class-agnostically, over
-1000 detections per image, with interpolated precision, so their counts differ from the COCO
-metric's (on the tests' hand-made case ``PreviewResults`` counts 3 true positives of class "a"
-where COCO counts 2: a detection inside a crowd box, which COCO ignores); supervision's ``ConfusionMatrix`` knows no crowd/ignore rule nor the 100-detection cap.
+Why our own matching: one matching for both backends. pycocotools keeps its per-detection matches
+(``evalImgs``), faster-coco-eval does not (they stay in C++: ``evalImgs`` is empty in Python), and
+faster-coco-eval's extras (``PreviewResults.compute_confusion_matrix``, ``Curves``) match
+class-agnostically, over 1000 detections per image, with interpolated precision, so their counts
+differ from the COCO metric's (on the tests' hand-made case ``PreviewResults`` counts 3 true
+positives of class "a" where COCO counts 2: a detection inside a crowd box, which COCO ignores);
+supervision's ``ConfusionMatrix`` knows no crowd/ignore rule nor the 100-detection cap.
 :func:`match_detections` is pycocotools' ``evaluateImg`` at IoU 0.5, area "all", ``max_dets``
 detections per image and class (score-sorted greedy matching, crowd boxes as ignore regions that
 may absorb several detections, IoU against a crowd box = intersection / detection area), so its
