@@ -205,8 +205,25 @@ def test_evaluate_out_writes_the_report_and_refuses_to_overwrite(trained_run: tu
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "earlier evaluation" in err and "--overwrite" in err
-    assert main([*argv, "--overwrite"]) == 0
+    # replaced with --overwrite; the other backend, the same matching and counts
+    assert main([*argv, "--overwrite", "--eval-backend", "pycocotools"]) == 0
+    again = json.loads((out / "metrics.json").read_text())["evaluations"][-1]
+    assert again["diagnostics"] == summary["evaluations"][-1]["diagnostics"]
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in records].count("eval") == 1  # the earlier evaluation's log was removed
     assert main(["evaluate", "--checkpoint", str(run / "last.pt"), "--data", str(data), "--out", str(run),
                  "--device", "cpu"]) == 2
     assert "holds a training run" in capsys.readouterr().err
     assert (run / "last.pt").is_file()  # the run folder was left as it was
+
+
+def test_detector_refuses_thresholds_of_unknown_classes(tiny_model) -> None:
+    from conftest import TINY_LABEL_MAP
+
+    from ssd300.errors import UserInputError
+    from ssd300.inference import Detector
+
+    detector = Detector(tiny_model, TINY_LABEL_MAP, device="cpu", class_score_thresholds={1: 0.5, 2: 0.9})
+    assert detector.class_score_thresholds == {1: 0.5, 2: 0.9}
+    with pytest.raises(UserInputError, match=r"category ids \[7\] are not classes of the model \(1, 2\)"):
+        Detector(tiny_model, TINY_LABEL_MAP, device="cpu", class_score_thresholds={7: 0.5})
