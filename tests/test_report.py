@@ -81,6 +81,7 @@ def test_report_is_self_contained_with_tables_figures_and_worst_images(tmp_path:
     assert cells[7] == "0.400"   # F1-best threshold of b
     assert "image 1 (1.png): 3 false positives, 1 misses, 2 true positives" in page
     assert "image 4: 1 false positives, 0 misses, 0 true positives: no image file known" in page
+    assert "score &ge; 0.000\n(as given)" in page  # the threshold and where it came from
 
 
 def _chromium() -> str | None:

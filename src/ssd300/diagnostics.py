@@ -425,6 +425,7 @@ class Diagnostics:
     confusion: ConfusionMatrix
     worst: list[ImageErrors]
     score_threshold: float
+    threshold_origin: str = "the score threshold with the best F1 over all classes"
 
     def best_thresholds(self) -> dict[int, float]:
         """``{category id: F1-best score threshold}`` for the classes that have one."""
@@ -449,8 +450,9 @@ def diagnose(coco_gt: Any, rows: np.ndarray, image_ids: Iterable[int], category_
     """Everything above from one matching; ``score_threshold`` None: the pooled F1-best one."""
     matches = match_detections(coco_gt, rows, list(image_ids), category_ids)
     threshold = pooled_best_threshold(matches) if score_threshold is None else float(score_threshold)
+    origin = Diagnostics.threshold_origin if score_threshold is None else "as given"
     return Diagnostics(threshold_curves(matches), confusion_matrix(matches, threshold),
-                       worst_images(matches, threshold, worst_count), threshold)
+                       worst_images(matches, threshold, worst_count), threshold, origin)
 
 
 def best_thresholds_of(checkpoint: Mapping[str, Any]) -> Optional[dict[int, float]]:

@@ -150,8 +150,8 @@ figure img {{ max-width: 100%; border: 1px solid #ddd; }}
 <h2>Summary (COCO bbox)</h2>
 <table>{summary_rows}</table>
 <h2>Per class</h2>
-<p>True positives, false positives and misses at IoU {IOU_THRESHOLD} and score &ge; {threshold:.3f} (the
-score threshold with the best F1 over all classes), from COCO's matching (100 detections per image and
+<p>True positives, false positives and misses at IoU {IOU_THRESHOLD} and score &ge; {threshold:.3f}
+({esc(diagnostics.threshold_origin)}), from COCO's matching (100 detections per image and
 class, crowd boxes ignored). F1-best: each class's own best threshold and its F1, precision and recall;
 <code>ssd300 detect --score-threshold best</code> applies these thresholds.</p>
 <table><tr><th>class</th><th>id</th><th>boxes</th><th>AP</th><th>AP50</th><th>TP</th><th>FP</th><th>misses</th>
