@@ -249,8 +249,10 @@ def test_run_writes_last_best_keeps_last_refuses_a_second_run_and_resumes(data_d
     result = run(_config(data_dir, save=out, eval_every=2, keep_last=1))
     assert [e["epoch"] for e in result.evaluations] == [1, 2]  # every 2nd epoch and the final one
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["best.pt", "curves.png", "epoch_2.pt", "evaluation_epoch_1.png", "evaluation_epoch_2.png",
-                     "last.pt", "log.jsonl", "metrics.json", "results.json"]  # lock released
+    per_evaluation = [f"{kind}_epoch_{e}.{ext}" for e in (1, 2) for kind, ext in
+                      (("confusion", "png"), ("evaluation", "png"), ("report", "html"), ("thresholds", "png"))]
+    assert names == sorted(["best.pt", "curves.png", "epoch_2.pt", *per_evaluation, "last.pt", "log.jsonl",
+                            "metrics.json", "report.html", "results.json"])  # lock released
 
     last, final = _load(out / "last.pt"), _load(out / "epoch_2.pt")
     assert last["epoch"] == final["epoch"] == 3 and last["iteration"] == 6

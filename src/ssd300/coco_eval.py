@@ -16,7 +16,7 @@ import io
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ from ssd300.errors import UserInputError
 from ssd300.files import PathLike, write_json
 from ssd300.optional import available, install_hint
 from ssd300.postprocess import boxes_to_pixels, clip_boxes
+
+if TYPE_CHECKING:
+    from ssd300.diagnostics import Diagnostics
 
 EVAL_BACKENDS: tuple[str, ...] = ("faster-coco-eval", "pycocotools")
 
@@ -48,7 +51,8 @@ class CocoMetrics:
     100 detections; -1 for a category without ground truth in the evaluated images), taken from
     the accumulated precision array as pycocotools' summary does for all classes together.
     ``pr_curves`` holds each category's interpolated precision at IoU 0.5 at the 101 recall
-    points 0..1 (categories with ground truth only).
+    points 0..1 (categories with ground truth only). ``diagnostics``: the evaluation's confusion
+    matrix, threshold curves and worst images when they were asked for (:mod:`ssd300.diagnostics`).
     """
 
     stats: list[float] = field(default_factory=lambda: [0.0] * len(STAT_NAMES))
@@ -58,6 +62,7 @@ class CocoMetrics:
     per_class: dict[int, dict[str, float]] = field(default_factory=dict)
     backend: str = ""
     pr_curves: dict[int, list[float]] = field(default_factory=dict)
+    diagnostics: Optional["Diagnostics"] = None
 
     @property
     def ap(self) -> float:

@@ -1,5 +1,6 @@
 """COCO evaluation of a model over a loader, on every rank, with gathered results; and a training
-run's evaluations (:class:`RunEvaluator`: BatchNorm recalibration, metrics, their records and figure)."""
+run's evaluations (:class:`RunEvaluator`: BatchNorm recalibration, metrics, their records, the
+diagnostics (:mod:`ssd300.diagnostics`) and the report with its figures (:mod:`ssd300.report`))."""
 
 from __future__ import annotations
 
@@ -28,13 +29,15 @@ from ssd300.data.coco import CocoDetection, skipped_summary
 from ssd300.data.layouts import load_ground_truth
 from ssd300.data.loaders import build_eval_loader
 from ssd300.default_boxes import default_boxes_300
+from ssd300.diagnostics import diagnose
 from ssd300.distributed import DistributedContext, all_gather_objects, broadcast_object, gather_arrays
 from ssd300.errors import Interrupted
 from ssd300.labels import LabelMap
 from ssd300.logging_utils import RunLogger
 from ssd300.plots import plot_evaluation
 from ssd300.postprocess import COCO_EVAL, PostprocessConfig, PostProcessor
-from ssd300.run_folder import RunFolder
+from ssd300.report import ReportPaths, write_report
+from ssd300.run_folder import REPORT_NAME, RunFolder
 from ssd300.runtime import Runtime
 from ssd300.voc_eval import evaluate_voc, ground_truth_from_coco
 
@@ -86,7 +89,7 @@ def evaluate_model(model: nn.Module, loader: Iterable[Any], coco_gt: Any, label_
                    results_path: Optional[Path] = None, postprocess: PostprocessConfig = COCO_EVAL,
                    metric: str = "coco", log: Optional[Callable[[str], None]] = None,
                    progress: Optional[Callable[[int], None]] = None,
-                   should_stop: Optional[Callable[[], bool]] = None) -> CocoMetrics:
+                   should_stop: Optional[Callable[[], bool]] = None, diagnostics: bool = False) -> CocoMetrics:
     """COCO evaluation over ``loader`` (all ranks take part); every rank returns the same metrics.
 
     The COCO summary goes to ``log`` before ``results_path`` is written, so a failing write
@@ -98,6 +101,8 @@ def evaluate_model(model: nn.Module, loader: Iterable[Any], coco_gt: Any, label_
     ``n`` images (e.g. :meth:`ssd300.logging_utils.Progress.update`). Only the label map's
     categories are scored (a background category of the file is not a class the model missed).
     ``metric``: "coco", or "voc07"/"voc12" (:mod:`ssd300.voc_eval`, same result type).
+    ``diagnostics`` (metric "coco"): also ``metrics.diagnostics`` (:func:`ssd300.diagnostics.diagnose`,
+    from the same detections and COCO's matching rules).
     """
     postprocessor = PostProcessor(default_boxes_300().to(ctx.device), postprocess)
     image_ids, rows, skipped = predict_rows(unwrap_model(model), loader, postprocessor, runtime,
@@ -120,6 +125,8 @@ def evaluate_model(model: nn.Module, loader: Iterable[Any], coco_gt: Any, label_
         else:
             metrics = evaluate_voc(ground_truth_from_coco(coco_gt), merged, metric, image_ids=ids,
                                    category_ids=label_map.category_ids[1:])
+        if diagnostics and metric == "coco":
+            metrics.diagnostics = diagnose(coco_gt, merged, ids, label_map.category_ids[1:])
         if log is not None:  # the figures first: a failing results write must not lose them
             log(metrics.summary)
             log(metrics.per_class_table(label_map.names_by_category_id()))
@@ -133,8 +140,10 @@ def evaluate_model(model: nn.Module, loader: Iterable[Any], coco_gt: Any, label_
 @dataclass
 class RunEvaluator:
     """A run's evaluations of its validation set: optional BatchNorm recalibration, the COCO
-    metrics (:func:`evaluate_model`), the console line, the log record, and the per-class figure
-    in the run folder (``outputs``). ``evaluations`` collects one entry per evaluation."""
+    metrics (:func:`evaluate_model`), the console line, the log record, and in the run folder
+    (``outputs``) the per-class figure and (metric "coco") the diagnostics' figures and report
+    (``report_epoch_<n>.html``, ``report.html`` the newest). ``evaluations`` collects one entry per
+    evaluation, with the diagnostics' record (per-class F1-best thresholds, confusion counts)."""
 
     val_set: CocoDetection
     annotations: Path                 # the validation set's annotation source (ground truth, read on rank 0)
@@ -172,7 +181,7 @@ class RunEvaluator:
             metrics = evaluate_model(model, loader, self.coco_gt, self.label_map, ctx=self.ctx, runtime=self.runtime,
                                      channels_last=self.channels_last, results_path=self.results_path,
                                      metric=self.metric, log=self.logger.info, progress=bar.update,
-                                     should_stop=should_stop)
+                                     should_stop=should_stop, diagnostics=self.outputs is not None)
         self.record(epoch, iteration, metrics, time.perf_counter() - start)
         return metrics
 
@@ -183,10 +192,28 @@ class RunEvaluator:
         per_class = metrics.per_class_records(names)
         self.logger.evaluation(epoch=epoch, iteration=iteration, metrics=metrics.as_dict(), seconds=seconds,
                                per_class=per_class)
-        self.evaluations.append({"epoch": epoch, "iteration": iteration, **metrics.as_dict(), "per_class": per_class})
-        if self.outputs is not None and self.ctx.is_main:
+        entry: dict[str, Any] = {"epoch": epoch, "iteration": iteration, **metrics.as_dict(), "per_class": per_class}
+        if metrics.diagnostics is not None:
+            entry["diagnostics"] = metrics.diagnostics.record(names)
+        self.evaluations.append(entry)
+        if self.outputs is None or not self.ctx.is_main:
+            return
+        if metrics.diagnostics is None:
             plot = plot_evaluation(metrics, names, self.outputs.evaluation_plot(epoch), title=f"epoch {epoch}")
             self.logger.info(f"per-class AP and precision-recall curves: {plot}")
+            return
+        paths = ReportPaths(self.outputs.report(epoch), self.outputs.evaluation_plot(epoch),
+                            self.outputs.confusion_plot(epoch), self.outputs.thresholds_plot(epoch))
+        report = write_report(paths, metrics, metrics.diagnostics, names, title=f"epoch {epoch}",
+                              image_paths=self.image_paths())
+        self.outputs.publish(report, REPORT_NAME)
+        self.logger.info(f"report (per-class AP, confusion matrix at score >= "
+                         f"{metrics.diagnostics.score_threshold:.3f}, P/R/F1 vs threshold, worst images): "
+                         f"{self.outputs.report_file}")
+
+    def image_paths(self) -> dict[int, Path]:
+        """The validation images' files by image id (for the report's worst images)."""
+        return {image_id: self.val_set.path_of(i) for i, image_id in enumerate(self.val_set.image_ids)}
 
     def recalibrate(self, model: nn.Module, train_loader: Any) -> None:
         inner = unwrap_model(model)

@@ -31,7 +31,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Sequence, Union, overload
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union, overload
 
 import numpy as np
 import torch
@@ -53,7 +53,7 @@ from ssd300.errors import UserInputError, one_line
 from ssd300.exported import ExportedFile
 from ssd300.files import PathLike
 from ssd300.labels import LabelMap
-from ssd300.postprocess import PostprocessConfig, PostProcessor
+from ssd300.postprocess import PostprocessConfig, PostProcessor, filter_by_class_thresholds
 from ssd300.runners import BACKENDS, Runner, build_runner, load_exported
 from ssd300.runtime import Runtime
 
@@ -201,6 +201,7 @@ class Detector:
         draft: bool = True,
         backend: str = "torch",
         runtime: Optional[Runtime] = None,
+        class_score_thresholds: Optional[Mapping[int, float]] = None,
     ) -> None:
         # ``postprocess`` (default PostprocessConfig()) with any single settings given changed.
         config = (postprocess or PostprocessConfig()).replace(
@@ -227,6 +228,15 @@ class Detector:
         self.postprocessor = PostProcessor(default_boxes_300(), config)
         self._names = list(self.label_map.names)
         self._category_ids = torch.tensor(self.label_map.category_ids, dtype=torch.int64)
+        # ``class_score_thresholds``: {category id: minimum score} applied after post-processing
+        # (e.g. an evaluation's F1-best thresholds, :func:`ssd300.diagnostics.best_thresholds_of`).
+        self.class_score_thresholds = dict(class_score_thresholds or {})
+        label_of = {cid: label for label, cid in enumerate(self.label_map.category_ids) if label > 0}
+        unknown = sorted(set(self.class_score_thresholds) - set(label_of))
+        if unknown:
+            raise UserInputError(f"class_score_thresholds: category ids {unknown} are not classes of the model "
+                                 f"({', '.join(map(str, label_of))})", fields=("class_score_thresholds",))
+        self._label_thresholds = {label_of[cid]: float(t) for cid, t in self.class_score_thresholds.items()}
 
     # ------------------------------------------------------------------ construction
 
@@ -235,12 +245,23 @@ class Detector:
                         **options: Any) -> "Detector":
         """Load our checkpoint or the reference's (``model`` key, ``module.`` prefixes, ``label_map``).
 
-        ``options`` are the keyword arguments of :class:`Detector` (thresholds, batch size, amp...).
+        ``options`` are the keyword arguments of :class:`Detector` (thresholds, batch size, amp...);
+        ``class_score_thresholds="best"`` takes the per-class F1-best score thresholds stored with the
+        checkpoint's evaluation (:func:`ssd300.diagnostics.best_thresholds_of`; none stored: an error).
         A file that is not an SSD300 checkpoint raises :class:`UserInputError` naming it.
         """
         from ssd300.checkpoint import load_model
 
-        model, label_map, _ = load_model(path, map_location="cpu")
+        model, label_map, checkpoint = load_model(path, map_location="cpu")
+        if options.get("class_score_thresholds") == "best":
+            from ssd300.diagnostics import best_thresholds_of
+
+            found = best_thresholds_of(checkpoint)
+            if found is None:
+                raise UserInputError(f"score_threshold best: checkpoint {path} holds no per-class F1-best score "
+                                     "thresholds (a training run stores them with each evaluated epoch's "
+                                     "checkpoint); give a number instead", fields=("score_threshold",))
+            options["class_score_thresholds"] = found
         return cls(model, label_map, device=device, **options)
 
     @classmethod
@@ -381,6 +402,8 @@ class Detector:
                           sources: Optional[Sequence[Optional[str]]] = None) -> list[ImageDetections]:
         """Per-image detections with ``boxes_pixels`` -> :class:`ImageDetections` with class names."""
         results = []
+        if self._label_thresholds:
+            per_image = filter_by_class_thresholds(per_image, self._label_thresholds)
         for i, det in enumerate(per_image):
             labels = det.labels.cpu()
             assert det.boxes_pixels is not None  # image_sizes were given

@@ -1,5 +1,6 @@
 """Run figures: the loss and mAP curves (training loss, validation mAP) and one figure per evaluation
-(per-class AP bars and precision-recall curves at IoU 0.5).
+(per-class AP bars and precision-recall curves at IoU 0.5), and the evaluation's diagnostics
+(:mod:`ssd300.diagnostics`): the confusion matrix and precision / recall / F1 vs score threshold.
 
 Drawn with matplotlib's object API on the Agg canvas (``matplotlib.figure.Figure``), so no
 display is needed and the process-wide pyplot backend is left alone. Files are written
@@ -15,11 +16,14 @@ import os
 import unicodedata
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 from ssd300.coco_eval import RECALL_POINTS, CocoMetrics
 from ssd300.files import atomic_write
 from ssd300.fonts import FontChoice, choose_fonts
+
+if TYPE_CHECKING:
+    from ssd300.diagnostics import ConfusionMatrix, ThresholdCurves
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -167,5 +171,88 @@ def _evaluation_figure(metrics: CocoMetrics, classes: list[int], curves: list[in
         if len(lines) > LEGEND_MAX:
             handles.append(Line2D([], [], linestyle="none", label=f"+{len(lines) - LEGEND_MAX} more"))
         ax_pr.legend(handles=handles, fontsize=8 if len(handles) <= 10 else 6, loc="lower left")
+    fig.tight_layout()
+    return fig
+
+
+CONFUSION_LABELS_MAX = 40  # classes whose counts are written in the cells (beyond: colour only)
+
+
+def plot_confusion_matrix(confusion: "ConfusionMatrix", names: Mapping[int, str], path: str | os.PathLike[str],
+                          title: str = "") -> Path:
+    """The confusion matrix (:mod:`ssd300.diagnostics`): rows the true class, columns the predicted
+    one, background last; cells coloured by the share of their row (a class's boxes; the background
+    row by its column) and labelled with their counts; IoU and score threshold in the title."""
+    labels = [names.get(cid, str(cid)) for cid in confusion.category_ids] + ["background"]
+    choice = choose_fonts([title, *labels])
+    with _class_name_fonts(choice):
+        return _save(_confusion_figure(confusion, [short_label(choice.clean(n), 14, 1) for n in labels],
+                                       choice.clean(title)), Path(path))
+
+
+def _confusion_figure(confusion: "ConfusionMatrix", labels: list[str], title: str) -> Any:
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    counts = confusion.counts.astype(float)
+    k = len(labels)
+    shares = np.zeros_like(counts)
+    row_sums = counts[:-1].sum(axis=1, keepdims=True)
+    shares[:-1] = np.divide(counts[:-1], row_sums, out=np.zeros_like(counts[:-1]), where=row_sums > 0)
+    col_sums = counts[:-1].sum(axis=0) + counts[-1]
+    shares[-1] = np.divide(counts[-1], col_sums, out=np.zeros(k), where=col_sums > 0)
+    size = min(22.0, max(6.0, 0.45 * k + 3))
+    fig = Figure(figsize=(size + 1.5, size))
+    ax = fig.subplots()
+    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class's boxes")
+    ax.set_xticks(range(k))
+    ax.set_yticks(range(k))
+    ax.set_xticklabels(labels, rotation=60, ha="right", rotation_mode="anchor", fontsize=8 if k > 15 else 10)
+    ax.set_yticklabels(labels, fontsize=8 if k > 15 else 10)
+    ax.set(xlabel="predicted", ylabel="true")
+    if k <= CONFUSION_LABELS_MAX:
+        for i in range(k):
+            for j in range(k):
+                if counts[i, j] > 0:
+                    ax.text(j, i, f"{int(counts[i, j])}", ha="center", va="center", fontsize=8 if k > 12 else 10,
+                            color="white" if shares[i, j] > 0.5 else "black")
+    stated = f"IoU 0.5, score >= {confusion.score_threshold:.3f}"
+    ax.set_title(f"confusion matrix ({title}; {stated})" if title else f"confusion matrix ({stated})")
+    fig.tight_layout()
+    return fig
+
+
+def plot_threshold_curves(curves: "ThresholdCurves", names: Mapping[int, str], path: str | os.PathLike[str],
+                          title: str = "") -> Path:
+    """Precision, recall and F1 against the score threshold, one line per class (the legend names
+    the :data:`LEGEND_MAX` most frequent), each class's F1-best threshold marked on the F1 panel."""
+    shown = [k for k, boxes in enumerate(curves.num_boxes) if boxes > 0]
+    labels = {k: names.get(curves.category_ids[k], str(curves.category_ids[k])) for k in shown}
+    choice = choose_fonts([title, *labels.values()])
+    with _class_name_fonts(choice):
+        return _save(_threshold_figure(curves, shown, {k: short_label(choice.clean(v), 24, 1)
+                                                       for k, v in labels.items()}, choice.clean(title)), Path(path))
+
+
+def _threshold_figure(curves: "ThresholdCurves", shown: list[int], labels: Mapping[int, str], title: str) -> Any:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(15, 4.5))
+    axes = fig.subplots(1, 3)
+    ordered = sorted(shown, key=lambda k: -curves.num_boxes[k])
+    for name, values, ax in (("precision", curves.precision, axes[0]), ("recall", curves.recall, axes[1]),
+                             ("F1", curves.f1, axes[2])):
+        for k in ordered:
+            line = ax.plot(curves.thresholds, values[k], linewidth=1.2,
+                           label=labels[k] if ordered.index(k) < LEGEND_MAX else None)[0]
+            best = curves.best_threshold[k]
+            if name == "F1" and best is not None:
+                ax.plot([best], [curves.best_f1[k]], "o", color=line.get_color(), markersize=5)
+        ax.set(title=f"{name} vs score threshold" + (f" ({title})" if title and name == "precision" else ""),
+               xlabel="score threshold", ylabel=name, xlim=(0, 1), ylim=(0, 1.02))
+    if ordered:
+        axes[2].legend(fontsize=8 if len(ordered) <= 10 else 6, loc="upper right",
+                       title="dot: F1-best" if len(ordered) < 30 else None)
     fig.tight_layout()
     return fig

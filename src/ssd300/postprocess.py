@@ -51,7 +51,7 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Literal, Mapping, Optional, Sequence
 
 import torch
 import torchvision
@@ -140,6 +140,25 @@ class Detections:
 
     def __len__(self) -> int:
         return self.scores.shape[0]
+
+
+def filter_by_class_thresholds(detections: Sequence[Detections], thresholds: Mapping[int, float]) -> list[Detections]:
+    """Each image's detections scoring at least their class's threshold (``{label: threshold}``,
+    e.g. an evaluation's F1-best ones, :mod:`ssd300.diagnostics`); labels without one keep all.
+    Applied after post-processing, so NMS saw the same candidates as without it."""
+    if not thresholds:
+        return list(detections)
+    out = []
+    for det in detections:
+        table = torch.zeros(int(det.labels.max()) + 1 if len(det) else 1, dtype=det.scores.dtype,
+                            device=det.scores.device)
+        for label, value in thresholds.items():
+            if 0 <= int(label) < table.numel():
+                table[int(label)] = float(value)
+        keep = det.scores >= table[det.labels] if len(det) else torch.zeros(0, dtype=torch.bool)
+        out.append(Detections(det.boxes[keep], det.scores[keep], det.labels[keep],
+                              None if det.boxes_pixels is None else det.boxes_pixels[keep]))
+    return out
 
 
 def _candidate_probabilities(

@@ -5,7 +5,9 @@ checkpoints. Files of a run (README, "Run folder"): ``epoch_<n>.pt`` after epoch
 as the reference), ``last.pt`` (the newest state: the last epoch or an interruption), ``best.pt``
 (the evaluated epoch with the highest AP; its ``metrics`` entry says which), ``interrupted.pt``
 (SIGINT/SIGTERM), ``log.jsonl``, ``results.json``, ``metrics.json`` (the run's summary),
-``curves.png``, ``evaluation_epoch_<n>.png``, and ``.ssd300.lock`` while a run is live.
+``curves.png``, per evaluation ``evaluation_epoch_<n>.png``, ``confusion_epoch_<n>.png``,
+``thresholds_epoch_<n>.png`` and ``report_epoch_<n>.html`` (:mod:`ssd300.report`), ``report.html``
+(the newest evaluation's report), and ``.ssd300.lock`` while a run is live.
 
 Policies, all here:
 
@@ -50,12 +52,14 @@ LOG_NAME = "log.jsonl"          # the JSON-lines log
 RESULTS_NAME = "results.json"   # COCO results of the last evaluation
 METRICS_NAME = "metrics.json"   # the run's summary
 CURVES_NAME = "curves.png"      # loss and mAP curves
+REPORT_NAME = "report.html"     # the newest evaluation's report (a link to its report_epoch_<n>.html)
 EPOCH_NAME_PATTERN = "epoch_<n>.pt"  # for messages; epoch_file_name(n) is the name
 _EPOCH_FILE = re.compile(r"epoch_(\d+)\.pt")
 # atomic_write's temp names: mkstemp(prefix=".<name>.", suffix=".tmp"); only our checkpoints' match.
 _CHECKPOINT_TEMP = re.compile(r"\.(epoch_\d+|last|best|interrupted)\.pt\.[A-Za-z0-9_]+\.tmp")
-_LOG_FILES = (LOG_NAME, RESULTS_NAME, METRICS_NAME, CURVES_NAME)
-_EVALUATION_PLOT = re.compile(r"evaluation_epoch_\d+\.png")
+_LOG_FILES = (LOG_NAME, RESULTS_NAME, METRICS_NAME, CURVES_NAME, REPORT_NAME)
+# every per-evaluation file: the figures and the report
+_EVALUATION_PLOT = re.compile(r"(evaluation|confusion|thresholds)_epoch_\d+\.png|report_epoch_\d+\.html")
 _EVAL_RECORD = '"kind": "eval"'  # how logging_utils.RunLogger writes an evaluation record
 LOCK_WRITE_GRACE = 1.0  # seconds: a lock younger than this may still be being written by its owner
 
@@ -80,6 +84,12 @@ class RunFiles(NamedTuple):
 def evaluation_plot_name(epoch: int) -> str:
     """The per-evaluation figure's file name; ``epoch`` is numbered as in ``epoch_<n>.pt``."""
     return f"evaluation_epoch_{epoch}.png"
+
+
+def evaluation_file_name(kind: str, epoch: int) -> str:
+    """A per-evaluation file: ``kind`` "confusion" / "thresholds" (PNG figures) or "report" (HTML)."""
+    suffix = "html" if kind == "report" else "png"
+    return f"{kind}_epoch_{epoch}.{suffix}"
 
 
 def epoch_file_name(epoch: int) -> str:
@@ -115,6 +125,41 @@ class RunFolder:
     def evaluation_plot(self, epoch: int) -> Path:
         return self.path / evaluation_plot_name(epoch)
 
+    def confusion_plot(self, epoch: int) -> Path:
+        return self.path / evaluation_file_name("confusion", epoch)
+
+    def thresholds_plot(self, epoch: int) -> Path:
+        return self.path / evaluation_file_name("thresholds", epoch)
+
+    def report(self, epoch: int) -> Path:
+        """The report of the evaluation after ``epoch``; :attr:`report_file` is the newest one."""
+        return self.path / evaluation_file_name("report", epoch)
+
+    @property
+    def report_file(self) -> Path:
+        return self.path / REPORT_NAME
+
+    def evaluation_outputs(self) -> list[Path]:
+        """The files an evaluation writes that are here (every run file but the checkpoints)."""
+        checkpoints = set(self.found().checkpoints)
+        return [p for p in self.run_files() if p not in checkpoints]
+
+    def prepare_evaluation(self, *, overwrite: bool) -> list[Path]:
+        """An evaluation's output folder (``ssd300 evaluate --out``): refuse a folder holding a
+        training run's checkpoints, and evaluation files unless ``overwrite`` (which removes them,
+        so two evaluations never mix); returns what was removed."""
+        found = self.found()
+        if found.checkpoints:
+            raise UserInputError(f"out {self.path} holds a training run ({self.describe(found)}); write the "
+                                 "evaluation into another folder", fields=("out",))
+        existing = self.evaluation_outputs()
+        if existing and not overwrite:
+            raise UserInputError(f"out {self.path} holds an earlier evaluation's files ({_some(existing)}); pass "
+                                 "overwrite to replace them or pick another folder", fields=("out", "overwrite"))
+        for path in existing:
+            path.unlink()
+        return existing
+
     def checkpoint(self, name: str) -> Path:
         """``name`` (``LAST``, ``BEST``, ``INTERRUPTED``, :func:`epoch_file_name`) in this folder."""
         return self.path / name
@@ -146,7 +191,8 @@ class RunFolder:
         for path in self.run_files():
             if path in checkpoints:
                 continue
-            if path.name == RESULTS_NAME or _EVALUATION_PLOT.fullmatch(path.name) or _holds_evaluation(path):
+            if (path.name in (RESULTS_NAME, REPORT_NAME) or _EVALUATION_PLOT.fullmatch(path.name)
+                    or _holds_evaluation(path)):
                 evaluations.append(path)
             else:
                 other.append(path)

@@ -135,6 +135,49 @@ def draw_detection_result(image: ImageLike, detections: Any, class_names: ClassN
                            class_names=names, score_threshold=score_threshold)
 
 
+# The worst images' three kinds of boxes (:func:`draw_errors`); the report's legend uses the same.
+ERROR_COLORS: dict[str, tuple[int, int, int]] = {
+    "true positive": (0, 190, 60),      # green
+    "false positive": (235, 30, 30),    # red
+    "miss": (30, 110, 255),             # blue
+}
+
+
+def draw_errors(image: ImageLike, errors: Any, names: Mapping[int, str]) -> torch.Tensor:
+    """One image's :class:`ssd300.diagnostics.ImageErrors` (xywh boxes in its pixels): true
+    positives, false positives ("FP c 0.70 on b" where it sits on a missed box of class b) and
+    missed boxes, each kind in its :data:`ERROR_COLORS` colour. Returns a 3xHxW uint8 tensor."""
+    canvas = to_uint8_chw(image)
+    # false positives first, misses last: the few boxes that matter most are drawn on top
+    entries: list[tuple[list[float], str, tuple[int, int, int]]] = []
+    for item in errors.false_positives:
+        text = f"FP {names.get(item['category_id'], item['category_id'])} {item['score']:.2f}"
+        if "true_category_id" in item:
+            text += f" on {names.get(item['true_category_id'], item['true_category_id'])}"
+        entries.append((item["bbox"], text, ERROR_COLORS["false positive"]))
+    for item in errors.true_positives:
+        entries.append((item["bbox"], f"TP {names.get(item['category_id'], item['category_id'])} {item['score']:.2f}",
+                        ERROR_COLORS["true positive"]))
+    for item in errors.misses:
+        entries.append((item["bbox"], f"miss {names.get(item['category_id'], item['category_id'])}",
+                        ERROR_COLORS["miss"]))
+    if not entries:
+        return canvas.clone()
+    height, width = canvas.shape[1:]
+    boxes = torch.tensor([[x, y, x + w, y + h] for (x, y, w, h), _, _ in entries], dtype=torch.float32)
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width - 1)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height - 1)
+    boxes[:, 2:] = torch.maximum(boxes[:, 2:], boxes[:, :2])
+    texts = [text for _, text, _ in entries]
+    font, choice = single_font(texts)
+    font = font or _truetype_font()
+    short_side = min(height, width)
+    return draw_bounding_boxes(canvas, boxes, labels=[choice.clean(t) for t in texts],
+                               colors=[color for _, _, color in entries], width=max(2, round(short_side / 200)),
+                               font=font, font_size=max(10, round(short_side / 40)) if font is not None else None,
+                               fill_labels=True, label_colors="black")
+
+
 def save_image(image: torch.Tensor, path: str | os.PathLike[str], quality: int = 90) -> None:
     """Write a 3xHxW uint8 tensor; the format follows the file extension (PNG, JPEG, ...).
 

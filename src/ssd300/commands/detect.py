@@ -28,6 +28,10 @@ filesystem) gives each rank every N-th image of the run order; rank 0 writes the
 the same ``--out`` skips the images already done with the same model and settings (``--resume``
 asks for that in a single process too; ``--no-resume`` redoes everything).
 
+``--score-threshold best`` (a training checkpoint): each class's F1-best score threshold stored with the
+checkpoint's evaluation (:mod:`ssd300.diagnostics`), applied after post-processing; a checkpoint
+without them is a one-line error (exit 2).
+
 Exit status 0 when at least one image was processed (skipped files are reported and listed), 4
 (:data:`ssd300.errors.EXIT_NO_RESULTS`) when no input could be read, 2 for bad flags or inputs
 that name nothing (``--strict``: the first unreadable file).
@@ -49,7 +53,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from ssd300.commands.options import add_postprocess_arguments, postprocess_config
+from ssd300.commands.options import BEST, add_postprocess_arguments, postprocess_config
 from ssd300.data.images import is_image_file
 from ssd300.errors import NoResultsError, UserInputError
 from ssd300.exported import RUNTIMES
@@ -72,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runtime", choices=RUNTIMES, default="auto",
                         help="for an exported ONNX file: onnxruntime (auto) or openvino")
     parser.add_argument("--out", required=True, help="output folder")
-    add_postprocess_arguments(parser)
+    add_postprocess_arguments(parser, best=True)
     parser.add_argument("--draw-threshold", type=float, default=0.3,
                         help="draw only detections scoring at least this on the annotated images (default 0.3)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
@@ -195,6 +199,9 @@ def _build_detector(args: argparse.Namespace, postprocess: PostprocessConfig) ->
     from ssd300.inference import Detector
 
     if is_exported_file(args.checkpoint):
+        if args.score_threshold == BEST:
+            raise UserInputError(f"--score-threshold {BEST}: takes the thresholds stored in a training checkpoint; "
+                                 f"{args.model_flag} {args.checkpoint} is an exported file: give a number")
         if args.amp or args.backend != "torch":
             raise UserInputError(f"{args.model_flag} {args.checkpoint}: an exported file runs as exported; "
                                  "drop --amp/--backend (pick --runtime for ONNX)")
@@ -208,7 +215,8 @@ def _build_detector(args: argparse.Namespace, postprocess: PostprocessConfig) ->
         raise UserInputError("--runtime applies to exported files (.onnx); use --backend for a checkpoint")
     return Detector.from_checkpoint(
         args.checkpoint, device=args.device, postprocess=postprocess, batch_size=args.batch_size,
-        amp=args.amp, draft=not args.full_decode, backend=args.backend)
+        amp=args.amp, draft=not args.full_decode, backend=args.backend,
+        class_score_thresholds=BEST if args.score_threshold == BEST else None)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,7 +1,10 @@
 """``ssd300 evaluate``: COCO evaluation of a checkpoint (same as ``ssd300 train --mode evaluation``).
 
 Its defaults are :class:`~ssd300.train_config.TrainConfig`'s, the one config of training and
-evaluation; this module only turns flags into one.
+evaluation; this module only turns flags into one. ``--out DIR`` is the config's ``save`` folder:
+the log, results, metrics.json (with the per-class F1-best thresholds) and the evaluation's report
+(``report.html`` and its figures, :mod:`ssd300.report`), after the run folder's evaluation-output
+policy (:meth:`ssd300.run_folder.RunFolder.prepare_evaluation`).
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from pathlib import Path
 from ssd300.data.layouts import DATA_FORMATS
 from ssd300.backbone import BACKBONES
 from ssd300.coco_eval import EVAL_BACKENDS
+from ssd300.files import check_output_path
+from ssd300.run_folder import RunFolder
 from ssd300.train_config import TrainConfig
 from ssd300.voc_eval import METRICS
 from ssd300.training import run as run_config
@@ -50,6 +55,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--results", type=Path, default=DEFAULTS.results, help="write the COCO results json here")
     parser.add_argument("--json-summary", type=Path, default=DEFAULTS.json_summary,
                         help="write AP, AP50, ... as JSON here")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="write the evaluation's files here: report.html (summary, per-class table, confusion "
+                             "matrix, P/R/F1 vs score threshold, worst images) and its figures, metrics.json, "
+                             "results.json, log.jsonl")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation's files in --out")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -60,9 +70,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         val_annotations=args.val_annotations, eval_batch_size=args.eval_batch_size, eval_backend=args.eval_backend,
         metric=args.metric, num_workers=args.num_workers, strict_images=args.strict_images, device=args.device,
         backbone=args.backbone, amp=args.amp, channels_last=layout, results=args.results,
-        json_summary=args.json_summary)
+        json_summary=args.json_summary, save=args.out)
 
 
 def run(args: argparse.Namespace) -> int:
-    run_config(config_from_args(args))
+    config = config_from_args(args)
+    if args.out is not None:  # checked before the model and the data are read
+        check_output_path(args.out, "out", folder=True)
+        RunFolder(args.out).prepare_evaluation(overwrite=args.overwrite)
+    run_config(config)
     return 0

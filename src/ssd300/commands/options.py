@@ -12,12 +12,23 @@ from ssd300.errors import UserInputError
 from ssd300.postprocess import PostprocessConfig
 
 
+BEST = "best"  # --score-threshold best: the checkpoint's per-class F1-best thresholds (ssd300.diagnostics)
+
+
+def _score_threshold_or_best(text: str) -> float | str:
+    return BEST if text == BEST else float(text)
+
+
 def add_postprocess_arguments(parser: argparse.ArgumentParser, defaults: PostprocessConfig = PostprocessConfig(),
-                              baked: bool = False) -> None:
-    """``--score-threshold``, ``--iou-threshold``, ``--topk-per-class``, ``--max-detections``."""
+                              baked: bool = False, best: bool = False) -> None:
+    """``--score-threshold``, ``--iou-threshold``, ``--topk-per-class``, ``--max-detections``;
+    ``best``: ``--score-threshold`` also takes ``best`` (the command applies it)."""
     what = "baked-in " if baked else ""
-    parser.add_argument("--score-threshold", type=float, default=defaults.score_threshold,
-                        help=f"{what}keep class scores above this (default {defaults.score_threshold})")
+    also = (f"; {BEST}: each class's F1-best threshold stored with the checkpoint's evaluation, applied after "
+            "post-processing") if best else ""
+    parser.add_argument("--score-threshold", type=_score_threshold_or_best if best else float,
+                        default=defaults.score_threshold,
+                        help=f"{what}keep class scores above this (default {defaults.score_threshold}){also}")
     parser.add_argument("--iou-threshold", type=float, default=defaults.iou_threshold,
                         help=f"{what}NMS IoU threshold (default {defaults.iou_threshold})")
     parser.add_argument("--topk-per-class", type=int, default=defaults.topk_per_class,
@@ -28,7 +39,8 @@ def add_postprocess_arguments(parser: argparse.ArgumentParser, defaults: Postpro
 
 def postprocess_config(args: argparse.Namespace) -> PostprocessConfig:
     """The validated config of the flags added by :func:`add_postprocess_arguments`."""
-    return PostprocessConfig(score_threshold=args.score_threshold, iou_threshold=args.iou_threshold,
+    score = PostprocessConfig.score_threshold if args.score_threshold == BEST else args.score_threshold
+    return PostprocessConfig(score_threshold=score, iou_threshold=args.iou_threshold,
                              topk_per_class=args.topk_per_class, max_detections=args.max_detections)
 
 
