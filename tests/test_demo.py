@@ -34,3 +34,6 @@ def test_demo_writes_checkpoint_metrics_curves_and_predictions(tmp_path, capsys)
     checkpoint = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     assert checkpoint["scheduler"]["kind"] == "cosine" and checkpoint["scheduler"]["total_iterations"] == 6
     assert checkpoint["args"]["optimizer"] == "adamw"
+    report = (out / "report.html").read_text()
+    assert "<table" in report and "data:image/png;base64," in report  # the newest evaluation's, self-contained
+    assert "report:" in captured.out and str(out / "report.html") in captured.out

@@ -121,13 +121,22 @@ def run(args: argparse.Namespace) -> int:
           f"AP50 {metrics.get('AP50', 0):.3f} on {args.num_val_images} synthetic validation images")
     print(f"  checkpoint:  {result.checkpoint}\n  metrics:     {folder.metrics_file}\n"
           f"  curves:      {folder.curves_file}\n"
-          f"  predictions: {drawn[0].parent if drawn else '-'} ({len(drawn)} images)")
+          f"  report:      {folder.report_file} (confusion matrix, P/R/F1 vs threshold, worst images; "
+          f"open it in a browser)\n"
+          f"  predictions: {drawn[0].parent if drawn else '-'} ({len(drawn)} images, each class drawn above "
+          f"its F1-best score threshold)")
     return 0
 
 
 def draw_predictions(checkpoint: Path | None, data_dir: Path, out_dir: Path, count: int = 8,
                      score_threshold: float = 0.3) -> list[Path]:
-    """Run the trained checkpoint on the first validation images and draw its detections."""
+    """Run the trained checkpoint on the first validation images and draw its detections.
+
+    Each class is drawn above the F1-best score threshold its last evaluation found (stored in the
+    checkpoint, :func:`ssd300.diagnostics.best_thresholds_of`): one box per shape where the model is
+    sure, rather than every candidate above one fixed score. A checkpoint without them (nothing
+    matched yet) is drawn above ``score_threshold``.
+    """
     if checkpoint is None:
         return []
     from ssd300.data.coco import resolve_split
@@ -137,10 +146,16 @@ def draw_predictions(checkpoint: Path | None, data_dir: Path, out_dir: Path, cou
 
     image_dir, _ = resolve_split(data_dir, "val")
     paths = sorted(image_dir.glob("*.jpg"))[:count]
-    detector = Detector.from_checkpoint(checkpoint, device="cpu")  # fp32: drawing 8 images needs no speed
+    from ssd300.diagnostics import best_thresholds_of
+    from ssd300.files import read_torch_file
+
+    best = best_thresholds_of(read_torch_file(checkpoint))
+    # fp32: drawing 8 images needs no speed
+    detector = Detector.from_checkpoint(checkpoint, device="cpu", class_score_thresholds=best)
+    floor = 0.0 if best else score_threshold
     written = []
     for path, result in zip(paths, detector(paths)):
-        canvas = draw_detection_result(open_image(path).convert("RGB"), result, score_threshold=score_threshold)
+        canvas = draw_detection_result(open_image(path).convert("RGB"), result, score_threshold=floor)
         target = out_dir / path.name
         save_image(canvas, target)
         written.append(target)
