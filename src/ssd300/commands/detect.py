@@ -33,7 +33,6 @@ stem, suffixed with ``_<id>`` when two inputs share a stem.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import glob
 import os
 import sys
@@ -180,24 +179,21 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _build_detector(args: argparse.Namespace, postprocess: PostprocessConfig) -> Any:
-    from ssd300.exported import is_exported_file
     from ssd300.inference import Detector
 
-    if is_exported_file(args.checkpoint):
-        if args.amp or args.backend != "torch":
+    try:
+        return Detector.from_model_file(args.checkpoint, runtime=args.runtime, device=args.device,
+                                        postprocess=postprocess, batch_size=args.batch_size, amp=args.amp,
+                                        backend=args.backend, draft=not args.full_decode)
+    except UserInputError as error:
+        # said with the flags: the library names its arguments
+        if set(error.fields) == {"amp", "backend", "runtime"}:
             raise UserInputError(f"{args.model_flag} {args.checkpoint}: an exported file runs as exported; "
-                                 "drop --amp/--backend (pick --runtime for ONNX)")
-        # The file's baked-in post-processing is the default: only flags the user changed are passed on.
-        defaults = PostprocessConfig()
-        changed = {key: value for key, value in dataclasses.asdict(postprocess).items()
-                   if value != getattr(defaults, key)}
-        return Detector.from_exported(args.checkpoint, runtime=args.runtime, device=args.device,
-                                      batch_size=args.batch_size, draft=not args.full_decode, **changed)
-    if args.runtime != "auto":
-        raise UserInputError("--runtime applies to exported files (.onnx); use --backend for a checkpoint")
-    return Detector.from_checkpoint(
-        args.checkpoint, device=args.device, postprocess=postprocess, batch_size=args.batch_size,
-        amp=args.amp, draft=not args.full_decode, backend=args.backend)
+                                 "drop --amp/--backend (pick --runtime for ONNX)") from None
+        if set(error.fields) == {"runtime", "backend"}:
+            raise UserInputError("--runtime applies to exported files (.onnx); use --backend for a checkpoint") \
+                from None
+        raise
 
 
 def _without_path(message: str, path: str) -> str:
