@@ -66,7 +66,8 @@ from mlserver.types import (  # noqa: E402
     ResponseOutput,
 )
 
-log = logging.getLogger(__name__)
+# MLServer's logger: its handlers are set up in the server and in each worker process.
+log = logging.getLogger("mlserver")
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "detections"
