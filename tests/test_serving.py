@@ -136,3 +136,22 @@ def test_service_detector_is_the_one_detect_builds(service: DetectionService) ->
     assert isinstance(service.detector, Detector)
     assert service.detector.batch_size == 4 and service.detector.draft
     assert service.class_names == ["disc", "rectangle"]
+
+
+def test_serve_command_refuses_bad_flags_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                     make_tiny_checkpoint: MakeTinyCheckpoint) -> None:
+    from ssd300.cli import main
+
+    checkpoint = make_tiny_checkpoint(tmp_path / "ssd.pt")
+    cases = [
+        (["serve"], "no model"),
+        (["serve", "--checkpoint", str(checkpoint), "--workers", "0"], "--workers must be >= 1"),
+        (["serve", "--checkpoint", str(checkpoint), "--max-batch-size", "0"], "--max-batch-size must be >= 1"),
+        (["serve", "--checkpoint", str(tmp_path / "missing.pt")], "no such file"),
+        (["serve", "--checkpoint", str(tmp_path)], "is a folder"),
+        (["serve", "--checkpoint", str(checkpoint), "--runtime", "openvino"], "--runtime applies to exported files"),
+    ]
+    for argv, words in cases:
+        assert main(argv) == 2, argv
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("ssd300 serve: error:") and words in lines[0], (argv, lines)

@@ -178,7 +178,9 @@ def _check_args(args: argparse.Namespace) -> None:
     check_output_path(args.out, "--out", folder=True)
 
 
-def _build_detector(args: argparse.Namespace, postprocess: PostprocessConfig) -> Any:
+def build_detector(args: argparse.Namespace, postprocess: PostprocessConfig) -> Any:
+    """The Detector of ``--checkpoint``/``--model`` and the runner flags (``args.model_flag`` names the flag
+    given); the library's refusals said with the flags. ``ssd300 serve`` builds its model the same way."""
     from ssd300.inference import Detector
 
     try:
@@ -220,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
     from ssd300.logging_utils import Progress
     from ssd300.visualize import draw_detection_result, save_image
 
-    detector = _build_detector(args, postprocess)
+    detector = build_detector(args, postprocess)
     if detector.exported is None:
         detector.runtime.configure()  # process-wide settings (TF32, cuDNN autotuning), as train does
         print(f"ssd300 detect: {detector.runtime.describe()}", file=sys.stderr)

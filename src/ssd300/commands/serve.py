@@ -14,7 +14,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from ssd300.commands.detect import _check_model_path, model_flag
+from ssd300.commands.detect import _check_model_path, build_detector, model_flag
 from ssd300.commands.options import add_postprocess_arguments, postprocess_config
 from ssd300.errors import UserInputError
 from ssd300.exported import RUNTIMES
@@ -90,18 +90,10 @@ def run(args: argparse.Namespace) -> int:
         backend=args.backend, postprocess=dataclasses.asdict(postprocess), max_batch_size=args.max_batch_size,
         draft=not args.full_decode, threads=args.threads or threads_per_worker(args.workers),
         limits=dataclasses.asdict(limits))
-    from ssd300.inference import Detector
-
-    # Built once here, before any worker starts, so a bad model or flag is one line now, not a worker's traceback.
-    try:
-        probe = Detector.from_model_file(config.model, runtime=config.runtime, device=config.device,
-                                         postprocess=postprocess, batch_size=config.max_batch_size, amp=config.amp,
-                                         backend=config.backend, draft=config.draft, threads=1)
-    except UserInputError as error:
-        if error.fields:
-            raise UserInputError(f"{flag} {args.checkpoint}: {error}".replace("amp/backend", "--amp/--backend")
-                                 .replace("pick runtime", "pick --runtime")) from None
-        raise
+    # Built once here, as `ssd300 detect` builds it, before any worker starts: a bad model or flag is
+    # one line now, not a worker's traceback.
+    args.model_flag, args.checkpoint, args.batch_size = flag, config.model, config.max_batch_size
+    probe = build_detector(args, postprocess)
     print(f"ssd300 serve: {probe.runner.describe()}; {args.workers} workers x {config.threads} threads, batches of "
           f"up to {args.max_batch_size} ({args.batch_timeout_ms:g} ms); http://{args.host}:{args.port}/",
           file=sys.stderr)
