@@ -82,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     postprocess = postprocess_config(args)
     _check_args(args)
     from ssd300.serving import ServeConfig, ServeLimits, threads_per_worker
+    from ssd300.serving_mlserver import serve  # a missing engine is one line before the model loads
 
     limits = ServeLimits(max_body_bytes=int(args.max_body_mb * 1024 * 1024),
                          max_pixels=int(args.max_megapixels * 1_000_000))
@@ -98,8 +99,6 @@ def run(args: argparse.Namespace) -> int:
           f"up to {args.max_batch_size} ({args.batch_timeout_ms:g} ms); http://{args.host}:{args.port}/",
           file=sys.stderr)
     del probe
-    from ssd300.serving_mlserver import serve
-
     return serve(config, host=args.host, port=args.port, workers=args.workers,
                  batch_timeout_ms=args.batch_timeout_ms, model_name=args.name, grpc_port=args.grpc_port,
                  metrics_port=args.metrics_port)
