@@ -65,12 +65,20 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], timeout_s: float = 30
 
 
 def stop(process: subprocess.Popen[bytes]) -> int:
+    """SIGTERM, then whatever the server left behind (LitServe's workers outlive a SIGTERM'd parent)."""
+    import psutil
+
+    children = psutil.Process(process.pid).children(recursive=True)
     process.send_signal(signal.SIGTERM)
     try:
-        return process.wait(60)
+        code = process.wait(60)
     except subprocess.TimeoutExpired:
         process.kill()
-        return process.wait(10)
+        code = process.wait(10)
+    _, alive = psutil.wait_procs(children, timeout=10)
+    for child in alive:
+        child.kill()
+    return code
 
 
 def tree_rss_mb(pid: int) -> float:
