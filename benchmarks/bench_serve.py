@@ -98,6 +98,21 @@ def tree_rss_mb(pid: int) -> float:
     return total / 2**20
 
 
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU seconds (user + system) used so far by the server process itself and by its children (workers)."""
+    import psutil
+
+    def used(proc: Any) -> float:
+        try:
+            times = proc.cpu_times()
+            return float(times.user + times.system)
+        except psutil.NoSuchProcess:
+            return 0.0
+
+    root = psutil.Process(pid)
+    return used(root), sum(used(child) for child in root.children(recursive=True))
+
+
 @dataclasses.dataclass
 class LoadResult:
     concurrency: int
@@ -394,12 +409,17 @@ def main() -> None:
                 rss_start = tree_rss_mb(process.pid)
                 rss_peak = rss_start
                 for concurrency in args.concurrency:
+                    cpu_before = cpu_seconds(process.pid)
                     result = asyncio.run(load(url, make_raw, read_raw, expected, concurrency, args.duration))
+                    cpu_after = cpu_seconds(process.pid)
                     rss = tree_rss_mb(process.pid)
                     rss_peak = max(rss_peak, rss)
                     row = result.row()
                     row["rss_mb"] = round(rss, 0)
                     row["speedup_vs_detect"] = round(result.rps / detect_rate, 2)
+                    # cores busy on average: the HTTP/batching process, the workers
+                    row["server_cores"] = round((cpu_after[0] - cpu_before[0]) / result.seconds, 2)
+                    row["worker_cores"] = round((cpu_after[1] - cpu_before[1]) / result.seconds, 2)
                     rows.append(row)
                     print(f"  {name} c={concurrency}: {row}", flush=True)
             finally:

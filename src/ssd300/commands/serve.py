@@ -66,7 +66,7 @@ def _resolve_model(value: str, flag: str) -> str:
 
 def _check_args(args: argparse.Namespace) -> None:
     for flag, value, low in (("--workers", args.workers, 1), ("--max-batch-size", args.max_batch_size, 1),
-                             ("--port", args.port, 0)):
+                             ("--port", args.port, 1)):
         if value < low:
             raise UserInputError(f"{flag} must be >= {low}, got {value}")
     if args.threads is not None and args.threads < 1:
