@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # Pinned here (local wheels on our machines); pyproject.toml keeps loose ranges for real users.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
-EXTRAS ?= test,onnx,dali,int8
+EXTRAS ?= test,onnx,dali,int8,serve
 STAMP := $(VENV)/.installed
 
 .PHONY: install lint typecheck test demo bench clean

@@ -30,6 +30,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("ssd300.commands.evaluate", "evaluate a checkpoint with the COCO metric"),
     "detect": ("ssd300.commands.detect", "run a checkpoint or an exported ONNX/pt2/TorchScript file on images, "
                                          "write JSON and annotated images"),
+    "serve": ("ssd300.commands.serve", "serve a checkpoint or exported file over HTTP (KServe v2 protocol, "
+                                       "image uploads, a page to try it) with batching and worker processes"),
     "export": ("ssd300.commands.export", "export a checkpoint to ONNX, pt2 (torch.export) or TorchScript"),
     "check-data": ("ssd300.commands.check_data", "check a dataset (counts, box sizes, duplicates, bad boxes, "
                    "split overlap) before training; exit 1 when a problem is found"),

@@ -31,7 +31,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union, overload
+from typing import Any, BinaryIO, Iterable, Iterator, Mapping, Optional, Sequence, Union, overload
 
 import numpy as np
 import torch
@@ -112,7 +112,7 @@ class ImageDetections:
         ]
 
 
-def load_rgb(path: PathLike, draft: bool = True) -> Image.Image:
+def load_rgb(path: Union[PathLike, BinaryIO], draft: bool = True) -> Image.Image:
     """Decode an image file to RGB as a viewer shows it: EXIF orientation applied (a phone photo
     stored sideways comes out upright); with ``draft`` big JPEGs decode at a reduced scale (>= 300 px).
 
@@ -282,13 +282,51 @@ class Detector:
         ``score_threshold`` or lower ``max_detections`` filters further, anything it cannot honour
         raises :class:`UserInputError`. A raw-outputs file is post-processed here with ``options``.
         ``runtime`` picks onnxruntime or OpenVINO for ONNX files (see :mod:`ssd300.exported`);
-        ``device`` (default the CPU) may be CUDA for onnxruntime with a CUDA provider.
+        ``device`` (default the CPU) may be CUDA for onnxruntime with a CUDA provider; ``threads``
+        caps the runtime's threads (one of several server workers sharing the cores).
         """
-        runner = load_exported(path, runtime=runtime, device=options.get("device"))
+        runner = load_exported(path, runtime=runtime, device=options.get("device"),
+                               threads=options.pop("threads", None))
         for key, value in runner.baked_settings.items():
             if options.get(key) is None:
                 options[key] = value
         return cls(runner, runner.label_map, **options)
+
+    @classmethod
+    def from_model_file(cls, path: PathLike, *, runtime: str = "auto", device: Union[str, torch.device, None] = None,
+                        postprocess: Optional[PostprocessConfig] = None, batch_size: int = 8, amp: bool = False,
+                        backend: str = "torch", draft: bool = True, threads: Optional[int] = None,
+                        class_score_thresholds: Union[Mapping[int, float], str, None] = None) -> "Detector":
+        """A checkpoint or a file from ``ssd300 export`` (recognised by content), as ``ssd300 detect``
+        and ``ssd300 serve`` run them. For an exported file its baked-in post-processing stays the
+        default: only settings of ``postprocess`` that differ from :class:`PostprocessConfig`'s
+        defaults are passed on; ``amp``/``backend`` do not apply to it (``runtime`` does, for ONNX),
+        and ``runtime`` does not apply to a checkpoint: both mismatches raise :class:`UserInputError`.
+        ``threads`` caps an exported file's runtime threads (PyTorch's are process-wide:
+        ``torch.set_num_threads``). ``class_score_thresholds`` (a mapping or ``"best"``, see
+        :meth:`from_checkpoint`) applies to checkpoints only."""
+        import dataclasses
+
+        from ssd300.exported import is_exported_file
+
+        postprocess = postprocess or PostprocessConfig()
+        if is_exported_file(path):
+            if class_score_thresholds is not None:
+                raise UserInputError(f"{path}: per-class score thresholds come with a training checkpoint; this is "
+                                     "an exported file: give one score threshold", fields=("class_score_thresholds",))
+            if amp or backend != "torch":
+                raise UserInputError(f"{path}: an exported file runs as exported; drop amp/backend "
+                                     "(pick runtime for ONNX)", fields=("amp", "backend", "runtime"))
+            defaults = PostprocessConfig()
+            changed = {key: value for key, value in dataclasses.asdict(postprocess).items()
+                       if value != getattr(defaults, key)}
+            return cls.from_exported(path, runtime=runtime, device=device, batch_size=batch_size, draft=draft,
+                                     threads=threads, **changed)
+        if runtime != "auto":
+            raise UserInputError("runtime applies to exported files (.onnx); use backend for a checkpoint",
+                                 fields=("runtime", "backend"))
+        return cls.from_checkpoint(path, device=device, postprocess=postprocess, batch_size=batch_size, amp=amp,
+                                   draft=draft, backend=backend, class_score_thresholds=class_score_thresholds)
 
     @property
     def exported(self) -> Optional[ExportedFile]:

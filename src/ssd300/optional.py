@@ -21,6 +21,7 @@ EXTRA_OF: dict[str, str] = {
     "nvidia.dali": "dali",
     "faster_coco_eval": "eval",
     "tensorboard": "tensorboard",
+    "mlserver": "serve",
 }
 
 

@@ -194,29 +194,33 @@ def _check_args(args: argparse.Namespace) -> None:
     check_output_path(args.out, "--out", folder=True)
 
 
-def _build_detector(args: argparse.Namespace, postprocess: PostprocessConfig) -> Any:
-    from ssd300.exported import is_exported_file
+def build_detector(args: argparse.Namespace, postprocess: PostprocessConfig) -> Any:
+    """The Detector of ``--checkpoint``/``--model`` and the runner flags (``args.model_flag`` names the flag
+    given); the library's refusals said with the flags. ``ssd300 serve`` builds its model the same way."""
     from ssd300.inference import Detector
 
-    if is_exported_file(args.checkpoint):
-        if args.score_threshold == BEST:
+    try:
+        return Detector.from_model_file(args.checkpoint, runtime=args.runtime, device=args.device,
+                                        postprocess=postprocess, batch_size=args.batch_size, amp=args.amp,
+                                        backend=args.backend, draft=not args.full_decode,
+                                        class_score_thresholds=BEST if args.score_threshold == BEST else None)
+    except UserInputError as error:
+        # said with the flags: the library names its arguments
+        if set(error.fields) == {"class_score_thresholds"}:
             raise UserInputError(f"--score-threshold {BEST}: takes the thresholds stored in a training checkpoint; "
-                                 f"{args.model_flag} {args.checkpoint} is an exported file: give a number")
-        if args.amp or args.backend != "torch":
+                                 f"{args.model_flag} {args.checkpoint} is an exported file: give a number") from None
+        if set(error.fields) == {"amp", "backend", "runtime"}:
             raise UserInputError(f"{args.model_flag} {args.checkpoint}: an exported file runs as exported; "
-                                 "drop --amp/--backend (pick --runtime for ONNX)")
-        # The file's baked-in post-processing is the default: only flags the user changed are passed on.
-        defaults = PostprocessConfig()
-        changed = {key: value for key, value in dataclasses.asdict(postprocess).items()
-                   if value != getattr(defaults, key)}
-        return Detector.from_exported(args.checkpoint, runtime=args.runtime, device=args.device,
-                                      batch_size=args.batch_size, draft=not args.full_decode, **changed)
-    if args.runtime != "auto":
-        raise UserInputError("--runtime applies to exported files (.onnx); use --backend for a checkpoint")
-    return Detector.from_checkpoint(
-        args.checkpoint, device=args.device, postprocess=postprocess, batch_size=args.batch_size,
-        amp=args.amp, draft=not args.full_decode, backend=args.backend,
-        class_score_thresholds=BEST if args.score_threshold == BEST else None)
+                                 "drop --amp/--backend (pick --runtime for ONNX)") from None
+        if set(error.fields) == {"runtime", "backend"}:
+            raise UserInputError("--runtime applies to exported files (.onnx); use --backend for a checkpoint") \
+                from None
+        raise
+
+
+def _without_path(message: str, path: str) -> str:
+    """A library message about ``path`` without the path it starts with (the caller names it once)."""
+    return message[len(path) + 2:] if message.startswith(f"{path}: ") else message
 
 
 def run(args: argparse.Namespace) -> int:
@@ -250,7 +254,7 @@ def _detect(args: argparse.Namespace, postprocess: PostprocessConfig, entries: l
 
     if context.distributed:
         args.device = str(context.device)  # each rank on its own GPU (LOCAL_RANK), or the CPU
-    detector = _build_detector(args, postprocess)
+    detector = build_detector(args, postprocess)
     where = f"rank {context.rank}/{context.world_size}: " if context.distributed else ""
     if detector.exported is None:
         detector.runtime.configure()  # process-wide settings (TF32, cuDNN autotuning), as train does

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from typing import Union
+from typing import BinaryIO, Union
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ DECODE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def open_image(path: PathLike) -> Image.Image:
+def open_image(path: Union[PathLike, BinaryIO]) -> Image.Image:
     """Open lazily (header only): pixels are decoded on first access, so a draft can still be set."""
     with warnings.catch_warnings():
         # Palette images with transparency warn on convert; that is expected and harmless here.
