@@ -19,8 +19,29 @@ from ssd300.errors import UserInputError
 from ssd300.export import export_model
 from ssd300.triton import write_triton_repository
 
-model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2",
-                                       reason="tritonclient[grpc] (the test extra) holds Triton's ModelConfig")
+
+
+def _load_model_config_pb2():
+    """Triton's ModelConfig message, loaded from tritonclient's file alone: importing the
+    ``tritonclient.grpc`` package also registers its service protos (``inference.ServerLiveRequest``...),
+    which clash in protobuf's default pool with MLServer's own copy when both load in one process
+    (the serving tests import MLServer)."""
+    import importlib.util
+
+    pytest.importorskip("tritonclient", reason="tritonclient[grpc] (the test extra) holds Triton's ModelConfig")
+    package = importlib.util.find_spec("tritonclient")
+    assert package is not None and package.submodule_search_locations
+    path = Path(next(iter(package.submodule_search_locations))) / "grpc" / "model_config_pb2.py"
+    if not path.is_file():
+        pytest.skip("tritonclient[grpc] (the test extra) holds Triton's ModelConfig")
+    spec = importlib.util.spec_from_file_location("triton_model_config_pb2", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+model_config_pb2 = _load_model_config_pb2()
 
 # onnxruntime's type strings -> Triton's data type names, written out here (the oracle).
 ORT_TO_TRITON = {"tensor(float)": "TYPE_FP32", "tensor(int64)": "TYPE_INT64", "tensor(int32)": "TYPE_INT32",
