@@ -27,7 +27,7 @@ from ssd300.training import train
 
 # Measured on a loaded 2-core CPU; see BENCHMARKS.md ("Training and evaluation").
 DEMO_DEFAULTS: dict[str, Any] = dict(
-    train_images=200, val_images=50, epochs=10, batch_size=8, lr=0.004, warmup=40,
+    train_images=200, val_images=50, epochs=10, batch_size=4, lr=0.004, warmup=40,
     optimizer="adamw", schedule="cosine",
     classes=3, min_size=0.3, max_size=0.7, max_objects=3, random_color_prob=0.0, bn_recalibration=5,
 )
