@@ -197,7 +197,7 @@ def sequential_detect(model_flags: list[str], images: Path, out: Path, batch_siz
     command = [PYTHON, "-m", "ssd300", "detect", str(images), *model_flags, "--out", str(out), "--no-images",
                "--batch-size", str(batch_size)]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
-    found = re.search(r"\(([\d.]+) images/s\)", done.stdout + done.stderr)
+    found = re.search(r"([\d.]+) images/s\)", done.stdout + done.stderr)  # "(N detected in T s, R images/s)"
     assert found, done.stdout + done.stderr
     paths = sorted(images.glob("*.jpg"))
     answers = [json.loads((out / "detections" / f"{p.stem}.json").read_text())["detections"] for p in paths]
