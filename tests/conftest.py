@@ -6,6 +6,9 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -117,3 +120,27 @@ def make_tiny_checkpoint(make_tiny_model: MakeTinyModel) -> MakeTinyCheckpoint:
 def tiny_checkpoint(make_tiny_checkpoint: MakeTinyCheckpoint, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model's checkpoint with ``TINY_LABEL_MAP``, written once per session: read-only."""
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ssd.pt")
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now (for a torchrun rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ssd300(args: list[str], ranks: int = 1, timeout: float = 600) -> str:
+    """``python -m ssd300 ARGS`` in a fresh process (``ranks`` > 1: under torchrun, gloo on the
+    loopback), this checkout's sources first; asserts exit 0 and returns stdout + stderr."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)  # a test run under torchrun must not leak its own rendezvous
+    launcher = [] if ranks == 1 else ["-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={ranks}",
+                                      "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+    proc = subprocess.run([sys.executable, *launcher, "-m", "ssd300", *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout + proc.stderr

@@ -4,36 +4,17 @@ COCO results file equal to a single process's, and reruns redo only what is miss
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import run_ssd300
 from ssd300.batch_detect import ImageJob, shard
 from ssd300.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run(command: list[str]) -> str:
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout + proc.stderr
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +43,8 @@ def test_shards_are_strided_and_cover_every_job_once():
 
 
 def _detect(checkpoint: Path, images: Path, out: Path, ranks: int, *extra: str) -> str:
-    common = ["-m", "ssd300", "detect", str(images), "--checkpoint", str(checkpoint), "--out", str(out),
-              "--device", "cpu", "--batch-size", "1", "--no-progress", "--score-threshold", "0.1", *extra]
-    if ranks == 1:
-        return _run([sys.executable, *common])
-    return _run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={ranks}",
-                 "--master_addr=127.0.0.1", f"--master_port={_free_port()}", *common])
+    return run_ssd300(["detect", str(images), "--checkpoint", str(checkpoint), "--out", str(out), "--device", "cpu",
+                       "--batch-size", "1", "--no-progress", "--score-threshold", "0.1", *extra], ranks, timeout=300)
 
 
 def _mtimes(folder: Path) -> dict[str, int]:

@@ -10,32 +10,13 @@ number of images, so the sampler pads one rank: the metrics must equal the singl
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import TWO_CLASSES
+from conftest import TWO_CLASSES, run_ssd300
 
 pytestmark = pytest.mark.slow  # two torchrun ranks against one
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run(command: list[str]) -> str:
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout + proc.stderr
 
 
 def test_two_ranks_match_one_rank_with_double_batch(synthetic_dataset, tmp_path):
@@ -44,11 +25,8 @@ def test_two_ranks_match_one_rank_with_double_batch(synthetic_dataset, tmp_path)
               "--num-workers", "0", "--no-amp", "--freeze-bn", "--warmup", "0", "--lr", "0.1", "--device", "cpu",
               "--evaluation", "0", "--ebs", "2", "--no-progress", "--log-interval", "1"]
     ddp, single = tmp_path / "ddp", tmp_path / "single"
-    _run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-          "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "ssd300", *common,
-          "--bs", "1", "--save", str(ddp), "--json-summary", str(ddp / "summary.json")])
-    _run([sys.executable, "-m", "ssd300", *common, "--bs", "2", "--save", str(single),
-          "--json-summary", str(single / "summary.json")])
+    run_ssd300([*common, "--bs", "1", "--save", str(ddp), "--json-summary", str(ddp / "summary.json")], ranks=2)
+    run_ssd300([*common, "--bs", "2", "--save", str(single), "--json-summary", str(single / "summary.json")])
 
     a = torch.load(ddp / "epoch_0.pt", weights_only=True)
     b = torch.load(single / "epoch_0.pt", weights_only=True)

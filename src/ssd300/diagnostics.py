@@ -70,13 +70,17 @@ class Matches:
 def iou_xywh(dets: np.ndarray, gts: np.ndarray, crowd: np.ndarray) -> np.ndarray:
     """pycocotools' ``maskUtils.iou`` for boxes: ``[D, G]``; a crowd box's IoU is the
     intersection over the detection's area."""
-    d = dets.reshape(-1, 1, 4)
-    g = gts.reshape(1, -1, 4)
+    return _broadcast_iou(dets.reshape(-1, 1, 4), gts.reshape(1, -1, 4), crowd.reshape(1, -1))
+
+
+def _broadcast_iou(d: np.ndarray, g: np.ndarray, crowd: np.ndarray) -> np.ndarray:
+    """The IoU of xywh boxes ``d[..., :]`` and ``g[..., :]`` broadcast against each other (all pairs or
+    row by row, as the caller shapes them); crowd boxes: intersection over the detection's area."""
     w = np.clip(np.minimum(d[..., 0] + d[..., 2], g[..., 0] + g[..., 2]) - np.maximum(d[..., 0], g[..., 0]), 0, None)
     h = np.clip(np.minimum(d[..., 1] + d[..., 3], g[..., 1] + g[..., 3]) - np.maximum(d[..., 1], g[..., 1]), 0, None)
     inter = w * h
     det_area = d[..., 2] * d[..., 3]
-    union = np.where(crowd.reshape(1, -1), det_area, det_area + g[..., 2] * g[..., 3] - inter)
+    union = np.where(crowd, det_area, det_area + g[..., 2] * g[..., 3] - inter)
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
@@ -188,12 +192,7 @@ def match_detections(coco_gt: Any, rows: np.ndarray, image_ids: Sequence[int], c
 
 def _paired_iou(dets: np.ndarray, gts: np.ndarray, crowd: np.ndarray) -> np.ndarray:
     """:func:`iou_xywh` of row i of ``dets`` with row i of ``gts`` (``[P]``)."""
-    w = np.clip(np.minimum(dets[:, 0] + dets[:, 2], gts[:, 0] + gts[:, 2]) - np.maximum(dets[:, 0], gts[:, 0]), 0, None)
-    h = np.clip(np.minimum(dets[:, 1] + dets[:, 3], gts[:, 1] + gts[:, 3]) - np.maximum(dets[:, 1], gts[:, 1]), 0, None)
-    inter = w * h
-    det_area = dets[:, 2] * dets[:, 3]
-    union = np.where(crowd, det_area, det_area + gts[:, 2] * gts[:, 3] - inter)
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+    return _broadcast_iou(dets, gts, crowd)
 
 
 # ---------------------------------------------------------------- precision / recall / F1 vs score

@@ -146,12 +146,13 @@ def draw_predictions(checkpoint: Path | None, data_dir: Path, out_dir: Path, cou
 
     image_dir, _ = resolve_split(data_dir, "val")
     paths = sorted(image_dir.glob("*.jpg"))[:count]
+    from ssd300.checkpoint import load_model
     from ssd300.diagnostics import best_thresholds_of
-    from ssd300.files import read_torch_file
 
-    best = best_thresholds_of(read_torch_file(checkpoint))
+    model, label_map, saved = load_model(checkpoint)  # read once: the weights and the stored thresholds
+    best = best_thresholds_of(saved)
     # fp32: drawing 8 images needs no speed
-    detector = Detector.from_checkpoint(checkpoint, device="cpu", class_score_thresholds=best)
+    detector = Detector(model, label_map, device="cpu", class_score_thresholds=best)
     floor = 0.0 if best else score_threshold
     written = []
     for path, result in zip(paths, detector(paths)):
