@@ -37,6 +37,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from common import make_jpegs, percentile
 
+from ssd300.serving import ServeConfig
+
 PYTHON = sys.executable
 
 
@@ -96,6 +98,13 @@ def tree_rss_mb(pid: int) -> float:
         except psutil.NoSuchProcess:
             pass
     return total / 2**20
+
+
+def idle_seconds() -> float:
+    """The machine's idle CPU seconds so far (all cores): what nobody used."""
+    import psutil
+
+    return float(psutil.cpu_times().idle)
 
 
 def cpu_seconds(pid: int) -> tuple[float, float]:
@@ -191,16 +200,29 @@ async def load(url: str, make_request: Callable[[int], tuple[bytes, dict[str, st
     return LoadResult(concurrency, elapsed, counts["ok"], counts["errors"], counts["wrong"], latencies)
 
 
-def sequential_detect(model_flags: list[str], images: Path, out: Path, batch_size: int = 8
+def repeated_folder(images: Path, folder: Path, repeat: int) -> Path:
+    """``images`` ``repeat`` times over (hard links ``r<k>_<name>``): enough work for ``detect``'s
+    steady rate, its first batches (warm-up) a small part of it, as the server's are after warm-up."""
+    if not folder.exists():
+        folder.mkdir()
+        for k in range(repeat):
+            for path in sorted(images.glob("*.jpg")):
+                os.link(path, folder / f"r{k}_{path.name}")
+    return folder
+
+
+def sequential_detect(model_flags: list[str], images: Path, out: Path, batch_size: int = 8, repeat: int = 8
                       ) -> tuple[float, list[list[dict[str, Any]]]]:
-    """``ssd300 detect`` on the folder (default batch of 8, all cores): images/s and the answers."""
-    command = [PYTHON, "-m", "ssd300", "detect", str(images), *model_flags, "--out", str(out), "--no-images",
+    """``ssd300 detect`` over the folder's images ``repeat`` times (batches of ``batch_size``, all
+    cores): images/s, and the answers for each image of the folder."""
+    work = repeated_folder(images, images.parent / f"{images.name}_x{repeat}", repeat)
+    command = [PYTHON, "-m", "ssd300", "detect", str(work), *model_flags, "--out", str(out), "--no-images",
                "--batch-size", str(batch_size)]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     found = re.search(r"([\d.]+) images/s\)", done.stdout + done.stderr)  # "(N detected in T s, R images/s)"
     assert found, done.stdout + done.stderr
     paths = sorted(images.glob("*.jpg"))
-    answers = [json.loads((out / "detections" / f"{p.stem}.json").read_text())["detections"] for p in paths]
+    answers = [json.loads((out / "detections" / f"r0_{p.stem}.json").read_text())["detections"] for p in paths]
     return float(found.group(1)), answers
 
 
@@ -311,8 +333,10 @@ def main() -> None:
     parser.add_argument("--runners", nargs="+", default=["int8-openvino", "bf16", "fp32"],
                         choices=["int8-openvino", "bf16", "fp32"])
     parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--detect-repeat", type=int, default=8,
+                        help="sequential detect runs over the images this many times (its steady rate)")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--max-batch-size", type=int, default=ServeConfig.max_batch_size)
     parser.add_argument("--batch-timeout-ms", type=float, default=20.0)
     parser.add_argument("--compare-engines", action="store_true")
     parser.add_argument("--compare-duration", type=float, default=20.0)
@@ -358,7 +382,7 @@ def main() -> None:
 
         if args.compare_engines:
             name, flags = runners["int8-openvino"]
-            _, expected = sequential_detect(flags, images, folder / "detect_compare")
+            _, expected = sequential_detect(flags, images, folder / "detect_compare", repeat=1)
             threads = max(1, (os.cpu_count() or 1) // args.workers)
             config = {"model": str(int8), "runtime": "openvino", "max_batch_size": args.max_batch_size,
                       "threads": threads}
@@ -405,8 +429,10 @@ def main() -> None:
 
         for key in args.runners:
             name, flags = runners[key]
-            detect_rate, expected = sequential_detect(flags, images, folder / f"detect_{key}")
-            detect_b1, _ = sequential_detect(flags, images, folder / f"detect_b1_{key}", batch_size=1)
+            detect_rate, expected = sequential_detect(flags, images, folder / f"detect_{key}",
+                                                      repeat=args.detect_repeat)
+            detect_b1, _ = sequential_detect(flags, images, folder / f"detect_b1_{key}", batch_size=1,
+                                             repeat=args.detect_repeat)
             model_file, options = in_process[key]
             local_rate, local_cpu = in_process_cpu_ms(model_file, [str(p) for p in sorted(paths)], **options)
             print(f"{name}: sequential `ssd300 detect`: {detect_rate:.1f} images/s (batch 8), {detect_b1:.1f} "
@@ -428,17 +454,22 @@ def main() -> None:
                 rss_start = tree_rss_mb(process.pid)
                 rss_peak = rss_start
                 for concurrency in args.concurrency:
-                    cpu_before = cpu_seconds(process.pid)
+                    cpu_before, idle_before = cpu_seconds(process.pid), idle_seconds()
+                    client_before = time.process_time()
                     result = asyncio.run(load(url, make_raw, read_raw, expected, concurrency, args.duration))
-                    cpu_after = cpu_seconds(process.pid)
+                    cpu_after, idle_after = cpu_seconds(process.pid), idle_seconds()
+                    client_after = time.process_time()
                     rss = tree_rss_mb(process.pid)
                     rss_peak = max(rss_peak, rss)
                     row = result.row()
                     row["rss_mb"] = round(rss, 0)
                     row["speedup_vs_detect"] = round(result.rps / detect_rate, 2)
+                    row["speedup_vs_detect_b1"] = round(result.rps / detect_b1, 2)
                     # cores busy on average: the HTTP/batching process, the workers
                     row["server_cores"] = round((cpu_after[0] - cpu_before[0]) / result.seconds, 2)
                     row["worker_cores"] = round((cpu_after[1] - cpu_before[1]) / result.seconds, 2)
+                    row["client_cores"] = round((client_after - client_before) / result.seconds, 2)
+                    row["idle_cores"] = round((idle_after - idle_before) / result.seconds, 2)  # the machine's
                     row["cpu_ms_per_image"] = round(1000 * (sum(cpu_after) - sum(cpu_before)) / max(result.ok, 1), 1)
                     rows.append(row)
                     print(f"  {name} c={concurrency}: {row}", flush=True)

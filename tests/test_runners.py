@@ -4,6 +4,7 @@ line; exporters leave nothing at the output path when they fail."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,17 @@ def test_file_runners_agree_with_the_torch_runner(files, images, reference, kind
     runner = load_exported(files[name], runtime=runtime or "auto")
     assert type(runner) is cls and runner.raw and runner.label_map == LABEL_MAP and runner.device == CPU
     _close(runner.forward(images), reference, atol=1e-3)  # fp32 in other kernels
+
+
+def test_openvino_runner_with_a_share_of_the_cores_does_not_pin_its_threads(files):
+    """Server workers each get ``threads``: pinned, every worker's threads would sit on the same first
+    cores and the workers would take turns (measured: half the throughput of 2 workers on 2 cores)."""
+    pytest.importorskip("openvino")
+    shared = load_exported(files["onnx_raw"], runtime="openvino", threads=1)
+    assert shared.compiled.get_property("INFERENCE_NUM_THREADS") == 1
+    assert shared.compiled.get_property("ENABLE_CPU_PINNING") is False
+    whole = load_exported(files["onnx_raw"], runtime="openvino")  # one process, all cores: OpenVINO's choice
+    assert whole.compiled.get_property("INFERENCE_NUM_THREADS") != 1 or (os.cpu_count() or 1) == 1
 
 
 def test_onnxruntime_backend_of_a_model_agrees(model, images, reference, tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import importlib.util
 import io
 import json
 import os
@@ -51,8 +52,10 @@ def skimage_photo(name: str) -> Path:
 
 
 class Server:
-    def __init__(self, process: subprocess.Popen[bytes], port: int, metrics_port: int, log: Path) -> None:
-        self.process, self.port, self.metrics_port, self.log = process, port, metrics_port, log
+    def __init__(self, process: subprocess.Popen[bytes], port: int, grpc_port: int, metrics_port: int, log: Path
+                 ) -> None:
+        self.process, self.port, self.grpc_port, self.metrics_port = process, port, grpc_port, metrics_port
+        self.log = log
         self.url = f"http://127.0.0.1:{port}"
 
     def log_tail(self) -> str:
@@ -68,7 +71,7 @@ def start_server(checkpoint: Path, folder: Path, workers: int = 2, timeout_s: fl
                "--max-body-mb", str(MAX_BODY_MB)]
     with open(log, "wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=folder)
-    server = Server(process, port, metrics_port, log)
+    server = Server(process, port, grpc_port, metrics_port, log)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -188,6 +191,45 @@ def test_upload_endpoint_raw_and_multipart_give_detects_numbers(
     assert form.status_code == 200, form.text
     assert form.json()["image"] == "astronaut.png"
     assert_same_detections(form.json(), detect_json["png"])
+
+
+# The official gRPC client, in its own process: tritonclient.grpc and MLServer (imported by this
+# module's importorskip) register the same v2 protobuf messages, which one process refuses.
+GRPC_CLIENT = """
+import json, sys
+import numpy as np
+import tritonclient.grpc as v2
+
+port, model, paths = sys.argv[1], sys.argv[2], sys.argv[3:]
+client = v2.InferenceServerClient(f"127.0.0.1:{port}")
+assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(model)
+metadata = client.get_model_metadata(model, as_json=True)
+image = v2.InferInput("image", [len(paths)], "BYTES")
+image.set_data_from_numpy(np.array([open(p, "rb").read() for p in paths], dtype=np.object_))
+result = client.infer(model, [image], outputs=[v2.InferRequestedOutput("detections")])
+try:
+    client.infer(model, [v2.InferInput("pixels", [1], "BYTES").set_data_from_numpy(np.array([b"x"], dtype=np.object_))])
+    refused = None
+except v2.InferenceServerException as error:
+    refused = error.message()
+print(json.dumps({"inputs": metadata["inputs"], "answers": [a.decode() for a in result.as_numpy("detections")],
+                  "refused": refused}))
+"""
+
+
+def test_v2_grpc_with_the_official_client_sends_raw_bytes_and_gives_detects_numbers(
+        server: Server, files: dict[str, Path], detect_json: dict[str, dict[str, Any]]) -> None:
+    if importlib.util.find_spec("tritonclient.grpc") is None or importlib.util.find_spec("grpc") is None:
+        pytest.skip("tritonclient[grpc] is not installed")
+    keys = ["jpeg", "png"]
+    done = subprocess.run([sys.executable, "-c", GRPC_CLIENT, str(server.grpc_port), MODEL_NAME,
+                           *[str(files[k]) for k in keys]], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    reply = json.loads(done.stdout.strip().splitlines()[-1])
+    assert reply["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": ["-1"]}]
+    for key, text in zip(keys, reply["answers"]):
+        assert_same_detections(json.loads(text), detect_json[key])
+    assert reply["refused"] is not None and "expected one input" in reply["refused"]
 
 
 def _png(image: Image.Image) -> bytes:

@@ -330,7 +330,11 @@ class OpenVinoRunner(FileRunner):
         # NMS then differ from the fp32 file); the quantised convolutions run in int8 either way.
         config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
         if threads:
+            # A share of the cores (one of several server workers): no pinning, or every worker's
+            # threads pin to the same first cores and the workers take turns on them (2 workers x 1
+            # thread on 2 cores: 26 images/s with pinning, 45 without; BENCHMARKS.md, serving).
             config["INFERENCE_NUM_THREADS"] = threads
+            config["ENABLE_CPU_PINNING"] = False
         self.compiled = openvino.Core().compile_model(str(path), "CPU", config)
         super().__init__(info, device)
 

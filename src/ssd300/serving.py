@@ -138,7 +138,9 @@ class ServeConfig:
     amp: bool = False
     backend: str = "torch"
     postprocess: dict[str, Any] = field(default_factory=dict)  # PostprocessConfig's fields
-    max_batch_size: int = 8
+    # Batches of 4: concurrent requests then fill a batch for every worker sooner (8 clients keep 2
+    # workers busy, where batches of 8 ran one at a time), at the same CPU per image (BENCHMARKS.md).
+    max_batch_size: int = 4
     draft: bool = True
     threads: Optional[int] = None  # per worker; None: the cores shared evenly between the workers
     limits: dict[str, Any] = field(default_factory=dict)  # ServeLimits' fields

@@ -19,6 +19,7 @@ from ssd300.commands.options import add_postprocess_arguments, postprocess_confi
 from ssd300.errors import UserInputError
 from ssd300.exported import RUNTIMES
 from ssd300.runners import BACKENDS
+from ssd300.serving import ServeConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=2, help="inference worker processes")
     parser.add_argument("--threads", type=int, default=None,
                         help="threads per worker (default: the cores shared evenly between the workers)")
-    parser.add_argument("--max-batch-size", type=int, default=8, help="images batched across requests")
+    parser.add_argument("--max-batch-size", type=int, default=ServeConfig.max_batch_size,
+                        help="images batched across requests (default %(default)s; on a GPU try 16-32)")
     parser.add_argument("--batch-timeout-ms", type=float, default=20.0,
                         help="how long a batch waits to fill up before it runs")
     parser.add_argument("--name", default="ssd300", help="the model's name in the v2 protocol")
@@ -81,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     flag = model_flag(args)
     postprocess = postprocess_config(args)
     _check_args(args)
-    from ssd300.serving import ServeConfig, ServeLimits, threads_per_worker
+    from ssd300.serving import ServeLimits, threads_per_worker
     from ssd300.serving_mlserver import serve  # a missing engine is one line before the model loads
 
     limits = ServeLimits(max_body_bytes=int(args.max_body_mb * 1024 * 1024),
