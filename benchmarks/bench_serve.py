@@ -37,7 +37,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from common import make_jpegs, percentile
 
-from ssd300.serving import ServeConfig
+from ssd300.serving import DEFAULT_BATCH_TIMEOUT_MS, ServeConfig
 
 PYTHON = sys.executable
 
@@ -337,7 +337,7 @@ def main() -> None:
                         help="sequential detect runs over the images this many times (its steady rate)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--max-batch-size", type=int, default=ServeConfig.max_batch_size)
-    parser.add_argument("--batch-timeout-ms", type=float, default=20.0)
+    parser.add_argument("--batch-timeout-ms", type=float, default=DEFAULT_BATCH_TIMEOUT_MS)
     parser.add_argument("--compare-engines", action="store_true")
     parser.add_argument("--compare-duration", type=float, default=20.0)
     parser.add_argument("--json", default=None, help="also write the figures here")

@@ -156,6 +156,12 @@ def threads_per_worker(workers: int) -> int:
     return max(1, cores // max(1, workers))
 
 
+# How long a batch waits for more requests once one is queued. Short: requests that arrive while the
+# workers are busy queue up and form batches anyway; a longer wait only delays a lone request (on 2
+# cores, INT8: 2 ms -> p50 48 ms at 1 client, 20 ms -> 74 ms, the same 43-45 images/s at 8-32
+# clients; Triton's dynamic batcher waits 0 by default). 0 turns MLServer's batching off.
+DEFAULT_BATCH_TIMEOUT_MS = 2.0
+
 Result = Union[dict[str, Any], RequestError]
 
 
@@ -222,6 +228,6 @@ def result_from_json(text: Union[str, bytes]) -> Result:
     return dict(record)
 
 
-__all__ = ["CONTENT_TYPES", "DetectionService", "RequestError", "ServeConfig", "ServeLimits", "check_body_size",
-           "check_content_type", "check_image_header", "decode_upload", "result_from_json", "result_to_json",
-           "threads_per_worker"]
+__all__ = ["CONTENT_TYPES", "DEFAULT_BATCH_TIMEOUT_MS", "DetectionService", "RequestError", "ServeConfig",
+           "ServeLimits", "check_body_size", "check_content_type", "check_image_header", "decode_upload",
+           "result_from_json", "result_to_json", "threads_per_worker"]

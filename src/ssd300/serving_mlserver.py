@@ -39,6 +39,7 @@ from typing import Any, Awaitable, Callable, Optional
 
 from ssd300.optional import require
 from ssd300.serving import (
+    DEFAULT_BATCH_TIMEOUT_MS,
     DetectionService,
     RequestError,
     ServeConfig,
@@ -318,8 +319,8 @@ def model_settings(config: ServeConfig, name: str, batch_timeout_ms: float) -> M
 
 
 def serve(config: ServeConfig, *, host: str = "127.0.0.1", port: int = 8000, workers: int = 2,
-          batch_timeout_ms: float = 20.0, model_name: str = "ssd300", grpc_port: Optional[int] = None,
-          metrics_port: Optional[int] = None) -> int:
+          batch_timeout_ms: float = DEFAULT_BATCH_TIMEOUT_MS, model_name: str = "ssd300",
+          grpc_port: Optional[int] = None, metrics_port: Optional[int] = None) -> int:
     """Run the server until SIGTERM/SIGINT (then drain and return 0). gRPC (MLServer's v2 gRPC) listens
     on ``grpc_port`` (default ``port + 1``), Prometheus metrics on ``metrics_port`` (``port + 2``)."""
     metrics_dir = tempfile.mkdtemp(prefix="ssd300-serve-metrics-")

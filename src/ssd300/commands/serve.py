@@ -19,7 +19,7 @@ from ssd300.commands.options import add_postprocess_arguments, postprocess_confi
 from ssd300.errors import UserInputError
 from ssd300.exported import RUNTIMES
 from ssd300.runners import BACKENDS
-from ssd300.serving import ServeConfig
+from ssd300.serving import DEFAULT_BATCH_TIMEOUT_MS, ServeConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,8 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="threads per worker (default: the cores shared evenly between the workers)")
     parser.add_argument("--max-batch-size", type=int, default=ServeConfig.max_batch_size,
                         help="images batched across requests (default %(default)s; on a GPU try 16-32)")
-    parser.add_argument("--batch-timeout-ms", type=float, default=20.0,
-                        help="how long a batch waits to fill up before it runs")
+    parser.add_argument("--batch-timeout-ms", type=float, default=DEFAULT_BATCH_TIMEOUT_MS,
+                        help="how long a batch waits for more requests before it runs (default %(default)s; "
+                             "0: no batching)")
     parser.add_argument("--name", default="ssd300", help="the model's name in the v2 protocol")
     parser.add_argument("--max-body-mb", type=float, default=20.0, help="largest image upload accepted, in MiB")
     parser.add_argument("--max-megapixels", type=float, default=40.0, help="largest image accepted, in megapixels")
