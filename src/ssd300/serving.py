@@ -156,11 +156,11 @@ def threads_per_worker(workers: int) -> int:
     return max(1, cores // max(1, workers))
 
 
-# How long a batch waits for more requests once one is queued. Short: requests that arrive while the
-# workers are busy queue up and form batches anyway; a longer wait only delays a lone request (on 2
-# cores, INT8: 2 ms -> p50 48 ms at 1 client, 20 ms -> 74 ms, the same 43-45 images/s at 8-32
-# clients; Triton's dynamic batcher waits 0 by default). 0 turns MLServer's batching off.
-DEFAULT_BATCH_TIMEOUT_MS = 2.0
+# How long a batch waits for more requests once one is queued. Measured on 2 cores, 2 workers,
+# batches of 4, interleaved runs (BENCHMARKS.md "Serving"): 20 ms against 2 ms gives INT8 50 against
+# 39-46 images/s at 8 clients (p99 0.17-0.25 s against 0.30-0.34 s) and 50-52 against 41-45 at 32;
+# bf16 +4-10%. A lone request pays it: p50 74 ms against 48 ms with 0 (0 turns batching off).
+DEFAULT_BATCH_TIMEOUT_MS = 20.0
 
 Result = Union[dict[str, Any], RequestError]
 
