@@ -333,6 +333,9 @@ class OpenVinoRunner(FileRunner):
             # A share of the cores (one of several server workers): no pinning, or every worker's
             # threads pin to the same first cores and the workers take turns on them (2 workers x 1
             # thread on 2 cores: 26 images/s with pinning, 45 without; BENCHMARKS.md, serving).
+            # Known hazard (OpenVINO 2026.4): with pinning off, a process whose Python code handles
+            # SIGCHLD (a torch DataLoader with workers installs such a handler) can die of SIGSEGV
+            # when a child exits later. Server workers start no children.
             config["INFERENCE_NUM_THREADS"] = threads
             config["ENABLE_CPU_PINNING"] = False
         self.compiled = openvino.Core().compile_model(str(path), "CPU", config)
