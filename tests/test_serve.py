@@ -165,6 +165,10 @@ def test_health_and_model_metadata_with_the_v2_client(server: Server) -> None:
     assert metadata["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": [-1]}]
     assert metadata["outputs"] == [{"name": "detections", "datatype": "BYTES", "shape": [-1]}]
     assert requests.get(f"{server.url}/v2/health/live", timeout=10).status_code == 200
+    # each of the 2 workers on its own core(s) where there are enough (ssd300.serving.claim_worker_cores)
+    claimed = re.findall(r"worker \d+ on cores (\[[\d, ]+\])", server.log.read_text(errors="replace"))
+    if hasattr(os, "sched_getaffinity") and len(os.sched_getaffinity(0)) >= 2:
+        assert len(claimed) == 2 and claimed[0] != claimed[1], claimed
 
 
 def test_v2_infer_with_the_official_client_gives_detects_numbers(

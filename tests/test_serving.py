@@ -20,6 +20,7 @@ from ssd300.serving import (
     ServeLimits,
     check_body_size,
     check_content_type,
+    claim_worker_cores,
     check_image_header,
     decode_upload,
     result_from_json,
@@ -155,3 +156,21 @@ def test_serve_command_refuses_bad_flags_in_one_line(tmp_path: Path, capsys: pyt
         assert main(argv) == 2, argv
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("ssd300 serve: error:") and words in lines[0], (argv, lines)
+
+
+def test_each_worker_claims_its_own_cores_in_turn(tmp_path, monkeypatch):
+    """Slots are taken in order from the shared file; a restarted worker wraps round; a CPU set too
+    small to split leaves the affinity alone."""
+    os = pytest.importorskip("os")
+    if not hasattr(os, "sched_setaffinity"):
+        pytest.skip("no sched_setaffinity on this platform")
+    given: list[list[int]] = []
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3, 5, 6, 7})
+    monkeypatch.setattr(os, "sched_setaffinity", lambda pid, cores: given.append(sorted(cores)))
+    slots = str(tmp_path / "slots")
+    assert claim_worker_cores(slots, workers=2, threads=2) == [3, 5]
+    assert claim_worker_cores(slots, workers=2, threads=2) == [6, 7]
+    assert claim_worker_cores(slots, workers=2, threads=2) == [3, 5]  # a third start: slot 0 again
+    assert given == [[3, 5], [6, 7], [3, 5]]
+    assert claim_worker_cores(str(tmp_path / "other"), workers=3, threads=2) is None  # 6 cores wanted, 4 there
+    assert len(given) == 3

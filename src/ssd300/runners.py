@@ -26,6 +26,8 @@ entry in one of these tables.
 
 from __future__ import annotations
 
+import os
+
 import copy
 import hashlib
 import warnings
@@ -252,6 +254,13 @@ def _as_tensors(arrays: Sequence[Any]) -> list[torch.Tensor]:
     return [torch.from_numpy(np.asarray(a)) for a in arrays]
 
 
+def _usable_cores() -> set[int]:
+    """The cores this process may run on (its affinity mask; every core where there is none)."""
+    if hasattr(os, "sched_getaffinity"):
+        return set(os.sched_getaffinity(0))
+    return set(range(os.cpu_count() or 1))
+
+
 def _cpu_only(backend: str, path: Path, device: torch.device) -> None:
     if device.type != "cpu":
         raise UserInputError(f"device {device}: {backend} runs {path.name} on the CPU", fields=("device",))
@@ -330,14 +339,16 @@ class OpenVinoRunner(FileRunner):
         # NMS then differ from the fp32 file); the quantised convolutions run in int8 either way.
         config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
         if threads:
-            # A share of the cores (one of several server workers): no pinning, or every worker's
-            # threads pin to the same first cores and the workers take turns on them (2 workers x 1
-            # thread on 2 cores: 26 images/s with pinning, 45 without; BENCHMARKS.md, serving).
-            # Known hazard (OpenVINO 2026.4): with pinning off, a process whose Python code handles
-            # SIGCHLD (a torch DataLoader with workers installs such a handler) can die of SIGSEGV
-            # when a child exits later. Server workers start no children.
             config["INFERENCE_NUM_THREADS"] = threads
-            config["ENABLE_CPU_PINNING"] = False
+            if threads < len(_usable_cores()):
+                # A share of cores that other processes use too: pinned, every such process's threads
+                # would sit on the same first cores and take turns (2 server workers x 1 thread on 2
+                # cores: 26 images/s pinned, 45 not). A server worker is given its own cores
+                # (ssd300.serving.claim_worker_cores) and keeps OpenVINO's pinning. Known hazard
+                # (OpenVINO 2026.4): with pinning off, a process whose Python code handles SIGCHLD (a
+                # torch DataLoader with workers installs such a handler) can die of SIGSEGV when a
+                # child exits later.
+                config["ENABLE_CPU_PINNING"] = False
         self.compiled = openvino.Core().compile_model(str(path), "CPU", config)
         super().__init__(info, device)
 

@@ -143,11 +143,41 @@ class ServeConfig:
     max_batch_size: int = 4
     draft: bool = True
     threads: Optional[int] = None  # per worker; None: the cores shared evenly between the workers
+    # A file shared by the server's workers: each takes the next slot in it and keeps to that slot's
+    # cores (:func:`claim_worker_cores`); None: the workers share every core.
+    worker_slots: Optional[str] = None
+    workers: int = 1
     limits: dict[str, Any] = field(default_factory=dict)  # ServeLimits' fields
 
     def serve_limits(self) -> ServeLimits:
         limits: dict[str, Any] = {k: tuple(v) if k == "formats" else v for k, v in self.limits.items()}
         return ServeLimits(**limits)
+
+
+def claim_worker_cores(slots_file: str, workers: int, threads: int) -> Optional[list[int]]:
+    """Give this worker process its own cores: the next slot of ``slots_file`` (a counter, taken under
+    an exclusive lock; a restarted worker takes the slot after, modulo ``workers``) -> ``threads``
+    cores of this process's CPU set, kept to with ``sched_setaffinity``. Workers on disjoint cores
+    let each runtime pin its threads within its own (OpenVINO pins to the first cores it is given:
+    sharing every core, 2 workers x 1 thread would both sit on core 0). Returns the cores, or None
+    (nothing changed) where the set has fewer than ``workers x threads`` cores or no affinity API."""
+    if not hasattr(os, "sched_setaffinity") or workers < 1 or threads < 1:
+        return None
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < workers * threads:
+        return None
+    import fcntl
+
+    with open(slots_file, "a+", encoding="ascii") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.seek(0)
+        taken = len(handle.read().split())
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+    slot = taken % workers
+    mine = cores[slot * threads:(slot + 1) * threads]
+    os.sched_setaffinity(0, mine)
+    return mine
 
 
 def threads_per_worker(workers: int) -> int:
@@ -229,5 +259,5 @@ def result_from_json(text: Union[str, bytes]) -> Result:
 
 
 __all__ = ["CONTENT_TYPES", "DEFAULT_BATCH_TIMEOUT_MS", "DetectionService", "RequestError", "ServeConfig",
-           "ServeLimits", "check_body_size", "check_content_type", "check_image_header", "decode_upload",
-           "result_from_json", "result_to_json", "threads_per_worker"]
+           "ServeLimits", "check_body_size", "check_content_type", "check_image_header", "claim_worker_cores",
+           "decode_upload", "result_from_json", "result_to_json", "threads_per_worker"]

@@ -47,6 +47,7 @@ from ssd300.serving import (
     check_body_size,
     check_content_type,
     check_image_header,
+    claim_worker_cores,
     result_from_json,
     result_to_json,
 )
@@ -83,8 +84,12 @@ class SSD300Model(MLModel):
     async def load(self) -> bool:
         extra = (self.settings.parameters.extra if self.settings.parameters else None) or {}
         config = ServeConfig(**extra["ssd300"])
+        cores = None
+        if config.worker_slots and config.threads:
+            cores = claim_worker_cores(config.worker_slots, config.workers, config.threads)
         self.service = DetectionService.from_config(config)
-        log.info("ssd300 serve: worker %d: %s", os.getpid(), self.service.describe())
+        log.info("ssd300 serve: worker %d%s: %s", os.getpid(), f" on cores {cores}" if cores else "",
+                 self.service.describe())
         return True
 
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
@@ -330,6 +335,9 @@ def serve(config: ServeConfig, *, host: str = "127.0.0.1", port: int = 8000, wor
         parallel_workers=workers, debug=False, load_models_at_startup=False, model_repository_root=metrics_dir,
         gzip_enabled=False, server_name="ssd300", parallel_workers_timeout=30,
     )
+
+    slots = os.path.join(metrics_dir, "worker_slots")  # removed with the folder
+    config = dataclasses.replace(config, worker_slots=slots, workers=workers)
 
     async def main() -> None:
         server = SSD300Server(settings, model_name, config.serve_limits())
