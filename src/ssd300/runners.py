@@ -26,8 +26,6 @@ entry in one of these tables.
 
 from __future__ import annotations
 
-import os
-
 import copy
 import hashlib
 import warnings
@@ -54,7 +52,7 @@ from ssd300.files import PathLike, cache_dir
 from ssd300.labels import LabelMap
 from ssd300.optional import require
 from ssd300.postprocess import Detections, PostprocessConfig, PostProcessor, boxes_to_pixels, padded_to_detections
-from ssd300.runtime import Runtime, resolve_device
+from ssd300.runtime import Runtime, resolve_device, usable_cores
 
 Provider = Union[str, tuple[str, dict[str, Any]]]
 CPU = torch.device("cpu")
@@ -254,13 +252,6 @@ def _as_tensors(arrays: Sequence[Any]) -> list[torch.Tensor]:
     return [torch.from_numpy(np.asarray(a)) for a in arrays]
 
 
-def _usable_cores() -> set[int]:
-    """The cores this process may run on (its affinity mask; every core where there is none)."""
-    if hasattr(os, "sched_getaffinity"):
-        return set(os.sched_getaffinity(0))
-    return set(range(os.cpu_count() or 1))
-
-
 def _cpu_only(backend: str, path: Path, device: torch.device) -> None:
     if device.type != "cpu":
         raise UserInputError(f"device {device}: {backend} runs {path.name} on the CPU", fields=("device",))
@@ -340,7 +331,7 @@ class OpenVinoRunner(FileRunner):
         config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
-            if threads < len(_usable_cores()):
+            if threads < len(usable_cores()):
                 # A share of cores that other processes use too: pinned, every such process's threads
                 # would sit on the same first cores and take turns (2 server workers x 1 thread on 2
                 # cores: 26 images/s pinned, 45 not). A server worker is given its own cores

@@ -173,6 +173,14 @@ def _layout_name(channels_last: bool) -> str:
     return "channels_last" if channels_last else "NCHW"
 
 
+def usable_cores() -> list[int]:
+    """The cores this process may run on, in order: its affinity mask (every core where the
+    platform has none)."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
 def default_workers() -> int:
     """Data-loading processes per rank when not given: one per CPU, at most 8."""
     return min(8, os.cpu_count() or 1)

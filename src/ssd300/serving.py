@@ -26,6 +26,7 @@ from ssd300.data.images import DECODE_ERRORS, open_image
 from ssd300.errors import UserInputError, one_line
 from ssd300.inference import Detector, load_rgb
 from ssd300.postprocess import PostprocessConfig
+from ssd300.runtime import usable_cores
 
 # Pillow format name -> the content type an upload of it may declare.
 CONTENT_TYPES: dict[str, str] = {
@@ -163,7 +164,7 @@ def claim_worker_cores(slots_file: str, workers: int, threads: int) -> Optional[
     (nothing changed) where the set has fewer than ``workers x threads`` cores or no affinity API."""
     if not hasattr(os, "sched_setaffinity") or workers < 1 or threads < 1:
         return None
-    cores = sorted(os.sched_getaffinity(0))
+    cores = usable_cores()
     if len(cores) < workers * threads:
         return None
     import fcntl
@@ -182,8 +183,7 @@ def claim_worker_cores(slots_file: str, workers: int, threads: int) -> Optional[
 
 def threads_per_worker(workers: int) -> int:
     """The cores this process may use, shared evenly between ``workers`` processes (at least 1)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, workers))
+    return max(1, len(usable_cores()) // max(1, workers))
 
 
 # How long a batch waits for more requests once one is queued. Measured on 2 cores, 2 workers,
@@ -250,6 +250,19 @@ def result_to_json(result: Result) -> str:
     return json.dumps(result.to_dict() if isinstance(result, RequestError) else result, separators=(",", ":"))
 
 
+def error_from_json(text: Union[str, bytes]) -> Optional[RequestError]:
+    """The :class:`RequestError` a :func:`result_to_json` text carries, else None, without parsing a
+    detections record (an error's JSON starts with its ``error`` key; a record has none)."""
+    head = text[:len(_ERROR_START)]
+    if (head.decode("utf-8", "replace") if isinstance(head, bytes) else head) != _ERROR_START:
+        return None
+    result = result_from_json(text)
+    return result if isinstance(result, RequestError) else None
+
+
+_ERROR_START = '{"error":'
+
+
 def result_from_json(text: Union[str, bytes]) -> Result:
     """Inverse of :func:`result_to_json`."""
     record = json.loads(text)
@@ -260,4 +273,4 @@ def result_from_json(text: Union[str, bytes]) -> Result:
 
 __all__ = ["CONTENT_TYPES", "DEFAULT_BATCH_TIMEOUT_MS", "DetectionService", "RequestError", "ServeConfig",
            "ServeLimits", "check_body_size", "check_content_type", "check_image_header", "claim_worker_cores",
-           "decode_upload", "result_from_json", "result_to_json", "threads_per_worker"]
+           "decode_upload", "error_from_json", "result_from_json", "result_to_json", "threads_per_worker"]

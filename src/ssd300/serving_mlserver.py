@@ -48,7 +48,7 @@ from ssd300.serving import (
     check_content_type,
     check_image_header,
     claim_worker_cores,
-    result_from_json,
+    error_from_json,
     result_to_json,
 )
 
@@ -161,9 +161,9 @@ def _checked_predict(predict: Callable[[InferenceRequest], Awaitable[InferenceRe
             if output.name != OUTPUT_NAME:
                 continue
             for text in getattr(output.data, "root", output.data):
-                result = result_from_json(text)
-                if isinstance(result, RequestError):
-                    raise MLServerError(str(result), result.status)
+                refused = error_from_json(text)  # a record is parsed once, by whoever reads it
+                if refused is not None:
+                    raise MLServerError(str(refused), refused.status)
         return response
 
     return predict_checked
